@@ -1,0 +1,3 @@
+"""fdbhook: static FDB entries, no learning, no unicast flood for libvirt guests."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from fdbhook.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The ``fdbhook`` command. Maps fdbhook errors to exit codes, never tracebacks.
+
+Exit codes: 0 ok, 1 a managed NIC could not be managed, 2 bad usage, config
+or XML, 3 libvirt unreachable, 4 ``status`` found drift.
+"""
+
+import argparse
+import json
+import sys
+
+from fdbhook.errors import FdbhookError, LibvirtError, UsageError
+
+EXIT_DRIFT = 4
+
+
+def hook_main(driver, argv, stdin=None, verbose=False):
+    """Entry point of hooks/qemu, hooks/lxc, hooks/network and ``fdbhook hook``."""
+    from fdbhook.hook import run_hook, setup_logging
+
+    # -v (manual replay) shows every log line on stderr as well.
+    setup_logging(verbose=verbose, hook=not verbose)
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    from fdbhook.hook import APPLY_OPS, TEARDOWN_OPS
+    data = b""
+    op = argv[1] if len(argv) > 1 else ""
+    if op in APPLY_OPS or op in TEARDOWN_OPS:
+        from fdbhook.domxml import MAX_XML_BYTES
+        data = stdin.read(MAX_XML_BYTES + 1)
+    else:
+        # Drain stdin so libvirtd never sees EPIPE; we do not need it.
+        while stdin.read(65536):
+            pass
+    result = run_hook(driver, argv, data)
+    if result.stdout:
+        sys.stdout.write(result.stdout)
+    if result.stderr:
+        sys.stderr.write(result.stderr + "\n")
+    return result.code
+
+
+def _domain_xml(args):
+    """XML bytes from --xml FILE ('-' = stdin) or from libvirt by name."""
+    if args.xml:
+        if args.xml == "-":
+            return sys.stdin.buffer.read()
+        try:
+            with open(args.xml, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise UsageError(reason="%s: %s" % (args.xml, exc.strerror)) from None
+    if not args.domain:
+        raise UsageError(reason="name a domain or give --xml FILE")
+    try:
+        import libvirt
+    except ImportError:
+        raise LibvirtError(reason="libvirt-python is not installed; use --xml FILE") from None
+    try:
+        conn = libvirt.openReadOnly(args.connect)
+        try:
+            return conn.lookupByName(args.domain).XMLDesc(0).encode()
+        finally:
+            conn.close()
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(reason="%s: %s" % (args.domain, exc.get_error_message())) from None
+
+
+def _print_report(report, dry_run):
+    from fdbhook.plan import render
+
+    for res in report.results:
+        d = res.decision
+        where = "%s on %s" % (d.port or "-", d.bridge or "-")
+        print("%s/%s %s %s: %s: %s" % (report.driver, report.domain, d.nic.label, where, res.status,
+                                        res.message))
+        if dry_run:
+            for op in res.ops:
+                print("    " + render(op))
+    if not report.results:
+        print("%s/%s: nothing to do" % (report.driver, report.domain))
+
+
+def cmd_apply(args):
+    from fdbhook.config import load_config
+    from fdbhook.domxml import parse_domain
+    from fdbhook.engine import apply_domain
+    from fdbhook.kernel import Kernel
+    from fdbhook.state import Store
+
+    config = load_config(args.config)
+    domain = parse_domain(_domain_xml(args), driver=args.driver, what=args.domain or args.xml)
+    with Kernel() as kernel:
+        report = apply_domain(domain, config, kernel, Store(config.state_dir), dry_run=args.dry_run)
+    _print_report(report, args.dry_run)
+    if report.failures:
+        print("fdbhook: " + report.one_line(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_teardown(args):
+    from fdbhook.config import load_config
+    from fdbhook.engine import teardown_domain
+    from fdbhook.kernel import Kernel
+    from fdbhook.state import Store
+
+    config = load_config(args.config)
+    if args.xml:
+        from fdbhook.domxml import parse_domain
+        domain = parse_domain(_domain_xml(args), driver=args.driver, what=args.xml)
+        driver, name = domain.driver, domain.name
+    elif args.domain:
+        driver, name = args.driver or "qemu", args.domain
+    else:
+        raise UsageError(reason="name a domain or give --xml FILE")
+    with Kernel() as kernel:
+        report = teardown_domain(driver, name, kernel, Store(config.state_dir), dry_run=args.dry_run)
+    _print_report(report, args.dry_run)
+    return 1 if report.failures else 0
+
+
+def cmd_status(args):
+    from fdbhook.config import load_config
+    from fdbhook.kernel import Kernel
+    from fdbhook.state import Store
+    from fdbhook.status import collect, render_text
+
+    config = load_config(args.config)
+    with Kernel() as kernel:
+        data = collect(config, kernel, Store(config.state_dir))
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render_text(data))
+    return EXIT_DRIFT if data["drift"] else 0
+
+
+def cmd_hook(args):
+    return hook_main(args.driver, args.argv, verbose=args.verbose)
+
+
+def cmd_demo(args):
+    from fdbhook.demo import run_demo
+
+    return run_demo(frames=args.frames)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fdbhook", description="Static FDB management for libvirt guests "
+                                     "on Linux bridges.")
+    parser.add_argument("-c", "--config", help="config file (default $FDBHOOK_CONF or /etc/fdbhook/fdbhook.conf)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr, debug level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("hook", help="run a libvirt hook (stdin: the XML); also the manual replay path")
+    p.add_argument("driver", choices=("qemu", "lxc", "network"))
+    p.add_argument("argv", nargs="+", metavar="ARG", help="OBJECT OP SUBOP EXTRA, as libvirt passes them")
+    p.set_defaults(func=cmd_hook)
+
+    for name, func, text in (("apply", cmd_apply, "manage the NICs of a domain"),
+                             ("teardown", cmd_teardown, "undo what was applied to a domain")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("domain", nargs="?", help="domain name (looked up in libvirt for apply)")
+        p.add_argument("--xml", metavar="FILE", help="domain XML file ('-' for stdin) instead of libvirt")
+        p.add_argument("--driver", choices=("qemu", "lxc"), help="default: from the XML's domain type")
+        p.add_argument("--connect", default=None, help="libvirt URI (default: libvirt's default)")
+        p.add_argument("--dry-run", action="store_true", help="print the plan as bridge(8) commands")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("status", help="managed bridges and ports, drift, and why the uplink is promiscuous")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="show the effect in a throwaway network namespace (root)")
+    p.add_argument("--frames", type=int, default=20, help="unknown-unicast frames sent per phase")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command != "hook":
+        from fdbhook.hook import setup_logging
+        setup_logging(verbose=args.verbose)
+    if args.config and args.command == "hook":
+        import os
+        os.environ["FDBHOOK_CONF"] = args.config
+    try:
+        return args.func(args)
+    except FdbhookError as exc:
+        print("fdbhook: %s" % exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

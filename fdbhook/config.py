@@ -1,0 +1,143 @@
+"""Configuration: an INI file plus a few environment overrides.
+
+No config file means nothing is managed: installing fdbhook must never change
+a bridge until the admin names it.
+"""
+
+import configparser
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+from fdbhook.errors import ConfigError
+
+DEFAULT_CONF = "/etc/fdbhook/fdbhook.conf"
+DEFAULT_STATE_DIR = "/run/fdbhook"
+DEFAULT_NETWORK_DIRS = "/run/libvirt/network:/etc/libvirt/qemu/networks"
+
+_BOOL = {"1": True, "yes": True, "true": True, "on": True,
+         "0": False, "no": False, "false": False, "off": False}
+
+# Every key we read, so a typo in the file is an error, not a silent default.
+KNOWN = {
+    "manage": {"bridges", "networks", "sticky"},
+    "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
+    "daemon": {"resync_interval", "socket"},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str = DEFAULT_CONF
+    exists: bool = False
+    bridges: Tuple[str, ...] = ()
+    networks: Tuple[str, ...] = ()
+    sticky: bool = True
+    on_error: str = "fail"  # fail | continue
+    capture: bool = False
+    capture_dir: str = "/var/lib/fdbhook/capture"
+    capture_max_bytes: int = 16 * 1024 * 1024
+    resync_interval: float = 60.0
+    state_dir: str = DEFAULT_STATE_DIR
+    network_dirs: Tuple[str, ...] = tuple(DEFAULT_NETWORK_DIRS.split(":"))
+
+    def bridge_managed(self, bridge):
+        """The glob that makes this bridge managed, or None."""
+        return _match(self.bridges, bridge)
+
+    def network_managed(self, network):
+        return _match(self.networks, network)
+
+
+def _match(globs, name):
+    if not name:
+        return None
+    for pattern in globs:
+        if fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def _bool(path, section, key, value):
+    try:
+        return _BOOL[value.strip().lower()]
+    except KeyError:
+        raise ConfigError(path=path, reason="[%s] %s = %r is not a boolean" % (section, key, value)) from None
+
+
+def _number(path, section, key, value, kind):
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(path=path, reason="[%s] %s = %r is not a number" % (section, key, value)) from None
+    if number <= 0:
+        raise ConfigError(path=path, reason="[%s] %s must be positive" % (section, key))
+    return number
+
+
+def parse_config(text, path=DEFAULT_CONF, env=None):
+    """Build a Config from INI text (pure apart from ``env`` lookups)."""
+    env = os.environ if env is None else env
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        raise ConfigError(path=path, reason=str(exc).splitlines()[0]) from None
+    for section in parser.sections():
+        if section.startswith("bridge ") or section.startswith("network "):
+            continue  # per-bridge/network policy, read by the VLAN layer
+        if section not in KNOWN:
+            raise ConfigError(path=path, reason="unknown section [%s]" % section)
+        for key in parser[section]:
+            if key not in KNOWN[section]:
+                raise ConfigError(path=path, reason="unknown key %r in [%s]" % (key, section))
+
+    def get(section, key, default=None):
+        if parser.has_option(section, key):
+            return parser.get(section, key)
+        return default
+
+    on_error = (get("hook", "on_error", "fail") or "fail").strip().lower()
+    if on_error not in ("fail", "continue"):
+        raise ConfigError(path=path, reason="[hook] on_error = %r (want fail or continue)" % on_error)
+    values = dict(
+        path=path,
+        exists=True,
+        bridges=tuple((get("manage", "bridges", "") or "").split()),
+        networks=tuple((get("manage", "networks", "") or "").split()),
+        sticky=_bool(path, "manage", "sticky", get("manage", "sticky", "yes")),
+        on_error=on_error,
+        capture=_bool(path, "hook", "capture", get("hook", "capture", "no")),
+        capture_dir=get("hook", "capture_dir", Config.capture_dir),
+        capture_max_bytes=_number(path, "hook", "capture_max_bytes",
+                                  get("hook", "capture_max_bytes", str(Config.capture_max_bytes)), int),
+        resync_interval=_number(path, "daemon", "resync_interval",
+                                get("daemon", "resync_interval", "60"), float),
+    )
+    values.update(_env_overrides(env))
+    return Config(**values)
+
+
+def _env_overrides(env):
+    out = {"state_dir": env.get("FDBHOOK_STATE_DIR") or DEFAULT_STATE_DIR}
+    dirs = env.get("FDBHOOK_LIBVIRT_NETWORK_DIRS") or DEFAULT_NETWORK_DIRS
+    out["network_dirs"] = tuple(d for d in dirs.split(":") if d)
+    return out
+
+
+def load_config(path=None, env=None):
+    """Load the config named by ``path``, $FDBHOOK_CONF or the default.
+
+    A missing file gives a Config that manages nothing.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("FDBHOOK_CONF") or DEFAULT_CONF
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return Config(path=path, exists=False, **_env_overrides(env))
+    except OSError as exc:
+        raise ConfigError(path=path, reason=exc.strerror or str(exc)) from None
+    return parse_config(text, path, env)

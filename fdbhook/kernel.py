@@ -1,0 +1,247 @@
+"""The only module that talks netlink (through pyroute2).
+
+Everything the rest of fdbhook knows about the kernel passes through
+``Kernel``: link lookups by name or index, single FDB lookups, and the four
+operations of plan.py. Every request costs O(1) netlink messages per NIC;
+nothing here dumps a whole bridge except the status helpers.
+"""
+
+import errno
+import logging
+
+from fdbhook.errors import KernelError
+from fdbhook.model import FdbEntry, Link, PortState
+
+LOG = logging.getLogger(__name__)
+
+# --- netlink constants, and why -------------------------------------------
+# NUD_NOARP alone makes the bridge store a STATIC entry: it never ages and
+# forwards to the port. NUD_PERMANENT would make it LOCAL (frames go to the
+# host, not the guest) - which is what pyroute2's fdb('add') defaults to, so
+# every call here passes the state explicitly.
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+# NTF_MASTER: the entry lives in the bridge's FDB (not the port driver's own,
+# NTF_SELF, pyroute2's other default). NTF_STICKY: a frame with this source
+# MAC arriving on another port (a forger, the uplink) cannot move the entry.
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+NTF_STICKY = 0x40
+AF_BRIDGE = 7
+
+
+def _nl_errno(exc):
+    code = getattr(exc, "code", None)
+    if code is None and exc.args and isinstance(exc.args[0], int):
+        code = exc.args[0]
+    return code
+
+
+def link_from_msg(msg):
+    """Build a Link from an RTM_NEWLINK message (pyroute2 object)."""
+    get = msg.get_attr
+    info = get("IFLA_LINKINFO")
+    kind = slave_kind = slave = None
+    if info is not None:
+        kind = info.get_attr("IFLA_INFO_KIND")
+        slave_kind = info.get_attr("IFLA_INFO_SLAVE_KIND")
+        slave = info.get_attr("IFLA_INFO_SLAVE_DATA")
+    peer = get("IFLA_LINK")
+    # A veth whose peer lives in another namespace reports the peer's index
+    # in *that* namespace; it means nothing here.
+    if get("IFLA_LINK_NETNSID") is not None or peer == msg["index"]:
+        peer = None
+    learning = flood = None
+    is_port = slave_kind == "bridge"
+    if is_port and slave is not None:
+        learning = slave.get_attr("IFLA_BRPORT_LEARNING")
+        flood = slave.get_attr("IFLA_BRPORT_UNICAST_FLOOD")
+        learning = None if learning is None else bool(learning)
+        flood = None if flood is None else bool(flood)
+    return Link(
+        name=get("IFLA_IFNAME"),
+        ifindex=msg["index"],
+        kind=kind,
+        master=get("IFLA_MASTER") or None,
+        peer=peer or None,
+        mac=get("IFLA_ADDRESS"),
+        promiscuity=get("IFLA_PROMISCUITY") or 0,
+        is_bridge_port=is_port,
+        learning=learning,
+        flood=flood,
+    )
+
+
+def entry_from_msg(msg):
+    state = msg["state"]
+    flags = msg["flags"]
+    vlan = msg.get_attr("NDA_VLAN")
+    return FdbEntry(
+        mac=msg.get_attr("NDA_LLADDR"),
+        ifindex=msg["ifindex"],
+        static=bool(state & NUD_NOARP) and not state & NUD_PERMANENT,
+        local=bool(state & NUD_PERMANENT),
+        sticky=bool(flags & NTF_STICKY),
+        vlan=vlan or None,
+    )
+
+
+class Kernel:
+    """Netlink access for one run. Not thread-safe; open one per thread."""
+
+    def __init__(self, netns=None):
+        self._netns = netns
+        self._ipr = None
+        self.sticky_supported = True
+
+    @property
+    def ipr(self):
+        if self._ipr is None:
+            # Imported here so that code paths that never touch the kernel
+            # (dry-run on a file, the daemon client) do not pay for pyroute2.
+            try:
+                if self._netns:
+                    from pyroute2 import NetNS
+                    self._ipr = NetNS(self._netns)
+                else:
+                    from pyroute2 import IPRoute
+                    self._ipr = IPRoute()
+            except OSError as exc:
+                raise KernelError(what="netlink socket", reason=exc.strerror or str(exc)) from None
+        return self._ipr
+
+    def close(self):
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- reads -----------------------------------------------------------
+    def _get_link(self, **key):
+        try:
+            msgs = self.ipr.link("get", **key)
+        except Exception as exc:  # pyroute2 raises NetlinkError(OSError subclass)
+            if _nl_errno(exc) in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise KernelError(what="link get %s" % key, reason=str(exc)) from None
+        return link_from_msg(msgs[0]) if msgs else None
+
+    def by_name(self, name):
+        if not name or len(name) > 15 or "/" in name:
+            return None
+        return self._get_link(ifname=name)
+
+    def by_index(self, ifindex):
+        if not ifindex:
+            return None
+        return self._get_link(index=ifindex)
+
+    def port_state(self, ifindex):
+        link = self.by_index(ifindex)
+        if link is None or not link.is_bridge_port:
+            return None
+        return PortState(learning=bool(link.learning), flood=bool(link.flood))
+
+    def fdb_get(self, mac, bridge_ifindex, vlan=None):
+        """The bridge's entry for ``mac`` (VLAN 0 by default), or None."""
+        kw = dict(ifindex=0, lladdr=mac, master=bridge_ifindex)
+        if vlan:
+            kw["vlan"] = vlan
+        try:
+            msgs = self.ipr.fdb("get", **kw)
+        except Exception as exc:
+            if _nl_errno(exc) in (errno.ENOENT, errno.ENODEV):
+                return None
+            raise KernelError(what="fdb get %s" % mac, reason=str(exc)) from None
+        for msg in msgs:
+            if not msg["flags"] & NTF_SELF:
+                return entry_from_msg(msg)
+        return None
+
+    # --- status helpers (O(bridge), never used by the hook path) ----------
+    def links(self):
+        return [link_from_msg(m) for m in self.ipr.get_links()]
+
+    def port_entries(self, ifindex):
+        """The bridge (master) FDB entries that point at one port."""
+        out = []
+        for msg in self.ipr.fdb("dump", ifindex=ifindex):
+            if msg["ifindex"] == ifindex and not msg["flags"] & NTF_SELF:
+                out.append(entry_from_msg(msg))
+        return out
+
+    def bridge_vlan_filtering(self, ifindex):
+        msgs = self.ipr.link("get", index=ifindex)
+        info = msgs[0].get_attr("IFLA_LINKINFO")
+        data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+        value = data.get_attr("IFLA_BR_VLAN_FILTERING") if data is not None else None
+        return bool(value)
+
+    # --- writes ----------------------------------------------------------
+    def execute(self, op):
+        """Carry out one plan.Op. Raises KernelError naming the op."""
+        try:
+            if op.kind == "fdb_replace":
+                self._fdb_replace(op)
+            elif op.kind == "fdb_del":
+                self._fdb_del(op)
+            elif op.kind == "set_flags":
+                kw = {}
+                if op.learning is not None:
+                    kw["learning"] = int(op.learning)
+                if op.flood is not None:
+                    kw["unicast_flood"] = int(op.flood)
+                self.ipr.brport("set", index=op.ifindex, **kw)
+            elif op.kind == "flush":
+                # IFLA_BRPORT_FLUSH drops the port's learned entries and keeps
+                # static and local ones (br_fdb_delete_by_port, do_all=0).
+                self.ipr.brport("set", index=op.ifindex, flush=True)
+            else:
+                raise ValueError("unknown op %r" % op.kind)
+        except KernelError:
+            raise
+        except Exception as exc:
+            from fdbhook.plan import render
+            raise KernelError(what=render(op), reason=_reason(exc)) from None
+
+    def _fdb_replace(self, op):
+        flags = NTF_MASTER
+        if op.sticky and self.sticky_supported:
+            flags |= NTF_STICKY
+        kw = dict(ifindex=op.ifindex, lladdr=op.mac, state=NUD_NOARP, flags=flags)
+        if op.vlan:
+            kw["vlan"] = op.vlan
+        try:
+            self.ipr.fdb("replace", **kw)
+        except Exception as exc:
+            if flags & NTF_STICKY and _nl_errno(exc) == errno.EINVAL:
+                # Kernels before 4.20 have no sticky entries: keep static.
+                LOG.warning("kernel refuses sticky FDB entries; using plain static ones")
+                self.sticky_supported = False
+                kw["flags"] = NTF_MASTER
+                self.ipr.fdb("replace", **kw)
+            else:
+                raise
+
+    def _fdb_del(self, op):
+        kw = dict(ifindex=op.ifindex, lladdr=op.mac, state=NUD_NOARP, flags=NTF_MASTER)
+        if op.vlan:
+            kw["vlan"] = op.vlan
+        try:
+            self.ipr.fdb("del", **kw)
+        except Exception as exc:
+            if _nl_errno(exc) not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+
+def _reason(exc):
+    code = _nl_errno(exc)
+    if isinstance(code, int) and code > 0:
+        import os
+        return "%s (errno %d)" % (os.strerror(code), code)
+    return str(exc) or exc.__class__.__name__

@@ -1,0 +1,136 @@
+"""Records of what fdbhook applied, under the state directory.
+
+stopped/release hooks get XML without port or bridge names, so teardown works
+from these records. One JSON file per domain (``domains/DRIVER-NAME.json``),
+written atomically (temp file, fsync, rename); one lock file serialises every
+read-modify-write, so concurrent hooks for different domains on one bridge
+never lose an update.
+"""
+
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+from fdbhook.errors import StateError
+from fdbhook.model import DomainRecord, NicRecord
+
+FORMAT = 1
+
+
+def record_to_json(record):
+    return {
+        "format": FORMAT,
+        "driver": record.driver,
+        "domain": record.domain,
+        "uuid": record.uuid,
+        "nics": [dataclasses.asdict(nic) for nic in record.nics],
+    }
+
+
+def record_from_json(data):
+    fields = {f.name for f in dataclasses.fields(NicRecord)}
+    nics = tuple(NicRecord(**{k: v for k, v in nic.items() if k in fields}) for nic in data.get("nics", ()))
+    return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"), nics=nics)
+
+
+def _safe_name(name):
+    # Domain names may hold almost anything; keep the file name tame and
+    # unambiguous.
+    out = []
+    for ch in name:
+        if ch.isalnum() or ch in "-_.":
+            out.append(ch)
+        else:
+            out.append("%%%02x" % ord(ch))
+    safe = "".join(out)
+    return "%2e" + safe[1:] if safe.startswith(".") else safe
+
+
+class Store:
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.domain_dir = os.path.join(state_dir, "domains")
+
+    def _ensure(self):
+        try:
+            os.makedirs(self.domain_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StateError(path=self.domain_dir, reason=exc.strerror) from None
+
+    @contextmanager
+    def lock(self):
+        """Hold the store's exclusive lock (blocks until it is free)."""
+        self._ensure()
+        path = os.path.join(self.state_dir, "lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(path=path, reason=exc.strerror) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(fd)
+
+    def path(self, driver, domain):
+        return os.path.join(self.domain_dir, "%s-%s.json" % (driver, _safe_name(domain)))
+
+    def load(self, driver, domain):
+        path = self.path(driver, domain)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return record_from_json(json.load(handle))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(path=path, reason="unreadable record: %s" % exc) from None
+
+    def save(self, record):
+        """Write (or, with no NICs left, remove) a domain's record atomically."""
+        path = self.path(record.driver, record.domain)
+        if not record.nics:
+            self.remove(record.driver, record.domain)
+            return
+        self._ensure()
+        data = json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.domain_dir, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StateError(path=path, reason=exc.strerror) from None
+
+    def remove(self, driver, domain):
+        try:
+            os.unlink(self.path(driver, domain))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StateError(path=self.path(driver, domain), reason=exc.strerror) from None
+
+    def all(self):
+        """Every record, sorted by file name. Broken files are skipped."""
+        try:
+            names = sorted(os.listdir(self.domain_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            try:
+                with open(os.path.join(self.domain_dir, name), encoding="utf-8") as handle:
+                    out.append(record_from_json(json.load(handle)))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out

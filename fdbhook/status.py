@@ -1,0 +1,165 @@
+"""What is managed, is it still right, and why is the uplink still promiscuous.
+
+``collect`` reads the kernel and our records into plain dicts (the JSON of
+``fdbhook status --json``); ``explain_bridge`` is a pure function that turns
+one bridge's dict into sentences.
+"""
+
+import os
+
+# Port device kinds that have no IFF_UNICAST_FLT: the kernel must keep them
+# promiscuous whatever the FDB says.
+NO_UNICAST_FILTER = ("veth", "tun", "bridge")
+
+
+def _vlan_filtering_supported(bridge):
+    # With CONFIG_BRIDGE_VLAN_FILTERING=n the sysfs attribute does not exist.
+    return os.path.exists("/sys/class/net/%s/bridge/vlan_filtering" % bridge)
+
+
+def _port_dict(kernel, link, rec, owner, bridge_ifindex):
+    port = {
+        "name": link.name,
+        "ifindex": link.ifindex,
+        "kind": link.kind,
+        "learning": bool(link.learning),
+        "flood": bool(link.flood),
+        "promiscuity": link.promiscuity,
+        "domain": owner,
+        "mac": rec.mac if rec else None,
+        "static_entry": None,
+        "drift": [],
+    }
+    if rec is not None:
+        entry = kernel.fdb_get(rec.mac, bridge_ifindex)
+        port["static_entry"] = bool(entry and entry.ifindex == link.ifindex and entry.static)
+        port["sticky"] = bool(entry and entry.sticky)
+        if link.learning:
+            port["drift"].append("learning on")
+        if link.flood:
+            port["drift"].append("flood on")
+        if not port["static_entry"]:
+            port["drift"].append("static entry missing")
+    return port
+
+
+def collect(config, kernel, store):
+    """Everything status shows, as JSON-ready dicts."""
+    records = store.all()
+    by_ifindex = {}
+    missing = []
+    for record in records:
+        for rec in record.nics:
+            by_ifindex[rec.ifindex] = (rec, "%s/%s" % (record.driver, record.domain))
+    links = kernel.links()
+    index = {link.ifindex: link for link in links}
+    bridges = {}
+    for link in links:
+        if link.kind == "bridge" and (config.bridge_managed(link.name)
+                                      or any(r.bridge == link.name for r, _ in by_ifindex.values())):
+            bridges[link.ifindex] = link
+    from fdbhook.resolve import load_networks
+    nets = load_networks(list(config.networks), config.network_dirs) if config.networks else {}
+    for net in nets.values():
+        for link in links:
+            if link.kind == "bridge" and link.name == net.bridge:
+                bridges[link.ifindex] = link
+    out = []
+    for br in sorted(bridges.values(), key=lambda b: b.name):
+        ports = []
+        for link in links:
+            if link.master != br.ifindex or not link.is_bridge_port:
+                continue
+            rec, owner = by_ifindex.get(link.ifindex, (None, None))
+            if rec is not None and rec.port != link.name:
+                rec, owner = None, None
+            ports.append(_port_dict(kernel, link, rec, owner, br.ifindex))
+        bridge = {
+            "name": br.name,
+            "promiscuity": br.promiscuity,
+            "vlan_filtering": kernel.bridge_vlan_filtering(br.ifindex),
+            "vlan_filtering_supported": _vlan_filtering_supported(br.name),
+            "managed_by": config.bridge_managed(br.name),
+            "ports": ports,
+            "auto_ports": [p["name"] for p in ports if p["learning"] or p["flood"]],
+        }
+        bridge["explain"] = explain_bridge(bridge)
+        out.append(bridge)
+    for record in records:
+        for rec in record.nics:
+            link = index.get(rec.ifindex)
+            if link is None or link.name != rec.port:
+                missing.append({"domain": "%s/%s" % (record.driver, record.domain), "mac": rec.mac,
+                                "port": rec.port, "bridge": rec.bridge, "drift": ["port gone"]})
+    drift = any(p["drift"] for b in out for p in b["ports"]) or bool(missing)
+    return {
+        "config": config.path,
+        "config_exists": config.exists,
+        "manage": {"bridges": list(config.bridges), "networks": list(config.networks)},
+        "state_dir": config.state_dir,
+        "bridges": out,
+        "stale_records": missing,
+        "drift": drift,
+    }
+
+
+def explain_bridge(bridge):
+    """Plain sentences: can the kernel take the uplink out of promiscuous mode?
+
+    br_manage_promisc clears promiscuity only with vlan_filtering on, the
+    bridge itself not promiscuous, and at most one port still learning or
+    flooding ("auto"); the remaining port must also filter unicast in hardware.
+    """
+    reasons = []
+    if not bridge.get("vlan_filtering_supported", True):
+        reasons.append("this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING), "
+                       "and the kernel only clears promiscuity on VLAN-filtering bridges")
+    elif not bridge["vlan_filtering"]:
+        reasons.append("vlan_filtering is off on %s; the kernel only clears promiscuity on "
+                       "VLAN-filtering bridges" % bridge["name"])
+    if bridge["promiscuity"]:
+        reasons.append("the bridge device %s is itself promiscuous" % bridge["name"])
+    auto = bridge["auto_ports"]
+    if len(auto) > 1:
+        reasons.append("%d ports still learn or flood (%s); at most one (the uplink) may"
+                       % (len(auto), ", ".join(auto)))
+    for port in bridge["ports"]:
+        if port["name"] in auto and port["kind"] in NO_UNICAST_FILTER and port["domain"] is None:
+            reasons.append("port %s is a %s device, which has no unicast filter, so it stays promiscuous"
+                           % (port["name"], port["kind"]))
+    if not reasons:
+        return ["the kernel can keep the uplink out of promiscuous mode"]
+    return ["promiscuity cannot be cleared: " + r for r in reasons]
+
+
+def render_text(data):
+    """Human-readable status."""
+    lines = []
+    if not data["config_exists"]:
+        lines.append("no config at %s: nothing is managed" % data["config"])
+    else:
+        lines.append("config %s: bridges %s, networks %s" % (
+            data["config"], " ".join(data["manage"]["bridges"]) or "-",
+            " ".join(data["manage"]["networks"]) or "-"))
+    for br in data["bridges"]:
+        lines.append("")
+        lines.append("bridge %s: vlan_filtering %s%s, promiscuity %d, %d learning/flooding port(s)" % (
+            br["name"], "on" if br["vlan_filtering"] else "off",
+            "" if br["vlan_filtering_supported"] else " (unsupported by kernel)",
+            br["promiscuity"], len(br["auto_ports"])))
+        for port in br["ports"]:
+            lines.append("  %-15s %-9s learning %-3s flood %-3s promisc %d  %s %s%s" % (
+                port["name"], port["kind"] or "-", "on" if port["learning"] else "off",
+                "on" if port["flood"] else "off", port["promiscuity"],
+                port["domain"] or "(not ours)", port["mac"] or "",
+                ("  entry %s" % ("ok" if port["static_entry"] else "MISSING")) if port["domain"] else ""))
+            if port["drift"]:
+                lines.append("  %-15s DRIFT: %s" % ("", ", ".join(port["drift"])))
+        for sentence in br["explain"]:
+            lines.append("  " + sentence)
+    for stale in data["stale_records"]:
+        lines.append("record %s %s on %s: port %s is gone" % (stale["domain"], stale["mac"], stale["bridge"],
+                                                              stale["port"]))
+    lines.append("")
+    lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
+    return "\n".join(lines)
