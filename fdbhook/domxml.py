@@ -178,13 +178,13 @@ def _interface(elem, index, per_nic):
     )
 
 
-def domain_from_element(root, driver=None):
+def domain_from_element(root, driver=None, what="?"):
     """Build a Domain from a parsed <domain> element."""
     if root.tag != "domain":
-        raise InvalidDomainXML(domain="?", reason="root element is <%s>, expected <domain>" % root.tag)
+        raise InvalidDomainXML(domain=what, reason="root element is <%s>, expected <domain>" % root.tag)
     name = _text(root, "name")
     if not name:
-        raise InvalidDomainXML(domain="?", reason="no <name>")
+        raise InvalidDomainXML(domain=what, reason="no <name>")
     dtype = (root.get("type") or "").strip()
     if driver is None:
         driver = "lxc" if dtype == "lxc" else "qemu"
@@ -195,7 +195,7 @@ def domain_from_element(root, driver=None):
 
 def parse_domain(data, driver=None, what="?"):
     """Parse domain XML bytes into a Domain. Raises InvalidDomainXML."""
-    return domain_from_element(parse_document(data, what), driver)
+    return domain_from_element(parse_document(data, what), driver, what)
 
 
 def network_from_element(root):

@@ -1,0 +1,82 @@
+"""A fake of fdbhook.kernel.Kernel for fast unit tests (never the root tier).
+
+It keeps links and bridge FDB entries in dicts and applies plan ops the way
+the kernel does, so engine logic can be tested without root.
+"""
+
+from dataclasses import replace
+
+from fdbhook.errors import KernelError
+from fdbhook.model import FdbEntry, Link
+
+
+class FakeKernel:
+    def __init__(self, links=(), entries=()):
+        self.links_by_index = {link.ifindex: link for link in links}
+        self.entries = {}  # (bridge ifindex, mac) -> FdbEntry
+        for bridge_ifindex, entry in entries:
+            self.entries[(bridge_ifindex, entry.mac)] = entry
+        self.sticky_supported = True
+        self.executed = []
+        self.fail_on = None  # op kind that raises, to test rollback
+
+    @classmethod
+    def bridge_with_ports(cls, bridge="br0", ports=("vnet0",), start=10):
+        links = [Link(name=bridge, ifindex=start, kind="bridge")]
+        for i, name in enumerate(ports, 1):
+            links.append(Link(name=name, ifindex=start + i, kind="tun", master=start,
+                              is_bridge_port=True, learning=True, flood=True))
+        return cls(links)
+
+    def add_link(self, link):
+        self.links_by_index[link.ifindex] = link
+
+    def remove_link(self, name):
+        link = self.by_name(name)
+        del self.links_by_index[link.ifindex]
+        self.entries = {k: e for k, e in self.entries.items() if e.ifindex != link.ifindex}
+
+    def by_name(self, name):
+        for link in self.links_by_index.values():
+            if link.name == name:
+                return link
+        return None
+
+    def by_index(self, ifindex):
+        return self.links_by_index.get(ifindex)
+
+    def fdb_get(self, mac, bridge_ifindex, vlan=None):
+        return self.entries.get((bridge_ifindex, mac))
+
+    def links(self):
+        return list(self.links_by_index.values())
+
+    def bridge_vlan_filtering(self, ifindex):
+        return False
+
+    def execute(self, op):
+        from fdbhook.plan import render
+
+        if self.fail_on == op.kind:
+            raise KernelError(what=render(op), reason="injected failure")
+        self.executed.append(op)
+        link = self.links_by_index.get(op.ifindex)
+        if link is None:
+            raise KernelError(what=render(op), reason="No such device (errno 19)")
+        if op.kind == "set_flags":
+            changes = {}
+            if op.learning is not None:
+                changes["learning"] = op.learning
+            if op.flood is not None:
+                changes["flood"] = op.flood
+            self.links_by_index[op.ifindex] = replace(link, **changes)
+        elif op.kind == "fdb_replace":
+            self.entries[(link.master, op.mac)] = FdbEntry(mac=op.mac, ifindex=op.ifindex, static=True,
+                                                           local=False, sticky=op.sticky)
+        elif op.kind == "fdb_del":
+            entry = self.entries.get((link.master, op.mac))
+            if entry is not None and entry.ifindex == op.ifindex:
+                del self.entries[(link.master, op.mac)]
+        elif op.kind == "flush":
+            self.entries = {k: e for k, e in self.entries.items()
+                            if not (e.ifindex == op.ifindex and e.dynamic)}

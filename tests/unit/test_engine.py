@@ -1,0 +1,93 @@
+"""Engine logic over the fake kernel adapter: records, idempotency, rollback."""
+
+from fdbhook import domxml
+from fdbhook.engine import apply_domain, teardown_domain
+from fdbhook.model import FdbEntry
+from fdbhook.state import Store
+from tests.fakes import FakeKernel
+from tests.helpers import bridge_nic, config, domain_xml
+
+XML = domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")])
+
+
+def setup(tmp_path):
+    k = FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1", "eth0"))
+    return k, Store(str(tmp_path)), config()
+
+
+def test_apply_then_again_is_idempotent(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    dom = domxml.parse_domain(XML)
+    report = apply_domain(dom, cfg, k, store)
+    assert [r.status for r in report.results] == ["changed", "changed"]
+    assert k.by_name("vnet0").learning is False and k.by_name("vnet0").flood is False
+    assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == k.by_name("vnet0").ifindex
+    assert k.by_name("eth0").learning is True  # the uplink is never touched
+    k.executed.clear()
+    report = apply_domain(dom, cfg, k, store)
+    assert [r.status for r in report.results] == ["unchanged", "unchanged"]
+    assert k.executed == []
+    rec = store.load("qemu", "t1")
+    assert [n.port for n in rec.nics] == ["vnet0", "vnet1"]
+    assert rec.nics[0].prev_learning is True  # the second run kept the original
+
+
+def test_teardown_restores_and_removes_record(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    report = teardown_domain("qemu", "t1", k, store)
+    assert [r.status for r in report.results] == ["removed", "removed"]
+    assert k.by_name("vnet0").learning is True and k.by_name("vnet0").flood is True
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None
+    assert store.load("qemu", "t1") is None
+    assert teardown_domain("qemu", "t1", k, store).results == ()
+
+
+def test_teardown_after_port_is_gone(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    k.remove_link("vnet0")
+    report = teardown_domain("qemu", "t1", k, store)
+    assert sorted(r.status for r in report.results) == ["gone", "removed"]
+    assert store.load("qemu", "t1") is None
+
+
+def test_failure_rolls_the_port_back(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    k.fail_on = "flush"
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert [r.status for r in report.results] == ["failed", "failed"]
+    assert "injected failure" in report.one_line() and "port restored" in report.one_line()
+    assert report.one_line().startswith("domain t1: NIC net0 (52:54:00:00:00:01): ")
+    for name in ("vnet0", "vnet1"):
+        assert k.by_name(name).learning is True and k.by_name(name).flood is True
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None
+    assert store.load("qemu", "t1") is None
+
+
+def test_conflicting_static_entry_is_not_moved(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    eth0 = k.by_name("eth0")
+    k.entries[(10, "52:54:00:00:00:01")] = FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
+                                                    static=True, local=False)
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert report.results[0].status == "failed" and "not ours" in report.results[0].message
+    assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == eth0.ifindex
+    assert k.by_name("vnet0").learning is True
+    assert report.results[1].status == "changed"
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store, dry_run=True)
+    assert [r.status for r in report.results] == ["planned", "planned"]
+    assert k.executed == [] and store.load("qemu", "t1") is None
+
+
+def test_learned_entries_flushed_but_static_kept(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    vnet0 = k.by_name("vnet0").ifindex
+    k.entries[(10, "02:00:00:00:00:99")] = FdbEntry(mac="02:00:00:00:00:99", ifindex=vnet0, static=False,
+                                                    local=False)
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert k.fdb_get("02:00:00:00:00:99", 10) is None

@@ -1,0 +1,77 @@
+from fdbhook import plan
+from fdbhook.model import Decision, FdbEntry, Link, Nic, NicRecord, PortState
+
+NIC = Nic(index=0, type="bridge", mac="52:54:00:00:00:01")
+D = Decision(nic=NIC, action="manage", reason="t", port="vnet0", ifindex=10, bridge="br0", bridge_ifindex=2)
+
+
+def kinds(ops):
+    return [(o.kind, o.learning, o.flood) for o in ops]
+
+
+def test_apply_order_entry_first_flood_last():
+    ops = plan.plan_apply(D, PortState(learning=True, flood=True), None, sticky=True, first_time=True)
+    assert kinds(ops) == [("fdb_replace", None, None), ("set_flags", False, None),
+                          ("flush", None, None), ("set_flags", None, False)]
+    assert ops[0].sticky and ops[0].mac == NIC.mac
+
+
+def test_apply_is_empty_when_in_place():
+    entry = FdbEntry(mac=NIC.mac, ifindex=10, static=True, local=False, sticky=True)
+    assert plan.plan_apply(D, PortState(False, False), entry, sticky=True, first_time=False) == ()
+
+
+def test_apply_heals_only_drift():
+    entry = FdbEntry(mac=NIC.mac, ifindex=10, static=True, local=False, sticky=True)
+    ops = plan.plan_apply(D, PortState(True, False), entry, sticky=True, first_time=False)
+    assert kinds(ops) == [("set_flags", False, None), ("flush", None, None)]
+
+
+def test_dynamic_entry_elsewhere_is_replaced():
+    entry = FdbEntry(mac=NIC.mac, ifindex=99, static=False, local=False)
+    assert plan.entry_conflict("vnet0", 10, NIC.mac, entry, owned=False) is None
+    assert plan.plan_apply(D, PortState(False, False), entry, True, False)[0].kind == "fdb_replace"
+
+
+def test_static_or_local_entry_elsewhere_is_a_conflict():
+    for entry in (FdbEntry(mac=NIC.mac, ifindex=99, static=True, local=False),
+                  FdbEntry(mac=NIC.mac, ifindex=99, static=False, local=True)):
+        assert "not ours" in plan.entry_conflict("vnet0", 10, NIC.mac, entry, owned=False)
+
+
+def test_teardown_restores_in_safe_order():
+    rec = NicRecord(mac=NIC.mac, port="vnet0", ifindex=10, bridge="br0", prev_learning=True, prev_flood=True)
+    link = Link(name="vnet0", ifindex=10, master=2, is_bridge_port=True, learning=False, flood=False)
+    br = Link(name="br0", ifindex=2, kind="bridge")
+    entry = FdbEntry(mac=NIC.mac, ifindex=10, static=True, local=False)
+    ops = plan.plan_teardown(rec, link, br, entry)
+    assert kinds(ops) == [("set_flags", None, True), ("fdb_del", None, None), ("set_flags", True, None)]
+
+
+def test_teardown_keeps_previous_off_flags():
+    rec = NicRecord(mac=NIC.mac, port="vnet0", ifindex=10, bridge="br0", prev_learning=False, prev_flood=True)
+    link = Link(name="vnet0", ifindex=10, master=2, is_bridge_port=True, learning=False, flood=False)
+    br = Link(name="br0", ifindex=2, kind="bridge")
+    assert kinds(plan.plan_teardown(rec, link, br, None)) == [("set_flags", None, True)]
+
+
+def test_teardown_leaves_foreign_ports_alone():
+    rec = NicRecord(mac=NIC.mac, port="vnet0", ifindex=10, bridge="br0")
+    br = Link(name="br0", ifindex=2, kind="bridge")
+    other_br = Link(name="br1", ifindex=3, kind="bridge")
+    reused = Link(name="vnet0", ifindex=77, master=2, is_bridge_port=True)
+    moved = Link(name="vnet0", ifindex=10, master=3, is_bridge_port=True)
+    assert plan.plan_teardown(rec, None, None, None) == ()
+    assert plan.plan_teardown(rec, reused, br, None) == ()
+    assert plan.plan_teardown(rec, moved, other_br, None) == ()
+
+
+def test_render_matches_iproute2():
+    ops = plan.plan_apply(D, PortState(True, True), None, sticky=True, first_time=True)
+    assert [plan.render(o) for o in ops] == [
+        "bridge fdb replace 52:54:00:00:00:01 dev vnet0 master static sticky",
+        "bridge link set dev vnet0 learning off",
+        "ip link set dev vnet0 type bridge_slave fdb_flush",
+        "bridge link set dev vnet0 flood off",
+    ]
+    assert plan.describe(()) == "already in place"

@@ -1,0 +1,59 @@
+import multiprocessing
+import os
+
+from fdbhook.model import DomainRecord, NicRecord
+from fdbhook.state import Store
+
+
+def rec(name, n=1):
+    return DomainRecord(driver="qemu", domain=name, uuid=None, nics=tuple(
+        NicRecord(mac="52:54:00:00:00:%02x" % i, port="vnet%d" % i, ifindex=10 + i, bridge="br0")
+        for i in range(n)))
+
+
+def test_roundtrip_and_remove(tmp_path):
+    store = Store(str(tmp_path))
+    store.save(rec("a", 2))
+    assert store.load("qemu", "a") == rec("a", 2)
+    store.save(rec("a", 0))
+    assert store.load("qemu", "a") is None
+    assert not [f for f in os.listdir(store.domain_dir) if f.startswith(".tmp")]
+
+
+def test_odd_domain_names_stay_inside(tmp_path):
+    store = Store(str(tmp_path))
+    for name in ("../../etc/passwd", ".hidden", "a b/c", "ünï"):
+        store.save(rec(name))
+        assert os.path.dirname(store.path("qemu", name)) == store.domain_dir
+        assert store.load("qemu", name).domain == name
+    assert len(store.all()) == 4
+
+
+def test_corrupt_record_is_reported(tmp_path):
+    store = Store(str(tmp_path))
+    os.makedirs(store.domain_dir)
+    with open(store.path("qemu", "x"), "w") as handle:
+        handle.write("{not json")
+    import pytest
+    from fdbhook.errors import StateError
+    with pytest.raises(StateError, match="unreadable"):
+        store.load("qemu", "x")
+    assert store.all() == []
+
+
+def _bump(path, n):
+    store = Store(path)
+    for _ in range(n):
+        with store.lock():
+            current = store.load("qemu", "counter")
+            count = len(current.nics) if current else 0
+            store.save(rec("counter", count + 1))
+
+
+def test_lock_serialises_read_modify_write(tmp_path):
+    procs = [multiprocessing.Process(target=_bump, args=(str(tmp_path), 10)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert len(Store(str(tmp_path)).load("qemu", "counter").nics) == 40
