@@ -1,0 +1,87 @@
+"""The hook contract: which operations act, exit codes, stdout, stderr."""
+
+import pytest
+
+from fdbhook.hook import run_hook
+from fdbhook.state import Store
+from tests.fakes import FakeKernel
+from tests.helpers import bridge_nic, config, domain_xml
+
+XML = domain_xml([bridge_nic()])
+
+
+@pytest.fixture
+def env(tmp_path):
+    return FakeKernel.bridge_with_ports("br0", ("vnet0",)), Store(str(tmp_path)), config()
+
+
+def hook(env, op, data=XML, driver="qemu", cfg=None):
+    kernel, store, default_cfg = env
+    return run_hook(driver, ["t1", op, "begin", "-"], data, config=cfg or default_cfg, kernel=kernel,
+                    store=store)
+
+
+@pytest.mark.parametrize("op", ["prepare", "restore", "attach", "migrate", "shutdown", "whatever"])
+def test_inert_operations(env, op):
+    result = hook(env, op)
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert env[0].executed == []
+
+
+@pytest.mark.parametrize("op", ["start", "started", "reconnect"])
+def test_apply_operations(env, op):
+    assert hook(env, op).code == 0
+    assert env[0].by_name("vnet0").learning is False
+    assert env[1].load("qemu", "t1") is not None
+
+
+def test_lxc_driver_uses_its_own_records(env):
+    xml = domain_xml([bridge_nic()], dtype="lxc")
+    assert hook(env, "start", xml, driver="lxc").code == 0
+    assert env[1].load("lxc", "t1") is not None and env[1].load("qemu", "t1") is None
+    assert hook(env, "release", b"", driver="lxc").code == 0
+    assert env[1].load("lxc", "t1") is None
+
+
+def test_stopped_tears_down_even_with_broken_xml(env):
+    assert hook(env, "start").code == 0
+    result = hook(env, "stopped", b"<garbage")
+    assert (result.code, result.stderr) == (0, "")
+    assert env[0].by_name("vnet0").learning is True
+    assert env[1].load("qemu", "t1") is None
+    assert hook(env, "release").code == 0
+
+
+def test_failure_exits_1_with_one_line(env):
+    xml = domain_xml([bridge_nic(dev="vnet404")])
+    result = hook(env, "start", xml)
+    assert result.code == 1
+    assert result.stderr == "fdbhook: domain t1: NIC net0 (52:54:00:00:00:01): port vnet404 does not exist"
+    assert result.stdout == ""
+
+
+def test_on_error_continue(env):
+    cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
+    result = hook(env, "start", domain_xml([bridge_nic(dev="vnet404")]), cfg=cfg)
+    assert (result.code, result.stderr) == (0, "")
+
+
+def test_invalid_xml_at_start(env):
+    result = hook(env, "start", b"<domain><name>t1</name><devices>")
+    assert result.code == 1 and result.stderr.startswith("fdbhook: domain t1: invalid XML:")
+    assert "\n" not in result.stderr
+    assert env[0].executed == []
+
+
+def test_bad_argv_and_driver(env):
+    assert run_hook("qemu", ["t1"], b"").code == 2
+    assert run_hook("xen", ["t1", "start"], b"").code == 2
+
+
+def test_nothing_configured_is_a_fast_no_op(tmp_path):
+    from fdbhook.config import Config
+
+    kernel = FakeKernel.bridge_with_ports("br0", ("vnet0",))
+    result = run_hook("qemu", ["t1", "start", "begin", "-"], XML, config=Config(), kernel=kernel,
+                      store=Store(str(tmp_path)))
+    assert result.code == 0 and kernel.executed == []
