@@ -23,7 +23,7 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NicResult:
     decision: Decision
-    status: str  # changed | unchanged | planned | skipped | failed | removed | gone
+    status: str  # changed unchanged planned skipped failed held rolled back removed gone
     message: str
     ops: Tuple[Op, ...] = ()
 
@@ -95,22 +95,25 @@ def _rollback(kernel, d, before, before_entry):
 
 
 def _apply_nic(kernel, config, d, prev_rec, dry_run):
-    """Bring one managed port to its desired state. Returns (result, record)."""
+    """Bring one managed port to its desired state.
+
+    Returns (result, new record or None, (state, entry) before the change).
+    """
     mac = d.nic.mac
     link = kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
-        return NicResult(d, "failed", "port %s vanished" % d.port), None
+        return NicResult(d, "failed", "port %s vanished" % d.port), None, None
     before = PortState(learning=bool(link.learning), flood=bool(link.flood))
     entry = kernel.fdb_get(mac, d.bridge_ifindex)
     same_port = prev_rec is not None and prev_rec.ifindex == d.ifindex and prev_rec.port == d.port
     owned = same_port and entry is not None and entry.ifindex == prev_rec.ifindex
     conflict = planner.entry_conflict(d.port, d.ifindex, mac, entry, owned)
     if conflict:
-        return NicResult(d, "failed", conflict), None
+        return NicResult(d, "failed", conflict), None, None
     sticky = config.sticky and kernel.sticky_supported
     ops = planner.plan_apply(d, before, entry, sticky, first_time=not same_port)
     if dry_run:
-        return NicResult(d, "planned", planner.describe(ops), ops), None
+        return NicResult(d, "planned", planner.describe(ops), ops), None, None
     try:
         for op in ops:
             kernel.execute(op)
@@ -119,14 +122,14 @@ def _apply_nic(kernel, config, d, prev_rec, dry_run):
     except (KernelError, ApplyError) as exc:
         _rollback(kernel, d, before, entry)
         reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
-        return NicResult(d, "failed", "%s; port restored" % reason, ops), None
+        return NicResult(d, "failed", "%s; port restored" % reason, ops), None, None
     if same_port:
         rec = replace(prev_rec, bridge=d.bridge, network=d.network, sticky=sticky)
     else:
         rec = NicRecord(mac=mac, port=d.port, ifindex=d.ifindex, bridge=d.bridge, network=d.network,
                         prev_learning=before.learning, prev_flood=before.flood, sticky=sticky,
                         applied=round(time.time(), 3), alias=d.nic.alias)
-    return NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops), rec
+    return NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops), rec, (before, entry)
 
 
 def _still_there(kernel, rec):
@@ -150,7 +153,11 @@ def apply_domain(domain, config, kernel, store, dry_run=False):
             # Keep records of NICs whose port still exists: a NIC that left
             # the XML without a teardown is for status/teardown to handle.
             kept = {r.mac: r for r in record.nics if _still_there(kernel, r)}
+        # Bad input (an error decision) stops the run before any change,
+        # unless the admin chose on_error = continue.
+        hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
         results = []
+        done = []  # (index in results, decision, state before, entry before, old record)
         for d in decisions:
             if d.action == "skip":
                 results.append(NicResult(d, "skipped", d.reason))
@@ -158,10 +165,25 @@ def apply_domain(domain, config, kernel, store, dry_run=False):
             if d.action == "error":
                 results.append(NicResult(d, "failed", d.reason))
                 continue
-            result, rec = _apply_nic(kernel, config, d, kept.get(d.nic.mac), dry_run)
+            if hold:
+                results.append(NicResult(d, "held", "not applied: another NIC of the domain failed"))
+                continue
+            old = kept.get(d.nic.mac)
+            result, rec, before = _apply_nic(kernel, config, d, old, dry_run)
             results.append(result)
             if rec is not None:
                 kept[rec.mac] = rec
+                done.append((len(results) - 1, d, before, old))
+        if config.on_error == "fail" and not dry_run and any(r.failed for r in results):
+            # All or nothing: put back every port this run changed.
+            for i, d, (state, entry), old in done:
+                if results[i].ops:
+                    _rollback(kernel, d, state, entry)
+                    results[i] = NicResult(d, "rolled back", "undone: another NIC of the domain failed")
+                if old is None:
+                    kept.pop(d.nic.mac, None)
+                else:
+                    kept[d.nic.mac] = old
         new_record = DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
                                   nics=tuple(sorted(kept.values(), key=lambda r: r.mac)))
         if not dry_run:

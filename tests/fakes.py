@@ -19,6 +19,7 @@ class FakeKernel:
         self.sticky_supported = True
         self.executed = []
         self.fail_on = None  # op kind that raises, to test rollback
+        self.fail_port = None  # ... only on this port
 
     @classmethod
     def bridge_with_ports(cls, bridge="br0", ports=("vnet0",), start=10):
@@ -57,7 +58,7 @@ class FakeKernel:
     def execute(self, op):
         from fdbhook.plan import render
 
-        if self.fail_on == op.kind:
+        if self.fail_on == op.kind and self.fail_port in (None, op.port):
             raise KernelError(what=render(op), reason="injected failure")
         self.executed.append(op)
         link = self.links_by_index.get(op.ifindex)

@@ -65,8 +65,37 @@ def test_failure_rolls_the_port_back(tmp_path):
     assert store.load("qemu", "t1") is None
 
 
-def test_conflicting_static_entry_is_not_moved(tmp_path):
+def test_one_failing_port_undoes_the_whole_run(tmp_path):
     k, store, cfg = setup(tmp_path)
+    k.fail_on, k.fail_port = "set_flags", "vnet1"
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert [r.status for r in report.results] == ["rolled back", "failed"]
+    for name in ("vnet0", "vnet1"):
+        assert k.by_name(name).learning is True and k.by_name(name).flood is True
+    assert k.entries == {} and store.load("qemu", "t1") is None
+
+
+def test_on_error_continue_keeps_what_worked(tmp_path):
+    k, store, _ = setup(tmp_path)
+    cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
+    k.fail_on, k.fail_port = "set_flags", "vnet1"
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert [r.status for r in report.results] == ["changed", "failed"]
+    assert [n.port for n in store.load("qemu", "t1").nics] == ["vnet0"]
+
+
+def test_bad_input_changes_nothing(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    xml = domain_xml([bridge_nic(), bridge_nic(mac="01:00:5e:00:00:01", dev="vnet1", alias="net1")])
+    report = apply_domain(domxml.parse_domain(xml), cfg, k, store)
+    assert [r.status for r in report.results] == ["held", "failed"]
+    assert k.executed == [] and store.load("qemu", "t1") is None
+    assert "multicast" in report.one_line() and "net1" in report.one_line()
+
+
+def test_conflicting_static_entry_is_not_moved(tmp_path):
+    k, store, _ = setup(tmp_path)
+    cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
     eth0 = k.by_name("eth0")
     k.entries[(10, "52:54:00:00:00:01")] = FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
                                                     static=True, local=False)

@@ -1,0 +1,214 @@
+#!/bin/bash
+# Bring up a real libvirtd (qemu + lxc drivers) on a Debian 12 machine
+# without systemd, as root. Idempotent: safe to run again.
+#
+#   libvirtd-up.sh            install if needed, start virtlogd + libvirtd
+#   libvirtd-up.sh restart    the same, then restart libvirtd (hooks in
+#                             /etc/libvirt/hooks are discovered only when
+#                             the daemon starts)
+#   libvirtd-up.sh stop       stop libvirtd (virtlogd is left running)
+#
+# Prints one line per step. Exits non-zero on failure.
+set -euo pipefail
+
+ACTION=${1:-up}
+URI=qemu:///system
+WAIT_SECS=${LIBVIRTD_WAIT_SECS:-30}
+# iptables: libvirt's network driver inserts LIBVIRT_INP/FWI/FWO rules even
+# for an isolated network without <ip>; without /usr/sbin/iptables net-start
+# fails with "Failed to apply firewall rules ... cannot execute binary".
+PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc
+      libvirt-clients qemu-system-x86 dnsmasq-base iptables)
+
+step() { printf 'libvirtd-up: %s\n' "$*"; }
+die() { printf 'libvirtd-up: ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root"
+case "$ACTION" in up|restart|stop) ;; *) die "usage: $0 [up|restart|stop]";; esac
+
+# Exact pid of a daemon binary, not a pattern over command lines.
+daemon_pids() { pgrep -x "$1" || true; }
+
+virsh_answers() {
+    if [ -z "$(daemon_pids libvirtd)" ]; then
+        tail -n 5 /var/log/libvirt/libvirtd.log >&2 2>/dev/null || true
+        die "libvirtd exited (see /var/log/libvirt/libvirtd.log)"
+    fi
+    timeout 10 virsh -c "$URI" list >/dev/null 2>&1
+}
+
+wait_until() { # wait_until SECS DESCRIPTION CMD...
+    local secs=$1 what=$2; shift 2
+    local deadline=$((SECONDS + secs))
+    while ! "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "timed out after ${secs}s waiting for $what"
+        sleep 0.2
+    done
+}
+
+no_libvirtd() { [ -z "$(daemon_pids libvirtd)" ]; }
+
+stop_libvirtd() {
+    local pids
+    pids=$(daemon_pids libvirtd)
+    if [ -z "$pids" ]; then
+        step "libvirtd not running"
+        return
+    fi
+    step "stopping libvirtd (pid $(echo $pids))"
+    # shellcheck disable=SC2086
+    kill $pids
+    wait_until "$WAIT_SECS" "libvirtd to exit" no_libvirtd
+    step "libvirtd stopped"
+}
+
+# Hybrid cgroup layout (v1 controllers under a tmpfs /sys/fs/cgroup plus
+# cgroup2 at /sys/fs/cgroup/unified, as on these machines): libvirt_lxc 9.0
+# then fails every container start with "virCgroupV2BindMount: Unable to
+# create directory /sys/fs/cgroup/unified: No such file or directory".
+# libvirtd is therefore started in a private mount namespace in which the
+# cgroup2 mount is unmounted; the host's mounts are untouched, qemu is not
+# affected. LIBVIRTD_KEEP_CGROUP2=1 turns this off.
+hybrid_cgroups() {
+    [ -z "${LIBVIRTD_KEEP_CGROUP2:-}" ] &&
+        [ "$(stat -f -c %T /sys/fs/cgroup 2>/dev/null)" = tmpfs ] &&
+        [ "$(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]
+}
+
+start_libvirtd() {
+    if hybrid_cgroups; then
+        unshare -m --propagation private \
+            sh -c 'umount /sys/fs/cgroup/unified && exec libvirtd -d'
+        step "started libvirtd (private mount namespace without /sys/fs/cgroup/unified, for LXC)"
+    else
+        libvirtd -d
+        step "started libvirtd"
+    fi
+}
+
+if [ "$ACTION" = stop ]; then
+    stop_libvirtd
+    exit 0
+fi
+
+# 1. packages
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    step "packages already installed"
+else
+    need_update=0
+    for p in "${missing[@]}"; do
+        cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then need_update=1; fi
+    done
+    if [ "$need_update" = 1 ]; then
+        step "apt-get update (no candidate for some of: ${missing[*]})"
+        apt-get update -qq
+    else
+        step "apt lists already know ${missing[*]}"
+    fi
+    installable=()
+    for p in "${missing[@]}"; do
+        cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
+            step "WARNING: package $p has no candidate; skipped"
+        else
+            installable+=("$p")
+        fi
+    done
+    step "apt-get install ${installable[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${installable[@]}" >/dev/null
+    step "packages installed"
+fi
+
+# 2. the libvirt-qemu user and group: Debian's qemu driver resolves its
+# built-in defaults (user libvirt-qemu, group libvirt-qemu) at start even when
+# qemu.conf overrides them, and fails with "Failed to parse group" otherwise.
+getent group kvm >/dev/null || { groupadd --system kvm; step "created group kvm"; }
+if getent group libvirt-qemu >/dev/null; then
+    step "group libvirt-qemu exists"
+else
+    groupadd --system libvirt-qemu
+    step "created group libvirt-qemu"
+fi
+if getent passwd libvirt-qemu >/dev/null; then
+    step "user libvirt-qemu exists"
+else
+    useradd --system --no-create-home --home-dir /var/lib/libvirt \
+        --shell /usr/sbin/nologin -g kvm libvirt-qemu
+    step "created user libvirt-qemu (group kvm)"
+fi
+
+# 3. qemu runs as root (no AppArmor/DAC setup on these machines)
+QCONF=/etc/libvirt/qemu.conf
+# Without libvirt-daemon-system (which we do not install: it pulls in the
+# default network, polkit and init scripts) there is no qemu.conf at all;
+# libvirtd then uses built-in defaults, so a file with just our keys is fine.
+if [ ! -f "$QCONF" ]; then
+    mkdir -p /etc/libvirt
+    printf '# written by fdbhook tests/system/libvirtd-up.sh\n' >"$QCONF"
+    step "created $QCONF (libvirt-daemon-system not installed)"
+fi
+set_conf() { # set_conf KEY VALUE
+    if grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QCONF"; then
+        return 1
+    fi
+    sed -i -E "/^[[:space:]]*$1[[:space:]]*=/d" "$QCONF"
+    printf '%s = "%s"\n' "$1" "$2" >>"$QCONF"
+}
+changed=0
+set_conf user root && changed=1
+set_conf group root && changed=1
+if [ "$changed" = 1 ]; then
+    step "set user/group = root in $QCONF"
+    # a running daemon must re-read it
+    [ -z "$(daemon_pids libvirtd)" ] || ACTION=restart
+else
+    step "$QCONF already has user/group = root"
+fi
+
+# 4. runtime directories
+mkdir -p /var/log/libvirt /run/libvirt
+step "directories /var/log/libvirt /run/libvirt ready"
+
+# 5. daemons
+if [ -n "$(daemon_pids virtlogd)" ]; then
+    step "virtlogd already running (pid $(echo $(daemon_pids virtlogd)))"
+else
+    virtlogd -d
+    step "started virtlogd"
+fi
+
+if [ "$ACTION" = restart ]; then
+    stop_libvirtd
+fi
+
+if [ -n "$(daemon_pids libvirtd)" ]; then
+    step "libvirtd already running (pid $(echo $(daemon_pids libvirtd)))"
+else
+    start_libvirtd
+fi
+
+wait_until "$WAIT_SECS" "virsh -c $URI list to answer" virsh_answers
+step "libvirtd answers on $URI ($(virsh -c "$URI" version 2>/dev/null | awk '/Running hypervisor|Using library/ {printf "%s ", $0}' | sed 's/ *$//'))"
+
+# 6. the default network must not carry test traffic (192.168.122.0/24)
+if virsh -c "$URI" net-info default >/dev/null 2>&1; then
+    if virsh -c "$URI" net-info default 2>/dev/null | grep -Eq '^Active:[[:space:]]+yes'; then
+        virsh -c "$URI" net-destroy default >/dev/null
+        step "destroyed network default"
+    fi
+    if virsh -c "$URI" net-info default 2>/dev/null | grep -Eq '^Autostart:[[:space:]]+yes'; then
+        virsh -c "$URI" net-autostart default --disable >/dev/null
+        step "disabled autostart of network default"
+    fi
+    step "network default is inactive, no autostart"
+else
+    step "no network default"
+fi
+
+step "ready"
