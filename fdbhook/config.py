@@ -8,7 +8,7 @@ import configparser
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from fdbhook.errors import ConfigError
 
@@ -27,6 +27,22 @@ KNOWN = {
 }
 
 
+SECTION_KEYS = {"vlan_filtering", "restore_vlan_filtering", "vlan", "trunk"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A [bridge NAME] or [network NAME] section."""
+
+    vlan_filtering: str = "leave"  # on | off | leave
+    restore_vlan_filtering: bool = True
+    vlan: Optional[int] = None  # access VLAN (network sections only)
+    trunk: Tuple[int, ...] = ()
+
+
+DEFAULT_POLICY = Policy()
+
+
 @dataclass(frozen=True)
 class Config:
     path: str = DEFAULT_CONF
@@ -41,6 +57,15 @@ class Config:
     resync_interval: float = 60.0
     state_dir: str = DEFAULT_STATE_DIR
     network_dirs: Tuple[str, ...] = tuple(DEFAULT_NETWORK_DIRS.split(":"))
+    bridge_policies: Tuple[Tuple[str, Policy], ...] = ()
+    network_policies: Tuple[Tuple[str, Policy], ...] = ()
+
+    def bridge_policy(self, bridge):
+        """The [bridge NAME] section matching ``bridge`` (exact or glob)."""
+        return _policy(self.bridge_policies, bridge)
+
+    def network_policy(self, network):
+        return _policy(self.network_policies, network)
 
     def bridge_managed(self, bridge):
         """The glob that makes this bridge managed, or None."""
@@ -48,6 +73,37 @@ class Config:
 
     def network_managed(self, network):
         return _match(self.networks, network)
+
+
+def _policy(policies, name):
+    for pattern, policy in policies:
+        if name and fnmatch.fnmatchcase(name, pattern):
+            return policy
+    return DEFAULT_POLICY
+
+
+def _section_policy(path, parser, section, kind):
+    items = parser[section]
+    for key in items:
+        if key not in SECTION_KEYS or (kind == "bridge" and key in ("vlan", "trunk")):
+            raise ConfigError(path=path, reason="unknown key %r in [%s]" % (key, section))
+    mode = items.get("vlan_filtering", "leave").strip().lower()
+    if mode not in ("on", "off", "leave"):
+        raise ConfigError(path=path, reason="[%s] vlan_filtering = %r (want on, off or leave)" % (section, mode))
+    vlan, trunk = None, ()
+    from fdbhook.domxml import parse_vlan_spec
+    try:
+        if items.get("vlan"):
+            vids = parse_vlan_spec(items["vlan"])
+            if len(vids) != 1:
+                raise ValueError("vlan must be one VLAN id")
+            vlan = vids[0]
+        if items.get("trunk"):
+            trunk = parse_vlan_spec(items["trunk"])
+    except ValueError as exc:
+        raise ConfigError(path=path, reason="[%s] bad VLAN spec: %s" % (section, exc)) from None
+    restore = _bool(path, section, "restore_vlan_filtering", items.get("restore_vlan_filtering", "yes"))
+    return Policy(vlan_filtering=mode, restore_vlan_filtering=restore, vlan=vlan, trunk=trunk)
 
 
 def _match(globs, name):
@@ -84,9 +140,13 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         parser.read_string(text, source=path)
     except configparser.Error as exc:
         raise ConfigError(path=path, reason=str(exc).splitlines()[0]) from None
+    bridge_policies, network_policies = [], []
     for section in parser.sections():
-        if section.startswith("bridge ") or section.startswith("network "):
-            continue  # per-bridge/network policy, read by the VLAN layer
+        kind, _, name = section.partition(" ")
+        if kind in ("bridge", "network") and name.strip():
+            policy = _section_policy(path, parser, section, kind)
+            (bridge_policies if kind == "bridge" else network_policies).append((name.strip(), policy))
+            continue
         if section not in KNOWN:
             raise ConfigError(path=path, reason="unknown section [%s]" % section)
         for key in parser[section]:
@@ -114,6 +174,8 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
                                   get("hook", "capture_max_bytes", str(Config.capture_max_bytes)), int),
         resync_interval=_number(path, "daemon", "resync_interval",
                                 get("daemon", "resync_interval", "60"), float),
+        bridge_policies=tuple(bridge_policies),
+        network_policies=tuple(network_policies),
     )
     values.update(_env_overrides(env))
     return Config(**values)

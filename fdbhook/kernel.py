@@ -28,6 +28,9 @@ NTF_SELF = 0x02
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
 AF_BRIDGE = 7
+# struct bridge_vlan_info flags (linux/if_bridge.h)
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 
 
 def _nl_errno(exc):
@@ -176,11 +179,52 @@ class Kernel:
         return out
 
     def bridge_vlan_filtering(self, ifindex):
-        msgs = self.ipr.link("get", index=ifindex)
+        return self.bridge_info(ifindex)[0]
+
+    def bridge_info(self, ifindex):
+        """(vlan_filtering, default_pvid) of a bridge."""
+        try:
+            msgs = self.ipr.link("get", index=ifindex)
+        except Exception as exc:
+            raise KernelError(what="link get %d" % ifindex, reason=_reason(exc)) from None
         info = msgs[0].get_attr("IFLA_LINKINFO")
         data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-        value = data.get_attr("IFLA_BR_VLAN_FILTERING") if data is not None else None
-        return bool(value)
+        if data is None:
+            return False, 1
+        pvid = data.get_attr("IFLA_BR_VLAN_DEFAULT_PVID")
+        return bool(data.get_attr("IFLA_BR_VLAN_FILTERING")), (1 if pvid is None else pvid)
+
+    def port_vlans(self, ifindex):
+        """A port's VLAN membership: ((vid, pvid, untagged), ...).
+
+        The kernel answers AF_BRIDGE link requests only as dumps; this costs
+        one dump of the bridge ports, and runs only on VLAN-filtering bridges.
+        """
+        try:
+            msgs = self.ipr.get_vlans()
+        except Exception as exc:
+            raise KernelError(what="bridge vlan show", reason=_reason(exc)) from None
+        out = []
+        for msg in msgs:
+            if msg["index"] != ifindex:
+                continue
+            spec = msg.get_attr("IFLA_AF_SPEC")
+            if spec is None:
+                continue
+            for name, value in spec["attrs"]:
+                if name == "IFLA_BRIDGE_VLAN_INFO":
+                    flags = value["flags"]
+                    out.append((value["vid"], bool(flags & BRIDGE_VLAN_INFO_PVID),
+                                bool(flags & BRIDGE_VLAN_INFO_UNTAGGED)))
+        return tuple(sorted(out))
+
+    def set_vlan_filtering(self, bridge_ifindex, enabled):
+        """Turn a bridge's VLAN filtering on or off (EOPNOTSUPP -> KernelError)."""
+        try:
+            self.ipr.link("set", index=bridge_ifindex, kind="bridge", br_vlan_filtering=int(enabled))
+        except Exception as exc:
+            raise KernelError(what="ip link set dev %d type bridge vlan_filtering %d" % (
+                bridge_ifindex, int(enabled)), reason=_reason(exc), errno=_nl_errno(exc)) from None
 
     # --- writes ----------------------------------------------------------
     def execute(self, op):
@@ -197,6 +241,14 @@ class Kernel:
                 if op.flood is not None:
                     kw["unicast_flood"] = int(op.flood)
                 self.ipr.brport("set", index=op.ifindex, **kw)
+            elif op.kind in ("vlan_add", "vlan_del"):
+                flags = (BRIDGE_VLAN_INFO_PVID if op.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if op.untagged else 0)
+                try:
+                    self.ipr.vlan_filter("add" if op.kind == "vlan_add" else "del", index=op.ifindex,
+                                         vlan_info={"vid": op.vlan, "flags": flags})
+                except Exception as exc:
+                    if op.kind == "vlan_add" or _nl_errno(exc) not in (errno.ENOENT, errno.ENODEV):
+                        raise
             elif op.kind == "flush":
                 # IFLA_BRPORT_FLUSH drops the port's learned entries and keeps
                 # static and local ones (br_fdb_delete_by_port, do_all=0).

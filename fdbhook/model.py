@@ -139,6 +139,12 @@ class Op:
     flood: Optional[bool] = None
     sticky: bool = False
     vlan: Optional[int] = None
+    pvid: bool = False
+    untagged: bool = False
+
+
+# A port's VLAN membership: ((vid, pvid, untagged), ...) sorted by vid.
+Membership = Tuple[Tuple[int, bool, bool], ...]
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,9 @@ class NicRecord:
     sticky: bool = False
     applied: float = 0.0
     alias: Optional[str] = None
+    vids: Tuple[int, ...] = ()  # VLANs with our entry; () = VID 0 (no VLAN filtering)
+    prev_vlans: Optional[Membership] = None  # membership before we set it, if we did
+    set_vlans: Optional[Membership] = None  # membership we set
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,19 @@ def record_to_json(record):
     }
 
 
-def record_from_json(data):
+def _nic_from_json(nic):
     fields = {f.name for f in dataclasses.fields(NicRecord)}
-    nics = tuple(NicRecord(**{k: v for k, v in nic.items() if k in fields}) for nic in data.get("nics", ()))
+    values = {k: v for k, v in nic.items() if k in fields}
+    # JSON has no tuples; the records compare equal only with them.
+    values["vids"] = tuple(values.get("vids") or ())
+    for key in ("prev_vlans", "set_vlans"):
+        if values.get(key) is not None:
+            values[key] = tuple(tuple(m) for m in values[key])
+    return NicRecord(**values)
+
+
+def record_from_json(data):
+    nics = tuple(_nic_from_json(nic) for nic in data.get("nics", ()))
     return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"), nics=nics)
 
 
@@ -48,6 +58,23 @@ def _safe_name(name):
             out.append("%%%02x" % ord(ch))
     safe = "".join(out)
     return "%2e" + safe[1:] if safe.startswith(".") else safe
+
+
+def _atomic_write(path, data):
+    """Write ``data`` to ``path`` so readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StateError(path=path, reason=exc.strerror) from None
 
 
 class Store:
@@ -96,20 +123,7 @@ class Store:
             self.remove(record.driver, record.domain)
             return
         self._ensure()
-        data = json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.domain_dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(tmp, path)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise StateError(path=path, reason=exc.strerror) from None
+        _atomic_write(path, json.dumps(record_to_json(record), indent=1, sort_keys=True).encode())
 
     def remove(self, driver, domain):
         try:
@@ -117,6 +131,35 @@ class Store:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise StateError(path=self.path(driver, domain), reason=exc.strerror) from None
+
+    # --- bridge records: VLAN filtering we changed, to restore later ------
+    def bridge_path(self, bridge):
+        return os.path.join(self.state_dir, "bridges", "%s.json" % _safe_name(bridge))
+
+    def load_bridge(self, bridge):
+        try:
+            with open(self.bridge_path(bridge), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateError(path=self.bridge_path(bridge), reason="unreadable record: %s" % exc) from None
+
+    def save_bridge(self, bridge, data):
+        path = self.bridge_path(bridge)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StateError(path=path, reason=exc.strerror) from None
+        _atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def remove_bridge(self, bridge):
+        try:
+            os.unlink(self.bridge_path(bridge))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(path=self.bridge_path(bridge), reason=exc.strerror) from None
 
     def all(self):
         """Every record, sorted by file name. Broken files are skipped."""

@@ -1,7 +1,7 @@
 """A fake of fdbhook.kernel.Kernel for fast unit tests (never the root tier).
 
-It keeps links and bridge FDB entries in dicts and applies plan ops the way
-the kernel does, so engine logic can be tested without root.
+It keeps links, VLAN membership and bridge FDB entries in dicts and applies
+plan ops the way the kernel does, so engine logic can be tested without root.
 """
 
 from dataclasses import replace
@@ -13,9 +13,12 @@ from fdbhook.model import FdbEntry, Link
 class FakeKernel:
     def __init__(self, links=(), entries=()):
         self.links_by_index = {link.ifindex: link for link in links}
-        self.entries = {}  # (bridge ifindex, mac) -> FdbEntry
+        self.entries = {}  # (bridge ifindex, mac, vid or None) -> FdbEntry
         for bridge_ifindex, entry in entries:
-            self.entries[(bridge_ifindex, entry.mac)] = entry
+            self.entries[(bridge_ifindex, entry.mac, entry.vlan)] = entry
+        self.filtering = {}  # bridge ifindex -> bool
+        self.vlan_supported = True
+        self.vlans = {}  # port ifindex -> {vid: (pvid, untagged)}
         self.sticky_supported = True
         self.executed = []
         self.fail_on = None  # op kind that raises, to test rollback
@@ -27,10 +30,13 @@ class FakeKernel:
         for i, name in enumerate(ports, 1):
             links.append(Link(name=name, ifindex=start + i, kind="tun", master=start,
                               is_bridge_port=True, learning=True, flood=True))
-        return cls(links)
+        kernel = cls(links)
+        for i in range(1, len(ports) + 1):
+            kernel.vlans[start + i] = {1: (True, True)}
+        return kernel
 
-    def add_link(self, link):
-        self.links_by_index[link.ifindex] = link
+    def add_entry(self, bridge_ifindex, entry):
+        self.entries[(bridge_ifindex, entry.mac, entry.vlan)] = entry
 
     def remove_link(self, name):
         link = self.by_name(name)
@@ -47,13 +53,25 @@ class FakeKernel:
         return self.links_by_index.get(ifindex)
 
     def fdb_get(self, mac, bridge_ifindex, vlan=None):
-        return self.entries.get((bridge_ifindex, mac))
+        return self.entries.get((bridge_ifindex, mac, vlan))
 
     def links(self):
         return list(self.links_by_index.values())
 
+    def bridge_info(self, ifindex):
+        return self.filtering.get(ifindex, False), 1
+
     def bridge_vlan_filtering(self, ifindex):
-        return False
+        return self.bridge_info(ifindex)[0]
+
+    def port_vlans(self, ifindex):
+        return tuple(sorted((vid,) + flags for vid, flags in self.vlans.get(ifindex, {}).items()))
+
+    def set_vlan_filtering(self, ifindex, enabled):
+        self.executed.append(("vlan_filtering", ifindex, enabled))
+        if enabled and not self.vlan_supported:
+            raise KernelError(what="vlan_filtering", reason="Operation not supported", errno=95)
+        self.filtering[ifindex] = enabled
 
     def execute(self, op):
         from fdbhook.plan import render
@@ -72,12 +90,18 @@ class FakeKernel:
                 changes["flood"] = op.flood
             self.links_by_index[op.ifindex] = replace(link, **changes)
         elif op.kind == "fdb_replace":
-            self.entries[(link.master, op.mac)] = FdbEntry(mac=op.mac, ifindex=op.ifindex, static=True,
-                                                           local=False, sticky=op.sticky)
+            if op.vlan is not None and op.vlan not in self.vlans.get(op.ifindex, {}):
+                raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+            self.entries[(link.master, op.mac, op.vlan)] = FdbEntry(
+                mac=op.mac, ifindex=op.ifindex, static=True, local=False, sticky=op.sticky, vlan=op.vlan)
         elif op.kind == "fdb_del":
-            entry = self.entries.get((link.master, op.mac))
+            entry = self.entries.get((link.master, op.mac, op.vlan))
             if entry is not None and entry.ifindex == op.ifindex:
-                del self.entries[(link.master, op.mac)]
+                del self.entries[(link.master, op.mac, op.vlan)]
         elif op.kind == "flush":
             self.entries = {k: e for k, e in self.entries.items()
                             if not (e.ifindex == op.ifindex and e.dynamic)}
+        elif op.kind == "vlan_add":
+            self.vlans.setdefault(op.ifindex, {})[op.vlan] = (op.pvid, op.untagged)
+        elif op.kind == "vlan_del":
+            self.vlans.get(op.ifindex, {}).pop(op.vlan, None)

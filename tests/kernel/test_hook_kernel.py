@@ -310,3 +310,24 @@ def test_demo_shows_zero_leaks():
     assert proc.returncode == 0, out + proc.stderr.decode()
     assert "result: 0 of 30 unknown-unicast frames reached managed guests (unmanaged baseline: 30 of 30)" in out
     assert time.monotonic() - start < 120
+
+
+def test_vlan_filtering_policy_on_a_kernel_without_it(lab, env, tmp_path):
+    """This kernel lacks CONFIG_BRIDGE_VLAN_FILTERING: say so once, keep managing ports."""
+    conf = tmp_path / "vlan.conf"
+    conf.write_text("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    env = dict(env, FDBHOOK_CONF=str(conf))
+    lab.add_bridge("br0")
+    lab.add_tap("vnet0", bridge="br0")
+    xml = domain_xml([bridge_nic()])
+    assert hook(lab, env, "qemu", "t1", "start", xml).returncode == 0
+    assert hook(lab, env, "qemu", "t1", "reconnect", xml).returncode == 0
+    log = open(env["FDBHOOK_LOG"]).read()
+    if lab.link("br0")["linkinfo"]["info_data"].get("vlan_filtering") == 1:
+        pytest.skip("this kernel has VLAN filtering; covered by the full-kernel tier")
+    assert log.count("CONFIG_BRIDGE_VLAN_FILTERING") == 1
+    assert pyroute2_view(lab, "vnet0") == (False, False, ["52:54:00:00:00:01"])
+    status = cli(lab, env, "status", "--json")
+    (bridge,) = json.loads(status.stdout)["bridges"]
+    assert bridge["vlan_filtering_supported"] is False
+    assert any("no bridge VLAN filtering" in s for s in bridge["explain"])

@@ -97,8 +97,8 @@ def test_conflicting_static_entry_is_not_moved(tmp_path):
     k, store, _ = setup(tmp_path)
     cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
     eth0 = k.by_name("eth0")
-    k.entries[(10, "52:54:00:00:00:01")] = FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
-                                                    static=True, local=False)
+    k.add_entry(10, FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
+                                                    static=True, local=False))
     report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert report.results[0].status == "failed" and "not ours" in report.results[0].message
     assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == eth0.ifindex
@@ -116,7 +116,75 @@ def test_dry_run_changes_nothing(tmp_path):
 def test_learned_entries_flushed_but_static_kept(tmp_path):
     k, store, cfg = setup(tmp_path)
     vnet0 = k.by_name("vnet0").ifindex
-    k.entries[(10, "02:00:00:00:00:99")] = FdbEntry(mac="02:00:00:00:00:99", ifindex=vnet0, static=False,
-                                                    local=False)
+    k.add_entry(10, FdbEntry(mac="02:00:00:00:00:99", ifindex=vnet0, static=False,
+                                                    local=False))
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert k.fdb_get("02:00:00:00:00:99", 10) is None
+
+
+META_VLAN = ("<metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'>"
+             "<fdb:interface mac='52:54:00:00:00:01' vlan='42' trunk='100-101'/></fdb:fdb></metadata>")
+
+
+def test_vlans_on_a_filtering_bridge(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    k.filtering[10] = True
+    dom = domxml.parse_domain(domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1")],
+                                         metadata=META_VLAN))
+    report = apply_domain(dom, cfg, k, store)
+    assert [r.status for r in report.results] == ["changed", "changed"], report.one_line()
+    vnet0, vnet1 = k.by_name("vnet0").ifindex, k.by_name("vnet1").ifindex
+    assert k.port_vlans(vnet0) == ((42, True, True), (100, False, False), (101, False, False))
+    assert sorted(v for (_, mac, v) in k.entries if mac == "52:54:00:00:00:01") == [42, 100, 101]
+    # a NIC without VLAN config gets its entry on the VLANs its port carries (default pvid 1)
+    assert [v for (_, mac, v) in k.entries if mac == "52:54:00:00:00:02"] == [1]
+    assert k.port_vlans(vnet1) == ((1, True, True),)
+    assert apply_domain(dom, cfg, k, store).results[0].status == "unchanged"
+    teardown_domain("qemu", "t1", k, store)
+    assert k.port_vlans(vnet0) == ((1, True, True),)
+    assert k.entries == {}
+
+
+def test_vlans_refused_without_filtering(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    dom = domxml.parse_domain(domain_xml([bridge_nic()], metadata=META_VLAN))
+    report = apply_domain(dom, cfg, k, store)
+    assert report.results[0].status == "failed"
+    assert "VLANs requested but bridge br0 has vlan_filtering off" in report.one_line()
+    assert k.executed == []
+
+
+def test_network_section_gives_vlans(tmp_path):
+    from fdbhook.model import Network
+    k, store, _ = setup(tmp_path)
+    k.filtering[10] = True
+    cfg = config("[manage]\nnetworks = lan\n[network lan]\nvlan = 7\n")
+    xml = domain_xml(["<interface type='network'><mac address='52:54:00:00:00:03'/>"
+                      "<source network='lan' bridge='br0'/><target dev='vnet0'/></interface>"])
+    apply_domain(domxml.parse_domain(xml), cfg, k, store)
+    assert k.port_vlans(k.by_name("vnet0").ifindex) == ((7, True, True),)
+
+
+def test_vlan_filtering_policy_set_and_restored(tmp_path):
+    k, store, _ = setup(tmp_path)
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert k.filtering[10] is True
+    assert store.load_bridge("br0")["prev_vlan_filtering"] is False
+    apply_domain(domxml.parse_domain(domain_xml([bridge_nic(mac="52:54:00:00:00:09", dev="eth0")],
+                                                name="t2")), cfg, k, store)
+    teardown_domain("qemu", "t1", k, store)
+    assert k.filtering[10] is True  # t2 still there
+    teardown_domain("qemu", "t2", k, store)
+    assert k.filtering[10] is False and store.load_bridge("br0") is None
+
+
+def test_vlan_filtering_unsupported_said_once(tmp_path, caplog):
+    k, store, _ = setup(tmp_path)
+    k.vlan_supported = False
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    with caplog.at_level("WARNING", logger="fdbhook"):
+        report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+        apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert [r.status for r in report.results] == ["changed", "changed"]
+    assert sum("CONFIG_BRIDGE_VLAN_FILTERING" in r.message for r in caplog.records) == 1
