@@ -20,16 +20,12 @@ def hook_main(driver, argv, stdin=None, verbose=False):
     # -v (manual replay) shows every log line on stderr as well.
     setup_logging(verbose=verbose, hook=not verbose)
     stdin = stdin if stdin is not None else sys.stdin.buffer
-    from fdbhook.hook import APPLY_OPS, TEARDOWN_OPS
-    data = b""
-    op = argv[1] if len(argv) > 1 else ""
-    if op in APPLY_OPS or op in TEARDOWN_OPS:
-        from fdbhook.domxml import MAX_XML_BYTES
-        data = stdin.read(MAX_XML_BYTES + 1)
-    else:
-        # Drain stdin so libvirtd never sees EPIPE; we do not need it.
-        while stdin.read(65536):
-            pass
+    from fdbhook.domxml import MAX_XML_BYTES
+    data = stdin.read(MAX_XML_BYTES + 1)
+    # Drain the rest so libvirtd never sees EPIPE; oversize input is refused
+    # by the parser, which sees MAX_XML_BYTES + 1 bytes.
+    while stdin.read(65536):
+        pass
     result = run_hook(driver, argv, data)
     if result.stdout:
         sys.stdout.write(result.stdout)
@@ -138,6 +134,25 @@ def cmd_hook(args):
     return hook_main(args.driver, args.argv, verbose=args.verbose)
 
 
+def cmd_replay(args):
+    """Re-run one captured hook invocation with the same semantics."""
+    import base64
+    import io
+
+    try:
+        with open(args.file, encoding="utf-8") as handle:
+            record = json.load(handle)
+        driver, argv = record["driver"], record["argv"]
+        data = (base64.b64decode(record["stdin_b64"]) if "stdin_b64" in record
+                else record.get("stdin", "").encode("utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(reason="%s: not a capture file: %s" % (args.file, exc)) from None
+    print("replaying: %s %s (%d bytes of stdin)" % (driver, " ".join(argv), len(data)), file=sys.stderr)
+    code = hook_main(driver, argv, stdin=io.BytesIO(data), verbose=args.verbose)
+    print("exit %d" % code, file=sys.stderr)
+    return code
+
+
 def cmd_demo(args):
     from fdbhook.demo import run_demo
 
@@ -165,6 +180,10 @@ def build_parser():
         p.add_argument("--connect", default=None, help="libvirt URI (default: libvirt's default)")
         p.add_argument("--dry-run", action="store_true", help="print the plan as bridge(8) commands")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("replay", help="re-run a hook invocation captured with [hook] capture = yes")
+    p.add_argument("file", help="a .json file from the capture spool")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("status", help="managed bridges and ports, drift, and why the uplink is promiscuous")
     p.add_argument("--json", action="store_true")

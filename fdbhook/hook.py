@@ -75,6 +75,9 @@ def setup_logging(verbose=False, hook=False):
         root.addHandler(logging.NullHandler())
 
 
+NETWORK_APPLY_OPS = ("start", "started")
+
+
 def run_hook(driver, argv, data, config=None, kernel=None, store=None):
     """Serve one hook invocation. ``data`` is stdin (bytes). Never raises."""
     from fdbhook.errors import FdbhookError
@@ -84,15 +87,111 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None):
     if len(argv) < 2:
         return HookResult(2, stderr="fdbhook: hook %s needs OBJECT OP [SUBOP EXTRA]" % driver)
     obj, op = argv[0], argv[1]
-    if driver == "network" or (op not in APPLY_OPS and op not in TEARDOWN_OPS):
-        return HookResult(0)
+    acts = op in NETWORK_APPLY_OPS if driver == "network" else (op in APPLY_OPS or op in TEARDOWN_OPS)
     try:
+        if config is None:
+            from fdbhook.config import load_config
+            config = load_config()
+        if config.capture:
+            capture(config, driver, argv, data)
+        if not acts:
+            return HookResult(0)
+        if driver == "network":
+            return _serve_network(obj, op, data, config, kernel, store)
         return _serve(driver, obj, op, data, config, kernel, store)
     except FdbhookError as exc:
+        if not acts:
+            LOG.error("%s/%s %s: %s", driver, obj, op, exc)
+            return HookResult(0)
         return _failure(driver, obj, op, config, str(exc))
     except Exception as exc:  # a bug: still one line, never a traceback to libvirt
         LOG.exception("%s/%s %s: internal error", driver, obj, op)
+        if not acts:
+            return HookResult(0)
         return _failure(driver, obj, op, config, "internal error: %s: %s" % (exc.__class__.__name__, exc))
+
+
+def capture(config, driver, argv, data):
+    """Save one invocation (argv + stdin) to the spool for ``fdbhook replay``.
+
+    The spool is bounded: the oldest files go once it exceeds
+    ``capture_max_bytes``. A capture failure never fails the hook.
+    """
+    import json
+    import time
+
+    try:
+        os.makedirs(config.capture_dir, mode=0o700, exist_ok=True)
+        stamp = "%.6f" % time.time()
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(argv[:2]))[:80]
+        path = os.path.join(config.capture_dir, "%s-%d-%s-%s.json" % (stamp, os.getpid(), driver, safe))
+        record = {"time": float(stamp), "driver": driver, "argv": list(argv)}
+        try:
+            record["stdin"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+            record["stdin_b64"] = base64.b64encode(data).decode()
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+        os.rename(tmp, path)
+        _trim_spool(config.capture_dir, config.capture_max_bytes)
+    except OSError as exc:
+        LOG.warning("capture to %s failed: %s", config.capture_dir, exc)
+
+
+def _trim_spool(directory, limit):
+    entries = []
+    for name in os.listdir(directory):
+        if name.endswith(".json"):
+            try:
+                st = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            entries.append((name, st.st_size))
+    entries.sort()
+    total = sum(size for _, size in entries)
+    for name, size in entries:
+        if total <= limit:
+            break
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+        total -= size
+
+
+def _serve_network(name, op, data, config, kernel, store):
+    """Network hook: bridge-level set-up of a managed network at start/started.
+
+    port-created/port-deleted are deliberately ignored: the tap does not
+    exist yet at port-created, and a hook must never wait for it (libvirtd
+    is blocked on us); the qemu/lxc hooks and the daemon manage the port.
+    """
+    from fdbhook.domxml import parse_network
+    from fdbhook.engine import ensure_bridge_policy
+    from fdbhook.state import Store
+
+    if not config.network_managed(name):
+        return HookResult(0)
+    net = parse_network(data, what=name)
+    if net.mac_table_manager == "libvirt":
+        LOG.info("network/%s: libvirt manages this MAC table itself (macTableManager='libvirt'); left alone", name)
+        return HookResult(0)
+    if not net.bridge:
+        return HookResult(0)
+    store = store or Store(config.state_dir)
+    with _kernel(kernel) as k:
+        link = k.by_name(net.bridge)
+        if link is None:
+            if op == "started":
+                LOG.warning("network/%s: bridge %s does not exist at %s", name, net.bridge, op)
+            return HookResult(0)
+        with store.lock():
+            note = ensure_bridge_policy(k, store, config, net.bridge, link.ifindex, name)
+    if note:
+        LOG.info("network/%s: %s", name, note)
+    return HookResult(0)
 
 
 def _failure(driver, obj, op, config, message):
@@ -108,11 +207,8 @@ def _failure(driver, obj, op, config, message):
 
 
 def _serve(driver, obj, op, data, config, kernel, store):
-    from fdbhook.config import load_config
     from fdbhook.state import Store
 
-    if config is None:
-        config = load_config()
     store = store or Store(config.state_dir)
     if op in TEARDOWN_OPS:
         # The XML here names neither tap nor bridge; the record does.

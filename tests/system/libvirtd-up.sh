@@ -75,13 +75,19 @@ hybrid_cgroups() {
         [ "$(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]
 }
 
+# Hooks inherit PATH and HOME from libvirtd (libvirt adds LC_ALL=C and
+# passes PATH, HOME, USER, LOGNAME, TMPDIR, LD_* through), so the daemons are
+# started with a clean, service-like environment, not this shell's (which
+# may have pyenv shims first in PATH). LIBVIRTD_PATH overrides the PATH.
+DAEMON_ENV=(env -i "PATH=${LIBVIRTD_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}" HOME=/root)
+
 start_libvirtd() {
     if hybrid_cgroups; then
-        unshare -m --propagation private \
+        "${DAEMON_ENV[@]}" unshare -m --propagation private \
             sh -c 'umount /sys/fs/cgroup/unified && exec libvirtd -d'
         step "started libvirtd (private mount namespace without /sys/fs/cgroup/unified, for LXC)"
     else
-        libvirtd -d
+        "${DAEMON_ENV[@]}" libvirtd -d
         step "started libvirtd"
     fi
 }
@@ -94,7 +100,7 @@ fi
 # 1. packages
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
     step "packages already installed"
@@ -179,7 +185,7 @@ step "directories /var/log/libvirt /run/libvirt ready"
 if [ -n "$(daemon_pids virtlogd)" ]; then
     step "virtlogd already running (pid $(echo $(daemon_pids virtlogd)))"
 else
-    virtlogd -d
+    "${DAEMON_ENV[@]}" virtlogd -d
     step "started virtlogd"
 fi
 
@@ -197,12 +203,14 @@ wait_until "$WAIT_SECS" "virsh -c $URI list to answer" virsh_answers
 step "libvirtd answers on $URI ($(virsh -c "$URI" version 2>/dev/null | awk '/Running hypervisor|Using library/ {printf "%s ", $0}' | sed 's/ *$//'))"
 
 # 6. the default network must not carry test traffic (192.168.122.0/24)
-if virsh -c "$URI" net-info default >/dev/null 2>&1; then
-    if virsh -c "$URI" net-info default 2>/dev/null | grep -Eq '^Active:[[:space:]]+yes'; then
+# (grep reads a variable, not a pipe: with pipefail, grep -q exiting early
+# can make the writer die of SIGPIPE and the pipeline look false)
+if info=$(virsh -c "$URI" net-info default 2>/dev/null); then
+    if grep -Eq '^Active:[[:space:]]+yes' <<<"$info"; then
         virsh -c "$URI" net-destroy default >/dev/null
         step "destroyed network default"
     fi
-    if virsh -c "$URI" net-info default 2>/dev/null | grep -Eq '^Autostart:[[:space:]]+yes'; then
+    if grep -Eq '^Autostart:[[:space:]]+yes' <<<"$info"; then
         virsh -c "$URI" net-autostart default --disable >/dev/null
         step "disabled autostart of network default"
     fi
