@@ -54,7 +54,7 @@ def test_every_fixture_parses():
             dom = domxml.domain_from_element(root)
             assert dom.name
         else:
-            assert root.tag in ("hookData", "networkstatus", "network", "networkport", "domstatus"), name
+            assert root.tag in ("hookData", "networkstatus", "network", "networkport", "domstatus", "interface"), name
 
 
 @pytest.mark.parametrize("op", ["start", "started"])
