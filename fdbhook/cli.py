@@ -153,6 +153,14 @@ def cmd_replay(args):
     return code
 
 
+def cmd_daemon(args):
+    from fdbhook.daemon import DEFAULT_URIS, Daemon
+
+    daemon = Daemon(config_path=args.config, socket_path=args.socket,
+                    uris=args.uri or DEFAULT_URIS, use_libvirt=not args.no_libvirt)
+    return daemon.run_forever()
+
+
 def cmd_demo(args):
     from fdbhook.demo import run_demo
 
@@ -188,6 +196,12 @@ def build_parser():
     p = sub.add_parser("status", help="managed bridges and ports, drift, and why the uplink is promiscuous")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("daemon", help="run fdbhookd in the foreground (hotplug, pause/resume, drift, fast hooks)")
+    p.add_argument("--socket", help="hook socket (default $FDBHOOK_SOCKET or /run/fdbhook/fdbhookd.sock)")
+    p.add_argument("--uri", action="append", help="libvirt URI to watch (repeatable; default qemu and lxc system)")
+    p.add_argument("--no-libvirt", action="store_true", help="hooks and drift repair only, no libvirt events")
+    p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", help="show the effect in a throwaway network namespace (root)")
     p.add_argument("--frames", type=int, default=20, help="unknown-unicast frames sent per phase")

@@ -72,6 +72,7 @@ class Target:
     vids: Tuple[Optional[int], ...]  # entry VLANs, None = VID 0
     membership: Optional[Membership]  # VLAN membership to set, None = leave
     sticky: bool
+    entries: bool = True  # False while the guest is paused
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,10 @@ def _verify(kernel, d, target):
         problems.append("flood still on")
     for vid, entry in _entries(kernel, d, target.vids).items():
         where = " on VLAN %d" % vid if vid else ""
-        if entry is None or entry.ifindex != d.ifindex or not entry.static:
+        if not target.entries:
+            if entry is not None and entry.ifindex == d.ifindex and entry.static:
+                problems.append("FDB entry%s still present while paused" % where)
+        elif entry is None or entry.ifindex != d.ifindex or not entry.static:
             problems.append("static FDB entry%s missing" % where)
         elif target.sticky and not entry.sticky:
             problems.append("FDB entry%s not sticky" % where)
@@ -145,7 +149,7 @@ def _target(kernel, config, d, bridges):
     return Target(vids=planner.entry_vids(True, have), membership=None, sticky=sticky), have
 
 
-def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges):
+def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges, paused=False):
     """Bring one managed port to its desired state.
 
     Returns (result, new record or None, Before or None).
@@ -158,6 +162,7 @@ def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges):
         target, have = _target(kernel, config, d, bridges)
     except ApplyError as exc:
         return NicResult(d, "failed", exc.kwargs["reason"]), None, None
+    target = replace(target, entries=not paused)
     before = Before(state=PortState(learning=bool(link.learning), flood=bool(link.flood)),
                     entries=_entries(kernel, d, target.vids), membership=have)
     same_port = prev_rec is not None and prev_rec.ifindex == d.ifindex and prev_rec.port == d.port
@@ -167,7 +172,7 @@ def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges):
         if conflict:
             return NicResult(d, "failed", conflict), None, None
     ops = planner.plan_apply(d, before.state, before.entries, target.sticky, first_time=not same_port,
-                             membership=target.membership, have_membership=have)
+                             membership=target.membership, have_membership=have, want_entries=not paused)
     if dry_run:
         return NicResult(d, "planned", planner.describe(ops), ops), None, None
     try:
@@ -275,16 +280,20 @@ def _still_there(kernel, rec):
     return link is not None and link.name == rec.port
 
 
-def apply_domain(domain, config, kernel, store, dry_run=False):
+def apply_domain(domain, config, kernel, store, dry_run=False, paused=None):
     """Manage every NIC of ``domain`` that policy says is ours.
 
     Idempotent: a second run sends nothing when the kernel already matches.
+    ``paused`` True: lock the ports down but keep the MACs out of the FDB
+    (incoming migration, suspended guest); None keeps the record's state.
     Returns a Report; never raises for a single NIC's failure.
     """
     networks = load_networks([n.source_network for n in domain.nics if n.type == "network"],
                              config.network_dirs)
     with store.lock():
         record = store.load(domain.driver, domain.name)
+        if paused is None:
+            paused = record.paused if record is not None else False
         decisions = decide_domain(domain, config, networks, kernel, record)
         kept = {}
         if record is not None:
@@ -312,7 +321,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False):
                 results.append(NicResult(d, "held", "not applied: another NIC of the domain failed"))
                 continue
             old = kept.get(d.nic.mac)
-            result, rec, before = _apply_nic(kernel, config, d, old, dry_run, bridges)
+            result, rec, before = _apply_nic(kernel, config, d, old, dry_run, bridges, paused)
             results.append(result)
             if rec is not None:
                 kept[rec.mac] = rec
@@ -328,7 +337,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False):
                 else:
                     kept[d.nic.mac] = old
         new_record = DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
-                                  nics=tuple(sorted(kept.values(), key=lambda r: r.mac)))
+                                  nics=tuple(sorted(kept.values(), key=lambda r: r.mac)), paused=paused)
         if not dry_run:
             store.save(new_record)
     for result in results:
@@ -388,3 +397,76 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
         if not dry_run:
             _log_line(driver, name, result)
     return Report(driver, name, tuple(results), replace(record, nics=tuple(left)))
+
+
+def _decision_from_record(kernel, rec):
+    """A 'manage' Decision rebuilt from a record, or None if the port is not ours any more."""
+    from fdbhook.model import Nic
+
+    link = kernel.by_index(rec.ifindex)
+    if link is None or link.name != rec.port or not link.is_bridge_port:
+        return None
+    bridge = kernel.by_index(link.master)
+    if bridge is None or bridge.name != rec.bridge:
+        return None
+    vlan, trunk = None, ()
+    if rec.set_vlans:
+        vlan = next((vid for vid, pvid, _ in rec.set_vlans if pvid), None)
+        trunk = tuple(vid for vid, pvid, _ in rec.set_vlans if not pvid)
+    nic = Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port, vlan=vlan, trunk=trunk)
+    return Decision(nic=nic, action="manage", reason="recorded", port=rec.port, ifindex=rec.ifindex,
+                    bridge=rec.bridge, bridge_ifindex=bridge.ifindex, network=rec.network)
+
+
+def reapply_record(driver, name, kernel, store, config, paused=None):
+    """Bring a domain's recorded ports back to their recorded state, from the record alone.
+
+    The daemon's drift repair and pause/resume handling: no XML, no libvirt.
+    NICs whose port is gone are dropped from the record. ``paused`` True/False
+    also changes the record's state (entries out/in). Returns the Report.
+    """
+    with store.lock():
+        record = store.load(driver, name)
+        if record is None:
+            return Report(driver, name, ())
+        if paused is None:
+            paused = record.paused
+        results, kept, bridges = [], [], {}
+        for rec in record.nics:
+            d = _decision_from_record(kernel, rec)
+            if d is None:
+                from fdbhook.model import Nic
+                gone = Decision(nic=Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port),
+                                action="manage", reason="recorded", port=rec.port, bridge=rec.bridge)
+                results.append(NicResult(gone, "gone", "port gone, record dropped"))
+                continue
+            result, new, _ = _apply_nic(kernel, config, d, rec, False, bridges, paused)
+            results.append(result)
+            kept.append(new if new is not None else rec)
+        new_record = replace(record, nics=tuple(kept), paused=paused)
+        store.save(new_record)
+    for result in results:
+        if result.status != "unchanged":
+            _log_line(driver, name, result)
+    return Report(driver, name, tuple(results), new_record)
+
+
+def resync(kernel, store, config):
+    """Compare every managed port with its record and the kernel; repair drift.
+
+    Returns (ports checked, repairs made, failures).
+    """
+    checked = repaired = failed = 0
+    for record in store.all():
+        report = reapply_record(record.driver, record.domain, kernel, store, config)
+        for result in report.results:
+            checked += 1
+            repaired += result.status in ("changed", "gone")
+            failed += result.failed
+    release_bridges_locked(kernel, store)
+    return checked, repaired, failed
+
+
+def release_bridges_locked(kernel, store):
+    with store.lock():
+        release_bridges(kernel, store)

@@ -78,8 +78,15 @@ def setup_logging(verbose=False, hook=False):
 NETWORK_APPLY_OPS = ("start", "started")
 
 
-def run_hook(driver, argv, data, config=None, kernel=None, store=None):
-    """Serve one hook invocation. ``data`` is stdin (bytes). Never raises."""
+def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=False):
+    """Serve one hook invocation. ``data`` is stdin (bytes). Never raises.
+
+    ``daemon`` True when fdbhookd serves it: an incoming migration (the
+    ``migrate`` hook on the destination) then gets its ports locked down at
+    start/started but no FDB entries until the daemon sees the guest resume.
+    Without the daemon nobody would add them later, so the standalone hook
+    adds them at start/started.
+    """
     from fdbhook.errors import FdbhookError
 
     if driver not in DRIVERS:
@@ -94,11 +101,15 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None):
             config = load_config()
         if config.capture:
             capture(config, driver, argv, data)
+        if daemon and driver == "qemu" and op == "migrate":
+            from fdbhook.state import Store
+            (store or Store(config.state_dir)).mark_incoming(driver, obj)
+            LOG.info("%s/%s: incoming migration: entries wait for the guest to resume", driver, obj)
         if not acts:
             return HookResult(0)
         if driver == "network":
             return _serve_network(obj, op, data, config, kernel, store)
-        return _serve(driver, obj, op, data, config, kernel, store)
+        return _serve(driver, obj, op, data, config, kernel, store, daemon)
     except FdbhookError as exc:
         if not acts:
             LOG.error("%s/%s %s: %s", driver, obj, op, exc)
@@ -206,13 +217,14 @@ def _failure(driver, obj, op, config, message):
     return HookResult(1, stderr=line)
 
 
-def _serve(driver, obj, op, data, config, kernel, store):
+def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
     from fdbhook.state import Store
 
     store = store or Store(config.state_dir)
     if op in TEARDOWN_OPS:
         # The XML here names neither tap nor bridge; the record does.
         # argv's OBJECT is the domain name, so even broken XML tears down.
+        store.clear_incoming(driver, obj)
         if not os.path.exists(store.path(driver, obj)):
             return HookResult(0)
         from fdbhook.engine import teardown_domain
@@ -229,8 +241,9 @@ def _serve(driver, obj, op, data, config, kernel, store):
         LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
         return HookResult(0)
     from fdbhook.engine import apply_domain
+    paused = True if daemon and store.is_incoming(driver, domain.name) else None
     with _kernel(kernel) as k:
-        report = apply_domain(domain, config, k, store)
+        report = apply_domain(domain, config, k, store, paused=paused)
     if report.failures:
         return _failure(driver, obj, op, config, report.one_line())
     return HookResult(0)

@@ -100,6 +100,7 @@ class Kernel:
     @property
     def ipr(self):
         if self._ipr is None:
+            _raw_netlink_sockets()
             # Imported here so that code paths that never touch the kernel
             # (dry-run on a file, the daemon client) do not pay for pyroute2.
             try:
@@ -289,6 +290,63 @@ class Kernel:
         except Exception as exc:
             if _nl_errno(exc) not in (errno.ENOENT, errno.ENODEV):
                 raise
+
+
+def _raw_netlink_sockets():
+    """Make pyroute2 open SOCK_RAW netlink sockets instead of SOCK_DGRAM.
+
+    Debian/Ubuntu's libvirtd AppArmor profile (which hooks run under) allows
+    ``network netlink raw`` only; for netlink the kernel treats both types the
+    same, so this changes nothing else.
+    """
+    import socket
+
+    from pyroute2 import config as nlconfig
+
+    if getattr(nlconfig.SocketBase, "_fdbhook_raw", False):
+        return
+
+    class RawNetlinkSocket(nlconfig.SocketBase):
+        _fdbhook_raw = True
+
+        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+            if family == socket.AF_NETLINK and fileno is None:
+                type = socket.SOCK_RAW
+            super().__init__(family, type, proto, fileno)
+
+    nlconfig.SocketBase = RawNetlinkSocket
+
+
+class LinkMonitor:
+    """Kernel link events (RTM_NEWLINK/RTM_DELLINK) as Link objects."""
+
+    RTMGRP_LINK = 0x1
+
+    def __init__(self):
+        _raw_netlink_sockets()
+        from pyroute2 import IPRoute
+
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=self.RTMGRP_LINK)
+
+    def fileno(self):
+        return self._ipr.fileno()
+
+    def read(self):
+        """Pending events: a list of (event, Link), event 'new' or 'del'."""
+        out = []
+        for msg in self._ipr.get():
+            kind = msg.get("event")
+            if kind not in ("RTM_NEWLINK", "RTM_DELLINK") or msg.get("family", 0) == AF_BRIDGE:
+                continue
+            try:
+                out.append(("new" if kind == "RTM_NEWLINK" else "del", link_from_msg(msg)))
+            except (KeyError, TypeError, AttributeError):
+                continue
+        return out
+
+    def close(self):
+        self._ipr.close()
 
 
 def _reason(exc):

@@ -172,6 +172,7 @@ class DomainRecord:
     domain: str
     uuid: Optional[str] = None
     nics: Tuple[NicRecord, ...] = field(default_factory=tuple)
+    paused: bool = False  # guest CPUs stopped: ports stay locked down, entries removed
 
     def nic(self, mac):
         for rec in self.nics:

@@ -63,7 +63,8 @@ def plan_membership(common, want, have):
     return ops
 
 
-def plan_apply(decision, current, entries, sticky, first_time, membership=None, have_membership=()):
+def plan_apply(decision, current, entries, sticky, first_time, membership=None, have_membership=(),
+               want_entries=True):
     """Ops that bring a managed port to: static entries, no learning, no flood.
 
     ``entries`` maps each wanted VID (None = VID 0) to the bridge's current
@@ -76,7 +77,11 @@ def plan_apply(decision, current, entries, sticky, first_time, membership=None, 
         ops.extend(plan_membership(common, membership, have_membership))
     mac = decision.nic.mac
     for vid, entry in entries.items():
-        if entry is None or entry.ifindex != decision.ifindex or not entry.static or entry.sticky != sticky:
+        ours = entry is not None and entry.ifindex == decision.ifindex
+        if not want_entries:
+            if ours and entry.static:
+                ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
+        elif not ours or not entry.static or entry.sticky != sticky:
             ops.append(Op(kind="fdb_replace", mac=mac, sticky=sticky, vlan=vid, **common))
     if current.learning:
         ops.append(Op(kind="set_flags", learning=False, **common))

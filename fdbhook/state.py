@@ -27,6 +27,7 @@ def record_to_json(record):
         "driver": record.driver,
         "domain": record.domain,
         "uuid": record.uuid,
+        "paused": record.paused,
         "nics": [dataclasses.asdict(nic) for nic in record.nics],
     }
 
@@ -44,7 +45,8 @@ def _nic_from_json(nic):
 
 def record_from_json(data):
     nics = tuple(_nic_from_json(nic) for nic in data.get("nics", ()))
-    return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"), nics=nics)
+    return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"), nics=nics,
+                        paused=bool(data.get("paused", False)))
 
 
 def _safe_name(name):
@@ -131,6 +133,28 @@ class Store:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise StateError(path=self.path(driver, domain), reason=exc.strerror) from None
+
+    # --- incoming migrations (marked by the daemon at the migrate hook) ----
+    def incoming_path(self, driver, domain):
+        return os.path.join(self.state_dir, "incoming", "%s-%s" % (driver, _safe_name(domain)))
+
+    def mark_incoming(self, driver, domain):
+        path = self.incoming_path(driver, domain)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(path, "w"):
+                pass
+        except OSError as exc:
+            raise StateError(path=path, reason=exc.strerror) from None
+
+    def is_incoming(self, driver, domain):
+        return os.path.exists(self.incoming_path(driver, domain))
+
+    def clear_incoming(self, driver, domain):
+        try:
+            os.unlink(self.incoming_path(driver, domain))
+        except OSError:
+            pass
 
     # --- bridge records: VLAN filtering we changed, to restore later ------
     def bridge_path(self, bridge):
