@@ -1,16 +1,23 @@
 """The hook's fast path: hand the invocation to fdbhookd, or do it ourselves.
 
-Standard library only: a hook that the daemon serves never pays for lxml or
-pyroute2. If the daemon's socket is absent, refuses, or does not answer in
-time, the hook runs the engine itself with the same semantics (cli.hook_main).
+Imports nothing beyond what the interpreter has already loaded at start-up
+(``_socket`` instead of ``socket``, no ``json``: each costs milliseconds of
+import on a path whose budget is the interpreter's own start). If the
+daemon's socket is absent, refuses, or does not answer in time, the hook
+runs the engine itself with the same semantics (cli.hook_main).
+
+Wire format (both directions), every field length-prefixed (4 bytes, big
+endian): request  b"FDB1" driver argv("\\0"-joined) stdin
+          answer   b"FDB1" code(as text) stdout stderr
 """
 
-import json
 import os
-import socket
 import sys
 
+import _socket
+
 DEFAULT_SOCKET = "/run/fdbhook/fdbhookd.sock"
+MAGIC = b"FDB1"
 MAX_STDIN = 8 * 1024 * 1024 + 1  # domxml.MAX_XML_BYTES + 1: the parser refuses more
 CONNECT_TIMEOUT = 0.2
 ANSWER_TIMEOUT = 5.0
@@ -20,31 +27,48 @@ def socket_path():
     return os.environ.get("FDBHOOK_SOCKET") or DEFAULT_SOCKET
 
 
+def pack(*fields):
+    return MAGIC + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def unpack(data, count):
+    """Split a framed message into ``count`` fields; ValueError if malformed."""
+    if data[:4] != MAGIC:
+        raise ValueError("bad magic")
+    fields, pos = [], 4
+    for _ in range(count):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        pos += 4
+        if pos + size > len(data):
+            raise ValueError("truncated")
+        fields.append(data[pos:pos + size])
+        pos += size
+    return fields
+
+
+def encode_request(driver, argv, data):
+    return pack(driver.encode(), "\0".join(argv).encode("utf-8", "surrogateescape"), data)
+
+
 def offer(driver, argv, data, path=None, timeout=ANSWER_TIMEOUT):
     """Ask the daemon to serve this hook. (code, stdout, stderr), or None."""
     path = path or socket_path()
-    if not os.path.exists(path):
-        return None
-    request = json.dumps({"v": 1, "driver": driver, "argv": list(argv),
-                          "stdin": data.decode("utf-8", "surrogateescape")},
-                         ensure_ascii=True).encode() + b"\n"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         sock.connect(path)
         sock.settimeout(timeout)
-        sock.sendall(request)
+        sock.sendall(encode_request(driver, argv, data))
+        sock.shutdown(_socket.SHUT_WR)
         chunks = []
         while True:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             chunks.append(chunk)
-            if chunk.endswith(b"\n"):
-                break
-        answer = json.loads(b"".join(chunks))
-        return int(answer["code"]), answer.get("stdout", ""), answer.get("stderr", "")
-    except (OSError, ValueError, KeyError, TypeError):
+        code, out, err = unpack(b"".join(chunks), 3)
+        return int(code), out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    except (OSError, ValueError):
         return None
     finally:
         sock.close()
@@ -62,6 +86,12 @@ def main(driver, argv=None, stdin=None):
         answer = offer(driver, argv, data)
     if answer is None:
         import io
+
+        if sys.flags.no_site:
+            # Started with -S (the installed hooks): the engine needs the
+            # virtualenv's and the system's site packages (lxml, pyroute2).
+            import site
+            site.main()
 
         from fdbhook.cli import hook_main
         return hook_main(driver, argv, stdin=io.BytesIO(data))

@@ -18,7 +18,6 @@ Threads, and what each may do:
   but never while holding the store lock.
 """
 
-import json
 import logging
 import os
 import queue
@@ -40,32 +39,39 @@ STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger t
 
 class _HookHandler(socketserver.StreamRequestHandler):
     def handle(self):
+        from fdbhook.client import pack, unpack
+
         daemon = self.server.fdbhookd
         try:
             creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _, uid, _ = struct.unpack("3i", creds)
             if uid != 0:
-                self._answer(2, "", "fdbhook: fdbhookd serves root only")
+                self._answer(pack, 2, "", "fdbhook: fdbhookd serves root only")
                 return
-            line = self.rfile.readline(64 * 1024 * 1024)
-            request = json.loads(line)
-            driver, argv = request["driver"], [str(a) for a in request["argv"]]
-            data = request.get("stdin", "").encode("utf-8", "surrogateescape")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._answer(2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
+            # The client shuts down its sending side: read to EOF, bounded.
+            raw = self.rfile.read(16 * 1024 * 1024)
+            driver, argv, data = unpack(raw, 3)
+            driver = driver.decode()
+            argv = argv.decode("utf-8", "surrogateescape").split("\0") if argv else []
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            self._answer(pack, 2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
             return
         started = time.monotonic()
         result = run_hook(driver, argv, data, config=daemon.config(), daemon=True)
         daemon.hooks_served += 1
         LOG.debug("served %s %s in %.1f ms -> %d", driver, " ".join(argv[:2]),
                   (time.monotonic() - started) * 1000, result.code)
-        self._answer(result.code, result.stdout, result.stderr)
+        self._answer(pack, result.code, result.stdout, result.stderr)
         if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in ("start", "started", "reconnect"):
             daemon.note_ports_changed()
 
-    def _answer(self, code, out, err):
+    def _answer(self, pack, code, out, err):
         try:
-            self.wfile.write(json.dumps({"code": code, "stdout": out, "stderr": err}).encode() + b"\n")
+            self.wfile.write(pack(str(code).encode(), out.encode(), err.encode()))
+            self.wfile.flush()
+            # The client reads to EOF: end the answer now, before any
+            # bookkeeping this thread still does.
+            self.request.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
@@ -113,6 +119,12 @@ class Daemon:
 
     # --- lifecycle ------------------------------------------------------------
     def start(self):
+        # Import the hook path's modules now, not inside the first hook.
+        import fdbhook.domxml  # noqa: F401
+        import fdbhook.engine  # noqa: F401
+        import fdbhook.kernel  # noqa: F401
+        import pyroute2  # noqa: F401
+
         self.note_ports_changed()
         self._start_server()
         self._spawn("worker", self._worker)
@@ -400,22 +412,23 @@ class Daemon:
                 ready, _, _ = select.select([monitor], [], [], 1.0)
                 if not ready:
                     continue
+                events = [e for e in monitor.read() if e[0] == "new" and e[3]]
+                if not events:
+                    continue
                 config = self.config()
-                for event, link in monitor.read():
-                    if event != "new" or not link.is_bridge_port or not link.master:
-                        continue
+                for _, ifindex, port, master in events:
                     with self._known_lock:
-                        if link.ifindex in self._known_ports:
+                        if ifindex in self._known_ports:
                             continue
-                    if link.master not in bridges:
-                        master = kernel.by_index(link.master)
-                        bridges[link.master] = master.name if master is not None else None
-                    name = bridges[link.master]
+                    if master not in bridges:
+                        link = kernel.by_index(master)
+                        bridges[master] = link.name if link is not None and link.kind == "bridge" else None
+                    name = bridges[master]
                     now = time.monotonic()
-                    if name and (config.bridge_managed(name) or config.networks) \
-                            and now - asked.get(link.ifindex, -60.0) > 5.0:
-                        asked[link.ifindex] = now
-                        self.jobs.put(("port", link.name))
+                    if name and port and (config.bridge_managed(name) or config.networks) \
+                            and now - asked.get(ifindex, -60.0) > 5.0:
+                        asked[ifindex] = now
+                        self.jobs.put(("port", port))
         except Exception:
             LOG.exception("link monitor died")
         finally:

@@ -155,7 +155,7 @@ def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges, paused=False):
     Returns (result, new record or None, Before or None).
     """
     mac = d.nic.mac
-    link = kernel.by_index(d.ifindex)
+    link = d.link if d.link is not None else kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
         return NicResult(d, "failed", "port %s vanished" % d.port), None, None
     try:

@@ -111,6 +111,8 @@ class Decision:
     bridge: Optional[str] = None
     bridge_ifindex: Optional[int] = None
     network: Optional[str] = None
+    # The port as resolution read it, so apply need not read it again.
+    link: Optional[Link] = field(default=None, compare=False, repr=False)
 
     @property
     def managed(self):

@@ -2,8 +2,10 @@
 
 Order matters for a guest that is already passing traffic:
   apply:    VLAN membership first (an entry on a VLAN the port lacks is
-            refused), static entries, learning off, flush what the port
-            learned, unicast flood off last;
+            refused), static entries, then learning and unicast flood off
+            in one request (the MAC is in the FDB by then, so nothing the
+            guest should get depends on flooding), then flush what the port
+            learned (after learning is off, or it would learn again);
   teardown: flood back on first, then drop the entries, then the previous
             VLAN membership, then learning back on.
 At no point is the guest's MAC neither in the FDB nor flooded to its port.
@@ -83,13 +85,12 @@ def plan_apply(decision, current, entries, sticky, first_time, membership=None, 
                 ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
         elif not ours or not entry.static or entry.sticky != sticky:
             ops.append(Op(kind="fdb_replace", mac=mac, sticky=sticky, vlan=vid, **common))
-    if current.learning:
-        ops.append(Op(kind="set_flags", learning=False, **common))
+    if current.learning or current.flood:
+        ops.append(Op(kind="set_flags", learning=False if current.learning else None,
+                      flood=False if current.flood else None, **common))
     if current.learning or first_time:
         # Whatever the port learned (peers' MACs, a forged source) goes now.
         ops.append(Op(kind="flush", **common))
-    if current.flood:
-        ops.append(Op(kind="set_flags", flood=False, **common))
     return tuple(ops)
 
 

@@ -65,7 +65,7 @@ def decide(domain, placement, config):
     if placement.bridge_link.kind not in (None, "bridge"):
         return skip("port %s is on %s, a %s device, not a Linux bridge"
                     % (placement.port, placement.kernel_bridge, placement.bridge_link.kind))
-    return Decision(action="manage", reason=why, **base)
+    return Decision(action="manage", reason=why, link=placement.port_link, **base)
 
 
 def _port_hint(domain, nic):

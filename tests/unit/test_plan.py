@@ -9,10 +9,9 @@ def kinds(ops):
     return [(o.kind, o.learning, o.flood) for o in ops]
 
 
-def test_apply_order_entry_first_flood_last():
+def test_apply_order_entry_first_then_flags_then_flush():
     ops = plan.plan_apply(D, PortState(learning=True, flood=True), {None: None}, sticky=True, first_time=True)
-    assert kinds(ops) == [("fdb_replace", None, None), ("set_flags", False, None),
-                          ("flush", None, None), ("set_flags", None, False)]
+    assert kinds(ops) == [("fdb_replace", None, None), ("set_flags", False, False), ("flush", None, None)]
     assert ops[0].sticky and ops[0].mac == NIC.mac
 
 
@@ -70,9 +69,8 @@ def test_render_matches_iproute2():
     ops = plan.plan_apply(D, PortState(True, True), {None: None}, sticky=True, first_time=True)
     assert [plan.render(o) for o in ops] == [
         "bridge fdb replace 52:54:00:00:00:01 dev vnet0 master static sticky",
-        "bridge link set dev vnet0 learning off",
+        "bridge link set dev vnet0 learning off flood off",
         "ip link set dev vnet0 type bridge_slave fdb_flush",
-        "bridge link set dev vnet0 flood off",
     ]
     assert plan.describe(()) == "already in place"
 
