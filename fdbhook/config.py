@@ -23,7 +23,7 @@ _BOOL = {"1": True, "yes": True, "true": True, "on": True,
 KNOWN = {
     "manage": {"bridges", "networks", "sticky"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
-    "daemon": {"resync_interval", "socket"},
+    "daemon": {"resync_interval"},
 }
 
 

@@ -43,6 +43,21 @@ def _port_dict(kernel, link, rec, owner, bridge_ifindex):
     return port
 
 
+def daemon_info():
+    """Is fdbhookd answering, and can this libvirt report guest MAC changes?"""
+    from fdbhook.client import offer, socket_path
+
+    info = {"socket": socket_path(), "answering": offer("qemu", ["-", "status-probe"], b"", timeout=1.0) is not None}
+    try:
+        import libvirt
+        info["libvirt_python"] = ".".join(str(libvirt.getVersion() // 10 ** (3 * i) % 1000) for i in (2, 1, 0))
+        info["nic_mac_change_event"] = hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_NIC_MAC_CHANGE")
+    except ImportError:
+        info["libvirt_python"] = None
+        info["nic_mac_change_event"] = False
+    return info
+
+
 def collect(config, kernel, store):
     """Everything status shows, as JSON-ready dicts."""
     records = store.all()
@@ -100,6 +115,7 @@ def collect(config, kernel, store):
         "bridges": out,
         "stale_records": missing,
         "drift": drift,
+        "daemon": daemon_info(),
     }
 
 
@@ -161,5 +177,11 @@ def render_text(data):
         lines.append("record %s %s on %s: port %s is gone" % (stale["domain"], stale["mac"], stale["bridge"],
                                                               stale["port"]))
     lines.append("")
+    daemon = data["daemon"]
+    lines.append("fdbhookd: %s (%s)" % ("running" if daemon["answering"] else "not running: hooks work standalone, "
+                                        "no hotplug/pause/resume/drift repair", daemon["socket"]))
+    if not daemon["nic_mac_change_event"]:
+        lines.append("guest MAC changes: not followed: libvirt %s has no NIC_MAC_CHANGE event (needs >= 11.2)"
+                     % (daemon["libvirt_python"] or "(python bindings missing)"))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
     return "\n".join(lines)
