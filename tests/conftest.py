@@ -45,10 +45,11 @@ def _host_snapshot():
     netns = _ip_json("netns", "list")
     if links is None or bridges is None or netns is None:
         return None
+    # iproute2 prints [{}] rather than [] for an empty filtered list.
     return {
-        "links": {link["ifname"] for link in links},
-        "bridges": {link["ifname"] for link in bridges},
-        "netns": {ns["name"] for ns in netns},
+        "links": {link["ifname"] for link in links if "ifname" in link},
+        "bridges": {link["ifname"] for link in bridges if "ifname" in link},
+        "netns": {ns["name"] for ns in netns if "name" in ns},
     }
 
 
