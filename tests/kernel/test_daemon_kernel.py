@@ -27,14 +27,20 @@ def denv(tmp_path):
 @pytest.fixture
 def daemon(lab, denv):
     """fdbhookd (no libvirt) running inside the lab namespace, with only raw netlink allowed."""
+    out = open(denv["FDBHOOK_LOG"] + ".out", "w+b")
     proc = subprocess.Popen(lab.exec_argv([sys.executable, RAW_ONLY, "daemon", "--no-libvirt"]), env=denv,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert poll(lambda: os.path.exists(denv["FDBHOOK_SOCKET"]), timeout=10), proc.stdout.read(2000)
+                            stdout=out, stderr=subprocess.STDOUT)
+    if not poll(lambda: os.path.exists(denv["FDBHOOK_SOCKET"]) or proc.poll() is not None, timeout=30) \
+            or proc.poll() is not None:
+        proc.kill()
+        proc.wait(timeout=10)
+        out.seek(0)
+        pytest.fail("fdbhookd did not come up: %s" % out.read(2000).decode(errors="replace"))
     yield proc
     if proc.poll() is None:
         proc.terminate()
         proc.wait(timeout=10)
-    proc.stdout.close()
+    out.close()
 
 
 def hook(lab, env, op, xml=b"", raw_only=True):
