@@ -2,93 +2,417 @@
 # Install fdbhook on a Debian machine (as root).
 #
 #   ./install.sh [--bridges 'br0 br-*'] [--networks 'default'] [--restart]
-#                [--prefix /opt/fdbhook] [--no-apt] [--no-hooks] [--demo|--no-demo]
-#                [--dry-run] [--uninstall]
+#                [--prefix /opt/fdbhook] [--bindir /usr/local/bin]
+#                [--no-apt] [--no-hooks] [--demo|--no-demo] [--dry-run]
+#   ./install.sh --uninstall [--force] [--restart] [--dry-run]
 #
 # * Debian packages for the dependencies (python3-lxml, python3-pyroute2,
 #   python3-libvirt), fdbhook itself in a private virtualenv at PREFIX that
 #   sees them (--system-site-packages): the system Python stays untouched.
-# * /usr/local/bin/fdbhook, a commented config that manages nothing until
-#   --bridges/--networks (or the admin) name something, never clobbered.
+# * BINDIR/fdbhook, a commented /etc/fdbhook/fdbhook.conf that manages
+#   nothing until --bridges/--networks (or the admin) name something; an
+#   edited config is never touched.
 # * libvirt hooks qemu, lxc, network in /etc/libvirt/hooks; a foreign script
-#   already there is never overwritten: fdbhook goes to DRIVER.d/ instead.
-# * With no libvirt on the machine it runs `fdbhook demo` (unless --no-demo).
-# Idempotent. --uninstall removes exactly what the manifest says we installed.
+#   already there is never overwritten: fdbhook goes to DRIVER.d/50-fdbhook
+#   (libvirt >= 6.5; older libvirt: stop with a message, change nothing).
+# * fdbhookd.service (optional daemon) into /etc/systemd/system where systemd
+#   runs (or when staging), never enabled by install.sh.
+# * Says which daemon to restart; --restart restarts it (systemd, init
+#   script, or a daemon started by hand: same mount namespace kind, clean
+#   environment). With no libvirt on the machine it runs `fdbhook demo`.
+# * Idempotent. --uninstall removes what the manifest lists (refuses while
+#   guests still have managed ports, unless --force).
+#
+# Packagers: DESTDIR=/stage ./install.sh --prefix /opt/fdbhook stages
+# DESTDIR/PREFIX (virtualenv), DESTDIR/BINDIR/fdbhook, DESTDIR/etc/fdbhook
+# and DESTDIR/etc/libvirt/hooks with every path pointing at the final
+# PREFIX; no apt, no daemon restart, no demo, no root needed.
+#
+# Environment: DESTDIR; FDBHOOK_HOOK_DIR (default /etc/libvirt/hooks);
+# FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
 set -euo pipefail
+umask 022
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PREFIX=/opt/fdbhook
-DESTDIR=${DESTDIR:-}
-HOOK_DIR=${FDBHOOK_HOOK_DIR:-/etc/libvirt/hooks}
-CONF_DIR=/etc/fdbhook
 BIN_DIR=/usr/local/bin
+DESTDIR=${DESTDIR:-}
+DESTDIR=${DESTDIR%/}
+HOOK_DIR=${FDBHOOK_HOOK_DIR:-/etc/libvirt/hooks}
+HOOK_DIR=${HOOK_DIR%/}
+CONF_DIR=/etc/fdbhook
+STATE_DIR=/run/fdbhook
 BRIDGES=""
 NETWORKS=""
+SET_BRIDGES=0
+SET_NETWORKS=0
 DRY_RUN=0
 UNINSTALL=0
+FORCE=0
 RESTART=0
 APT=1
 HOOKS=1
 DEMO=auto
 MARKER="fdbhook-hook"
+DRIVERS="qemu lxc network"
 APT_PACKAGES="python3 python3-venv python3-pip python3-setuptools python3-wheel python3-lxml python3-pyroute2 python3-libvirt iproute2"
+# What the package is built from (hashed to skip a reinstall of the same source).
+SRC_FILES="fdbhook setup.cfg pyproject.toml README.md"
+DAEMON_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+WAIT_SECS=${FDBHOOK_WAIT_SECS:-30}
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
+warn() { echo "install.sh: WARNING: $*" >&2; }
 run() {
     if [ "$DRY_RUN" = 1 ]; then echo "would run: $*"; else "$@"; fi
+}
+# remove WHAT-TO-SAY CMD...: run CMD and say "removed WHAT", or only say what would be.
+remove() {
+    local what=$1; shift
+    if [ "$DRY_RUN" = 1 ]; then echo "would remove $what"; else "$@"; say "removed $what"; fi
 }
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --bridges) BRIDGES=${2?--bridges needs a value}; shift 2 ;;
-        --networks) NETWORKS=${2?--networks needs a value}; shift 2 ;;
+        --bridges) BRIDGES=${2?--bridges needs a value}; SET_BRIDGES=1; shift 2 ;;
+        --bridges=*) BRIDGES=${1#*=}; SET_BRIDGES=1; shift ;;
+        --networks) NETWORKS=${2?--networks needs a value}; SET_NETWORKS=1; shift 2 ;;
+        --networks=*) NETWORKS=${1#*=}; SET_NETWORKS=1; shift ;;
         --prefix) PREFIX=${2?--prefix needs a value}; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; shift ;;
+        --bindir) BIN_DIR=${2?--bindir needs a value}; shift 2 ;;
+        --bindir=*) BIN_DIR=${1#*=}; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         --uninstall) UNINSTALL=1; shift ;;
+        --force) FORCE=1; shift ;;
         --restart) RESTART=1; shift ;;
         --no-apt) APT=0; shift ;;
         --no-hooks) HOOKS=0; shift ;;
         --demo) DEMO=yes; shift ;;
         --no-demo) DEMO=no; shift ;;
         -h|--help) usage 0 ;;
-        *) echo "install.sh: unknown option $1" >&2; usage 2 ;;
+        *) echo "install.sh: unknown option $1" >&2; usage 2 >&2 ;;
     esac
 done
 
+PREFIX=${PREFIX%/}
+BIN_DIR=${BIN_DIR%/}
+case "$PREFIX" in /?*) ;; *) die "--prefix must be an absolute path (got '$PREFIX')" ;; esac
+case "$BIN_DIR" in /?*) ;; *) die "--bindir must be an absolute path (got '$BIN_DIR')" ;; esac
+case "$HOOK_DIR" in /?*) ;; *) die "FDBHOOK_HOOK_DIR must be an absolute path" ;; esac
+if [ -n "$DESTDIR" ]; then
+    case "$DESTDIR" in /?*) ;; *) die "DESTDIR must be an absolute path (got '$DESTDIR')" ;; esac
+fi
+for glob in $BRIDGES $NETWORKS; do
+    case "$glob" in *[![:alnum:]_.:*?@+=\[\]-]*) die "not a bridge/network glob: '$glob'" ;; esac
+done
 [ "$(id -u)" = 0 ] || [ "$DRY_RUN" = 1 ] || [ -n "$DESTDIR" ] || die "run as root (or with --dry-run)"
 
-VENV=$DESTDIR$PREFIX
-MANIFEST=$VENV/share/fdbhook/manifest
-PY=$PREFIX/bin/python3
+STAGED=0
+[ -n "$DESTDIR" ] && STAGED=1
+VENV=$DESTDIR$PREFIX                 # where the virtualenv is written
+PY=$PREFIX/bin/python3                 # the interpreter as the hooks name it
+SHARE=$VENV/share/fdbhook
+MANIFEST=$SHARE/manifest
+PRISTINE=$SHARE/fdbhook.conf.pristine
+CONF=$CONF_DIR/fdbhook.conf
+
+# One install.sh at a time on a live system.
+if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+    lockdir=/run/lock
+    [ -d "$lockdir" ] || lockdir=/tmp
+    exec 9>"$lockdir/fdbhook-install.lock"
+    flock -w 60 9 || die "another install.sh is running (lock $lockdir/fdbhook-install.lock)"
+fi
+
+# --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------
+# KIND: file (a hook), link (BINDIR/fdbhook), unit (fdbhookd.service),
+# dir (a directory we created),
+# pkg (a Debian package we installed; listed, never removed). A bare path
+# (older manifests) is a file.
+manifest_add() { # KIND PATH
+    [ "$DRY_RUN" = 1 ] && return 0
+    mkdir -p "$SHARE"
+    touch "$MANIFEST"
+    grep -qxF -- "$1 $2" "$MANIFEST" || echo "$1 $2" >>"$MANIFEST"
+}
+manifest_del() { # KIND PATH
+    [ "$DRY_RUN" = 1 ] && return 0
+    [ -f "$MANIFEST" ] || return 0
+    grep -vxF -- "$1 $2" "$MANIFEST" >"$MANIFEST.tmp" || true
+    mv -f "$MANIFEST.tmp" "$MANIFEST"
+}
+# mkdir -p that records every directory it creates (deepest last).
+mkdir_recorded() { # FINAL_DIR
+    local d=$1 missing=()
+    while [ -n "$d" ] && [ "$d" != / ] && [ ! -d "$DESTDIR$d" ]; do
+        missing=("$d" "${missing[@]}")
+        d=$(dirname "$d")
+    done
+    for d in "${missing[@]}"; do
+        run mkdir -p "$DESTDIR$d"
+        manifest_add dir "$d"
+    done
+}
+
+is_our_unit() { [ -f "$1" ] && grep -q "^ExecStart=.*/bin/fdbhook daemon" "$1"; }
+is_ours() { # FILE: one of our hook scripts?
+    [ -f "$1" ] && head -n 5 "$1" 2>/dev/null | grep -q "$MARKER"
+}
+
+# --- libvirt: version and daemons -------------------------------------------
+libvirt_version() {
+    if [ -n "${FDBHOOK_LIBVIRT_VERSION:-}" ]; then echo "$FDBHOOK_LIBVIRT_VERSION"; return; fi
+    local bin v=""
+    for bin in libvirtd virtqemud virtlxcd virtnetworkd; do
+        command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || continue
+        v=$(PATH=$PATH:/usr/sbin "$bin" --version 2>/dev/null | awk '{print $NF}' | head -n1) || v=""
+        [ -n "$v" ] && break
+    done
+    echo "$v"
+}
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+
+running() { pgrep -x "$1" >/dev/null 2>&1; }
+
+# The daemon(s) that read /etc/libvirt/hooks: modular ones if any runs,
+# else libvirtd; when nothing runs, what is installed.
+libvirt_daemons() {
+    local d out=""
+    for d in virtqemud virtlxcd virtnetworkd; do running "$d" && out="$out $d"; done
+    if [ -n "$out" ]; then echo "${out# }"; return; fi
+    if running libvirtd; then echo libvirtd; return; fi
+    if command -v libvirtd >/dev/null 2>&1 || [ -x /usr/sbin/libvirtd ]; then echo libvirtd; return; fi
+    for d in virtqemud virtlxcd virtnetworkd; do
+        { command -v "$d" >/dev/null 2>&1 || [ -x "/usr/sbin/$d" ]; } && out="$out $d"
+    done
+    echo "${out# }"
+}
+
+daemon_uri() {
+    case "$1" in
+        virtlxcd) echo lxc:///system ;;
+        virtnetworkd) echo network:///system ;;
+        *) echo qemu:///system ;;
+    esac
+}
+
+daemon_answers() { # DAEMON
+    command -v virsh >/dev/null 2>&1 || { running "$1"; return; }
+    timeout 10 virsh -q -c "$(daemon_uri "$1")" uri >/dev/null 2>&1
+}
+
+wait_for() { # SECS CMD... : poll CMD until true or the deadline
+    local deadline=$((SECONDS + $1)); shift
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+pids_gone() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 1; done; return 0; }
+
+# Restart a daemon that was started by hand (no systemd, no init script):
+# same arguments, a clean service-like environment (hooks inherit PATH and
+# HOME from the daemon), and - as the old one had it - a private mount
+# namespace without the hybrid-cgroup cgroup2 mount (libvirt_lxc 9.0 cannot
+# start containers with it; see tests/system/libvirtd-up.sh).
+restart_by_hand() { # DAEMON
+    local d=$1 pids pid args=() hide_cgroup2=0 a
+    pids=$(pgrep -x "$d" | tr "\n" " " | sed "s/ $//")
+    pid=${pids%% *}
+    while IFS= read -r -d '' a; do args+=("$a"); done <"/proc/$pid/cmdline"
+    args=("${args[@]:1}")
+    case " ${args[*]} " in
+        *" -d "*|*" --daemon "*) ;;
+        *) warn "$d (pid $pid) runs in the foreground: restart it through whatever supervises it"; return 0 ;;
+    esac
+    if grep -q ' /sys/fs/cgroup/unified ' /proc/self/mountinfo 2>/dev/null &&
+        ! grep -q ' /sys/fs/cgroup/unified ' "/proc/$pid/mountinfo" 2>/dev/null; then
+        hide_cgroup2=1
+    fi
+    say "restarting $d (pid $pids)"
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "would run: kill $pids; env -i PATH=$DAEMON_PATH HOME=/root$([ $hide_cgroup2 = 1 ] && echo ' unshare -m (without /sys/fs/cgroup/unified)') $d ${args[*]}"
+        return 0
+    fi
+    # shellcheck disable=SC2086
+    kill $pids
+    # shellcheck disable=SC2086
+    wait_for "$WAIT_SECS" pids_gone $pids || die "$d (pid $pids) did not exit within ${WAIT_SECS}s"
+    if [ "$hide_cgroup2" = 1 ]; then
+        (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root unshare -m --propagation private \
+            sh -c 'umount /sys/fs/cgroup/unified && exec "$@"' sh "$d" "${args[@]}")
+    else
+        (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "$d" "${args[@]}")
+    fi
+    wait_for "$WAIT_SECS" daemon_answers "$d" || die "$d did not come back within ${WAIT_SECS}s (see /var/log/libvirt/)"
+    say "$d restarted (pid $(pgrep -x "$d" | tr '\n' ' ' | sed 's/ $//'))"
+}
+
+restart_daemon() { # DAEMON
+    local d=$1
+    if [ -d /run/systemd/system ]; then
+        if systemctl -q is-active "$d.service" 2>/dev/null; then
+            say "restarting $d.service"
+            run systemctl restart "$d.service"
+        else
+            say "$d.service is not active: it picks the hooks up when it starts"
+        fi
+    elif ! running "$d"; then
+        say "$d is not running: it picks the hooks up when it starts"
+    elif [ -x "/etc/init.d/$d" ] && [ "$(head -c 2 "/etc/init.d/$d")" = "#!" ] && [ -f "/run/$d.pid" ] \
+        && grep -qx "$(pgrep -x "$d" | head -n1)" "/run/$d.pid"; then
+        say "restarting $d with /etc/init.d/$d"
+        run "/etc/init.d/$d" restart 9>&-
+    else
+        restart_by_hand "$d"
+    fi
+}
+
+# When the oldest running DAEMON process started, in seconds since boot
+# (clock ticks: 10 ms, not the whole seconds of /proc/stat's btime).
+daemon_started() { # DAEMON
+    local pid
+    pid=$(pgrep -o -x "$1") || return 1
+    sed 's/^.*) //' "/proc/$pid/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f\n", $20 / hz}'
+}
+
+# A file's mtime in seconds since boot (same clock as daemon_started).
+mtime_since_boot() { # FILE
+    local m now up
+    m=$(stat -c %.9Y "$1")
+    now=$(date +%s.%N)
+    up=$(cut -d' ' -f1 /proc/uptime)
+    awk -v m="$m" -v now="$now" -v up="$up" 'BEGIN { printf "%.3f\n", m - (now - up) }'
+}
+
+# libvirt looks for hooks when its daemon starts. NEWEST: when the newest
+# hook file was written, in seconds since boot (0: hooks were removed, every
+# running daemon is stale).
+restart_or_tell() { # WHY NEWEST
+    local daemons d stale="" started
+    daemons=$(libvirt_daemons)
+    if [ -z "$daemons" ]; then
+        say "no libvirt daemon is installed: nothing to restart"
+        return
+    fi
+    for d in $daemons; do
+        if ! running "$d" && [ ! -d /run/systemd/system ]; then
+            say "$d is not running: it finds the hooks when it starts"
+        elif started=$(daemon_started "$d") && awk -v s="$started" -v n="$2" 'BEGIN { exit !(n > 0 && s > n) }'; then
+            say "$d already runs with these hooks (started after they were installed)"
+        else
+            stale="$stale $d"
+        fi
+    done
+    [ -n "$stale" ] || return 0
+    if [ "$RESTART" = 0 ]; then
+        say "$1: restart $(echo $stale | sed 's/ /, /g') (or run install.sh with --restart)"
+        return
+    fi
+    for d in $stale; do restart_daemon "$d"; done
+}
 
 # --- uninstall -------------------------------------------------------------
 if [ "$UNINSTALL" = 1 ]; then
     [ -f "$MANIFEST" ] || die "no manifest at $MANIFEST: nothing installed by install.sh here"
-    while read -r path; do
-        [ -n "$path" ] || continue
-        if [ -e "$path" ] || [ -L "$path" ]; then
-            run rm -f -- "$path"; say "removed $path"
+    if [ "$STAGED" = 0 ] && [ "$FORCE" = 0 ]; then
+        records=$({ find "$STATE_DIR/domains" -maxdepth 1 -name '*.json' ! -name '.*' 2>/dev/null || true; } | sort | sed 's|.*/||; s|\.json$||' | paste -sd ' ')
+        if [ -n "$records" ]; then
+            die "guests still have ports managed by fdbhook ($records): stop those guests (or run 'fdbhook teardown --driver DRIVER NAME') first, or --uninstall --force to leave those ports as they are"
         fi
-        dir=$(dirname "$path")
-        case "$dir" in */hooks/*.d) run rmdir --ignore-fail-on-non-empty "$dir" 2>/dev/null || true ;; esac
-    done < "$MANIFEST"
-    conf=$DESTDIR$CONF_DIR/fdbhook.conf
-    if [ -f "$conf" ] && [ -f "$VENV/share/fdbhook/fdbhook.conf.pristine" ] \
-        && cmp -s "$conf" "$VENV/share/fdbhook/fdbhook.conf.pristine"; then
-        run rm -f "$conf"; say "removed unedited $conf"
-        run rmdir --ignore-fail-on-non-empty "$DESTDIR$CONF_DIR"
-    elif [ -f "$conf" ]; then
-        say "kept $conf (edited by the admin)"
     fi
-    run rm -rf -- "$VENV"; say "removed $VENV"
-    say "restart libvirt's daemon so it forgets the hooks"
+    removed_hooks=0
+    dirs=()
+    pkgs=""
+    while read -r kind path; do
+        [ -n "$kind" ] || continue
+        if [ -z "$path" ]; then # older manifest: bare paths
+            path=$kind
+            if [ -L "$DESTDIR$path" ]; then kind=link; else kind=file; fi
+        fi
+        target=$DESTDIR$path
+        case "$kind" in
+            file)
+                if is_ours "$target"; then
+                    remove "$path" rm -f -- "$target"; removed_hooks=1
+                elif [ -e "$target" ] || [ -L "$target" ]; then
+                    say "kept $path: not fdbhook's any more"
+                fi ;;
+            link)
+                if [ -L "$target" ] && [ "$(readlink "$target")" = "$PREFIX/bin/fdbhook" ]; then
+                    remove "$path" rm -f -- "$target"
+                elif [ -e "$target" ] || [ -L "$target" ]; then
+                    say "kept $path: not fdbhook's link any more"
+                fi ;;
+            unit)
+                if is_our_unit "$target"; then
+                    if [ "$STAGED" = 0 ] && [ -d /run/systemd/system ]; then
+                        run systemctl disable --now fdbhookd.service || true
+                    fi
+                    remove "$path" rm -f -- "$target"
+                    [ "$STAGED" = 0 ] && [ -d /run/systemd/system ] && run systemctl daemon-reload
+                elif [ -e "$target" ]; then
+                    say "kept $path: not fdbhook's unit any more"
+                fi ;;
+            dir) dirs=("$path" "${dirs[@]}") ;;
+            pkg) pkgs="$pkgs $path" ;;
+        esac
+    done <"$MANIFEST"
+    if [ -f "$DESTDIR$CONF" ] && [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$PRISTINE"; then
+        remove "unedited $CONF" rm -f -- "$DESTDIR$CONF"
+    elif [ -f "$DESTDIR$CONF" ]; then
+        say "kept $CONF (edited by the admin)"
+    fi
+    remove "$PREFIX" rm -rf -- "$VENV"
+    # Directories we created, deepest first, only when empty.
+    for d in "${dirs[@]}"; do
+        [ -d "$DESTDIR$d" ] || continue
+        case "$DESTDIR$d/" in "$VENV"/*) continue ;; esac
+        if [ "$DRY_RUN" = 1 ]; then
+            echo "would remove directory $d if empty by then"
+        elif [ -z "$(ls -A "$DESTDIR$d")" ]; then
+            remove "directory $d" rmdir -- "$DESTDIR$d"
+        else
+            say "kept directory $d (not empty)"
+        fi
+    done
+    [ -d "/var/lib/fdbhook/capture" ] && [ "$STAGED" = 0 ] && say "capture spool /var/lib/fdbhook/capture left in place (written by the hooks, not installed)"
+    [ -n "$pkgs" ] && say "Debian packages installed for fdbhook are left in place:$pkgs"
+    if [ "$STAGED" = 0 ] && [ "$removed_hooks" = 1 ]; then
+        restart_or_tell "libvirt skips hook scripts that are gone, but looks for them until it restarts" 0
+    fi
+    if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing changed"; else say "uninstalled"; fi
     exit 0
 fi
 
+# --- plan the hooks before changing anything --------------------------------
+# Staged (DESTDIR): the build machine's libvirt says nothing about the
+# target's; only FDBHOOK_LIBVIRT_VERSION is taken into account.
+if [ "$STAGED" = 0 ]; then LIBVIRT=$(libvirt_version); else LIBVIRT=${FDBHOOK_LIBVIRT_VERSION:-}; fi
+declare -A HOOK_TARGET=()
+if [ "$HOOKS" = 1 ] && { [ "$STAGED" = 1 ] || [ -n "$LIBVIRT" ] || [ -d "$HOOK_DIR" ]; }; then
+    for driver in $DRIVERS; do
+        main=$HOOK_DIR/$driver
+        if { [ -e "$DESTDIR$main" ] || [ -L "$DESTDIR$main" ]; } && ! is_ours "$DESTDIR$main"; then
+            if { [ -n "$LIBVIRT" ] && ! version_ge "$LIBVIRT" 6.5.0; } || { [ -z "$LIBVIRT" ] && [ "$STAGED" = 0 ]; }; then
+                if [ -z "$LIBVIRT" ]; then
+                    die "$main is someone else's hook and libvirt's version is unknown, so $driver.d/ may not be run: nothing changed. Chain fdbhook from that script: $PY -I -m fdbhook hook $driver \"\$@\" (stdin: the XML)"
+                fi
+                die "$main is someone else's hook and libvirt $LIBVIRT (< 6.5) runs no $driver.d/ scripts: nothing changed. Call '$PY -I -m fdbhook hook $driver \"\$@\"' from that script (same arguments, the XML on its stdin), or upgrade libvirt"
+            fi
+            HOOK_TARGET[$driver]=$main.d/50-fdbhook
+        else
+            HOOK_TARGET[$driver]=$main
+        fi
+    done
+fi
+
 # --- dependencies -----------------------------------------------------------
-if [ "$APT" = 1 ] && [ -z "$DESTDIR" ]; then
+if [ "$APT" = 1 ] && [ "$STAGED" = 0 ]; then
     missing=""
     for pkg in $APT_PACKAGES; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -97,48 +421,96 @@ if [ "$APT" = 1 ] && [ -z "$DESTDIR" ]; then
         say "installing Debian packages:$missing"
         if [ "$DRY_RUN" = 1 ]; then
             echo "would run: apt-get install -y --no-install-recommends$missing"
-        elif ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null; then
-            DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+        else
+            # shellcheck disable=SC2086
+            if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1; then
+                DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+            fi
         fi
+    else
+        say "Debian packages present"
     fi
 fi
 
 # --- fdbhook in its virtualenv ----------------------------------------------
-if [ ! -x "$VENV/bin/python3" ]; then
-    say "creating virtualenv $VENV (with Debian's lxml, pyroute2, libvirt)"
-    run /usr/bin/python3 -m venv --system-site-packages "$VENV"
-fi
-say "installing fdbhook from $SRC into $VENV"
-run "$VENV/bin/python3" -m pip install -q --no-deps --no-build-isolation --no-index --force-reinstall \
-    --disable-pip-version-check "$SRC"
-run mkdir -p "$VENV/share/fdbhook"
-
-manifest_add() {
-    [ "$DRY_RUN" = 1 ] && return 0
-    touch "$MANIFEST"
-    grep -qxF -- "$1" "$MANIFEST" || echo "$1" >> "$MANIFEST"
+src_hash() {
+    (cd "$SRC" && find $SRC_FILES -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+        | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 }
-
-run mkdir -p "$DESTDIR$BIN_DIR"
-if [ ! -e "$DESTDIR$BIN_DIR/fdbhook" ] || [ -L "$DESTDIR$BIN_DIR/fdbhook" ]; then
-    run ln -sfn "$PREFIX/bin/fdbhook" "$DESTDIR$BIN_DIR/fdbhook"
-    manifest_add "$DESTDIR$BIN_DIR/fdbhook"
-    say "fdbhook command: $BIN_DIR/fdbhook"
+HASH=$(src_hash)
+if [ ! -x "$VENV/bin/python3" ]; then
+    say "creating virtualenv $PREFIX (sees Debian's lxml, pyroute2, libvirt)"
+    [ -d "$VENV" ] || mkdir_recorded "$PREFIX"
+    run /usr/bin/python3 -m venv --system-site-packages --without-pip "$VENV"
+fi
+if [ "$(cat "$SHARE/source.sha256" 2>/dev/null)" = "$HASH" ] \
+    && "$VENV/bin/python3" -I -c 'import fdbhook' 2>/dev/null; then
+    say "fdbhook in $PREFIX is up to date (same source)"
+    pkg_changed=0
 else
-    say "kept $BIN_DIR/fdbhook (not a symlink of ours); use $PREFIX/bin/fdbhook"
+    pkg_changed=1
+    say "installing fdbhook from $SRC into $PREFIX"
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "would run: $VENV/bin/python3 -m pip install --no-deps --no-index $SRC (a clean copy)"
+    else
+        # Build from a clean copy: never write build/ into the source tree,
+        # never pick up a stale build/lib.
+        stage=$(mktemp -d)
+        trap 'rm -rf "$stage"' EXIT
+        # shellcheck disable=SC2086
+        (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - $SRC_FILES) | tar -C "$stage" -xf -
+        pip_args=(-q --no-deps --no-build-isolation --no-index --disable-pip-version-check --force-reinstall)
+        [ "$STAGED" = 1 ] && pip_args+=(--no-compile)
+        if ! "$VENV/bin/python3" -m pip install "${pip_args[@]}" "$stage" >"$stage.log" 2>&1; then
+            cat "$stage.log" >&2; rm -f "$stage.log"
+            die "pip install into $PREFIX failed"
+        fi
+        rm -rf "$stage" "$stage.log"
+        trap - EXIT
+        mkdir -p "$SHARE"
+        echo "$HASH" >"$SHARE/source.sha256"
+    fi
+fi
+if [ "$STAGED" = 1 ] && [ "$DRY_RUN" = 0 ]; then
+    # The virtualenv was written under DESTDIR: make every path in it the
+    # final PREFIX (scripts' #! lines, activate, pyvenv.cfg), byte-compile
+    # with final source paths.
+    { grep -rlF -- "$VENV" "$VENV/bin" "$VENV/pyvenv.cfg" 2>/dev/null || true; } | while read -r f; do
+        [ -L "$f" ] || sed -i "s|$VENV|$PREFIX|g" "$f"
+    done
+    "$VENV/bin/python3" -m compileall -q -s "$DESTDIR" -p / "$VENV/lib" >/dev/null
+fi
+[ "$DRY_RUN" = 1 ] || mkdir -p "$SHARE"
+
+# --- the fdbhook command -----------------------------------------------------
+LINK=$BIN_DIR/fdbhook
+if [ -L "$DESTDIR$LINK" ] && [ "$(readlink "$DESTDIR$LINK")" = "$PREFIX/bin/fdbhook" ]; then
+    manifest_add link "$LINK"
+    say "fdbhook command: $LINK"
+elif [ -e "$DESTDIR$LINK" ] || [ -L "$DESTDIR$LINK" ]; then
+    warn "kept $LINK (not fdbhook's link to $PREFIX/bin/fdbhook); use $PREFIX/bin/fdbhook"
+else
+    mkdir_recorded "$BIN_DIR"
+    run ln -s "$PREFIX/bin/fdbhook" "$DESTDIR$LINK"
+    manifest_add link "$LINK"
+    say "fdbhook command: $LINK"
+fi
+if [ "$STAGED" = 0 ]; then
+    case ":$PATH:" in *":$BIN_DIR:"*) ;; *) warn "$BIN_DIR is not on this shell's PATH" ;; esac
 fi
 
 # --- config ------------------------------------------------------------------
-pristine() {
+pristine() { # BRIDGES NETWORKS
     cat <<EOF
 # fdbhook configuration (see README.md). Nothing is managed until a bridge
-# or a libvirt network is named here.
+# or a libvirt network is named here. Written by install.sh; once you edit
+# it, install.sh never touches it again.
 [manage]
 # Space-separated fnmatch globs of Linux bridges whose guest ports fdbhook
 # manages: static FDB entry per guest MAC, learning and unicast flood off.
 bridges = $1
-# libvirt networks (by name) whose guest ports fdbhook manages.
+# Globs of libvirt network names whose guest ports fdbhook manages.
 networks = $2
 # Pin entries so a frame from another port cannot move them (NTF_STICKY).
 #sticky = yes
@@ -147,87 +519,178 @@ networks = $2
 # fail: a managed NIC that cannot be managed stops the guest from starting.
 # continue: log it and start the guest anyway.
 #on_error = fail
+# Save every hook invocation (argv + stdin) for \`fdbhook replay FILE\`;
+# the oldest files go once the spool exceeds capture_max_bytes.
+#capture = no
+#capture_dir = /var/lib/fdbhook/capture
+#capture_max_bytes = 16777216
 EOF
 }
-CONF=$DESTDIR$CONF_DIR/fdbhook.conf
-PRISTINE=$VENV/share/fdbhook/fdbhook.conf.pristine
-run mkdir -p "$DESTDIR$CONF_DIR"
-if [ ! -f "$CONF" ] || { [ -f "$PRISTINE" ] && cmp -s "$CONF" "$PRISTINE"; }; then
-    if [ "$DRY_RUN" = 1 ]; then
-        echo "would write $CONF (bridges='$BRIDGES' networks='$NETWORKS')"
+conf_value() { sed -n "s/^$1 = //p" "$2" | head -n1; }
+if [ -f "$DESTDIR$CONF" ] && ! { [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$PRISTINE"; }; then
+    if [ "$SET_BRIDGES$SET_NETWORKS" != 00 ]; then
+        warn "kept $CONF: it was edited, so --bridges/--networks are not applied; set [manage] there yourself"
     else
-        pristine "$BRIDGES" "$NETWORKS" > "$CONF"
-        cp "$CONF" "$PRISTINE"
+        say "kept $CONF (edited by the admin)"
     fi
-    say "config $CONF: bridges='${BRIDGES}' networks='${NETWORKS}'"
-elif [ -n "$BRIDGES$NETWORKS" ]; then
-    say "kept $CONF: it was edited; set bridges/networks there yourself"
 else
-    say "kept $CONF"
+    # New, or still exactly what install.sh wrote: (re)write it, keeping the
+    # values an earlier run set unless this run names new ones.
+    if [ -f "$DESTDIR$CONF" ]; then
+        [ "$SET_BRIDGES" = 1 ] || BRIDGES=$(conf_value bridges "$DESTDIR$CONF")
+        [ "$SET_NETWORKS" = 1 ] || NETWORKS=$(conf_value networks "$DESTDIR$CONF")
+    fi
+    mkdir_recorded "$CONF_DIR"
+    if [ "$DRY_RUN" = 1 ]; then
+        if [ -f "$DESTDIR$CONF" ] && cmp -s <(pristine "$BRIDGES" "$NETWORKS") "$DESTDIR$CONF"; then
+            say "config $CONF unchanged: bridges='$BRIDGES' networks='$NETWORKS'"
+        else
+            echo "would write $CONF (bridges='$BRIDGES' networks='$NETWORKS')"
+        fi
+    else
+        tmp=$(mktemp "$DESTDIR$CONF_DIR/.fdbhook.conf.XXXXXX")
+        pristine "$BRIDGES" "$NETWORKS" >"$tmp"
+        chmod 0644 "$tmp"
+        if [ -f "$DESTDIR$CONF" ] && cmp -s "$tmp" "$DESTDIR$CONF"; then
+            rm -f "$tmp"
+            say "config $CONF unchanged: bridges='$BRIDGES' networks='$NETWORKS'"
+        else
+            mv -f "$tmp" "$DESTDIR$CONF"
+            say "config $CONF: bridges='$BRIDGES' networks='$NETWORKS'"
+        fi
+        cp "$DESTDIR$CONF" "$PRISTINE"
+    fi
+fi
+if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+    if ! err=$("$VENV/bin/python3" -I -c 'import sys
+from fdbhook.config import load_config
+from fdbhook.errors import FdbhookError
+try:
+    load_config(sys.argv[1])
+except FdbhookError as exc:
+    sys.exit(str(exc))' "$CONF" 2>&1); then
+        warn "$err: the hooks will refuse to start guests until it is fixed"
+    fi
+fi
+
+# --- docs and the fdbhookd unit ---------------------------------------------
+[ "$DRY_RUN" = 1 ] || cp "$SRC/README.md" "$SHARE/README.md"   # goes with the virtualenv
+UNIT_SRC=$SRC/fdbhookd.service
+UNIT=/etc/systemd/system/fdbhookd.service
+SYSTEMD=0
+[ "$STAGED" = 0 ] && [ -d /run/systemd/system ] && SYSTEMD=1
+unit_text() { sed "s|/opt/fdbhook|$PREFIX|g" "$UNIT_SRC"; }
+unit_changed=0
+if [ -f "$UNIT_SRC" ] && { [ "$STAGED" = 1 ] || [ "$SYSTEMD" = 1 ]; }; then
+    if { [ -e "$DESTDIR$UNIT" ] || [ -L "$DESTDIR$UNIT" ]; } && ! is_our_unit "$DESTDIR$UNIT"; then
+        warn "kept $UNIT: not fdbhook's"
+    elif cmp -s <(unit_text) "$DESTDIR$UNIT"; then
+        manifest_add unit "$UNIT"
+    elif [ "$DRY_RUN" = 1 ]; then
+        echo "would install $UNIT"
+    else
+        mkdir_recorded "$(dirname "$UNIT")"
+        unit_text >"$DESTDIR$UNIT.fdbhook-tmp"
+        chmod 0644 "$DESTDIR$UNIT.fdbhook-tmp"
+        mv -f "$DESTDIR$UNIT.fdbhook-tmp" "$DESTDIR$UNIT"
+        manifest_add unit "$UNIT"
+        unit_changed=1
+        say "installed $UNIT"
+    fi
+fi
+if [ "$SYSTEMD" = 1 ] && [ -f "$UNIT_SRC" ]; then
+    [ "$unit_changed" = 1 ] && run systemctl daemon-reload
+    if systemctl -q is-active fdbhookd.service 2>/dev/null; then
+        if [ "$unit_changed$pkg_changed" != 00 ]; then
+            say "restarting fdbhookd.service (new code or unit)"
+            run systemctl restart fdbhookd.service
+        fi
+    else
+        say "optional: systemctl enable --now fdbhookd (hotplug, pause/resume, drift repair; see README)"
+    fi
+elif [ "$STAGED" = 0 ] && [ -f "$UNIT_SRC" ]; then
+    if [ -S "$STATE_DIR/fdbhookd.sock" ] && [ "$pkg_changed" = 1 ]; then
+        warn "fdbhookd seems to run ($STATE_DIR/fdbhookd.sock) with the previous code: restart it"
+    elif [ ! -S "$STATE_DIR/fdbhookd.sock" ] && [ -n "$(libvirt_version)" ]; then
+        say "optional: start '$PREFIX/bin/fdbhook daemon' before libvirtd (hotplug, pause/resume, drift repair; see README)"
+    fi
 fi
 
 # --- libvirt hooks -----------------------------------------------------------
-libvirt_version() {
-    local v
-    v=$( (libvirtd --version || virtqemud --version) 2>/dev/null | awk '{print $NF}' | head -n1)
-    echo "${v:-}"
+hook_text() { # DRIVER: the hook as installed: the virtualenv's interpreter, the source's flags
+    local first flags
+    first=$(head -n 1 "$SRC/hooks/$1")
+    flags=$(echo "${first#\#!}" | awk '{$1=""; sub(/^ +/, ""); print}')
+    echo "#!$PY${flags:+ $flags}"
+    tail -n +2 "$SRC/hooks/$1"
 }
-version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
-
-LIBVIRT=$(libvirt_version)
-installed_hooks=0
-if [ "$HOOKS" = 1 ] && { [ -n "$LIBVIRT" ] || [ -d "$DESTDIR$HOOK_DIR" ]; }; then
-    run mkdir -p "$DESTDIR$HOOK_DIR"
-    for driver in qemu lxc network; do
-        target=$DESTDIR$HOOK_DIR/$driver
-        if [ -e "$target" ] && ! grep -q "$MARKER" "$target" 2>/dev/null; then
-            if [ -n "$LIBVIRT" ] && ! version_ge "$LIBVIRT" 6.5.0; then
-                die "$target is someone else's hook and libvirt $LIBVIRT (< 6.5) has no $driver.d/; chain fdbhook from it: $PREFIX/bin/python3 -m fdbhook hook $driver \"\$@\""
+hooks_changed=0
+if [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
+    mkdir_recorded "$HOOK_DIR"
+    # Temporary files of an interrupted earlier run (never run by libvirt:
+    # they are replaced atomically, but one could be left executable).
+    [ "$DRY_RUN" = 1 ] || find "$DESTDIR$HOOK_DIR" -maxdepth 2 -name '.fdbhook.*' -type f -delete 2>/dev/null || true
+    for driver in $DRIVERS; do
+        target=${HOOK_TARGET[$driver]}
+        main=$HOOK_DIR/$driver
+        if [ "$target" != "$main" ]; then
+            say "$main belongs to someone else: fdbhook goes to $target (libvirt runs both)"
+            mkdir_recorded "$main.d"
+        elif is_ours "$DESTDIR$main.d/50-fdbhook"; then
+            # fdbhook is the main hook now: a copy in DRIVER.d would run twice.
+            run rm -f -- "$DESTDIR$main.d/50-fdbhook"
+            manifest_del file "$main.d/50-fdbhook"
+            say "removed $main.d/50-fdbhook ($main is fdbhook's now)"
+            if [ -f "$MANIFEST" ] && grep -qxF "dir $main.d" "$MANIFEST" && [ -z "$(ls -A "$DESTDIR$main.d")" ]; then
+                run rmdir -- "$DESTDIR$main.d"
+                manifest_del dir "$main.d"
             fi
-            run mkdir -p "$target.d"
-            target=$target.d/50-fdbhook
-            say "$HOOK_DIR/$driver belongs to someone else: installing $target instead"
+            hooks_changed=1
         fi
+        if cmp -s <(hook_text "$driver") "$DESTDIR$target" && [ -x "$DESTDIR$target" ]; then
+            manifest_add file "$target"
+            continue
+        fi
+        hooks_changed=1
         if [ "$DRY_RUN" = 1 ]; then
-            echo "would install $target"
-        else
-            tmp=$(mktemp "$(dirname "$target")/.fdbhook.XXXXXX")
-            { echo "#!$PY"; tail -n +2 "$SRC/hooks/$driver"; } > "$tmp"
-            chmod 0755 "$tmp"
-            mv -f "$tmp" "$target"
+            echo "would install $target ($(hook_text "$driver" | head -n 1))"
+            continue
         fi
-        manifest_add "$target"
-        installed_hooks=1
+        tmp=$(mktemp "$(dirname "$DESTDIR$target")/.fdbhook.XXXXXX")
+        hook_text "$driver" >"$tmp"
+        chmod 0755 "$tmp"
+        mv -f "$tmp" "$DESTDIR$target"
+        manifest_add file "$target"
+        say "installed $target"
     done
-    say "hooks installed in $HOOK_DIR (libvirt ${LIBVIRT:-version unknown})"
+    [ "$hooks_changed" = 1 ] || say "hooks in $HOOK_DIR unchanged"
+    [ "$STAGED" = 1 ] || say "libvirt ${LIBVIRT:-(version unknown)}: hooks for ${DRIVERS// /, }"
+elif [ "$HOOKS" = 1 ] && [ "$STAGED" = 0 ]; then
+    say "libvirt is not installed here: no hooks installed (run install.sh again once it is)"
 fi
 
-restart_libvirt() {
-    local daemons=""
-    if pgrep -x virtqemud >/dev/null || pgrep -x virtlxcd >/dev/null || pgrep -x virtnetworkd >/dev/null; then
-        daemons="virtqemud virtlxcd virtnetworkd"
-    else
-        daemons="libvirtd"
-    fi
-    if [ "$RESTART" = 0 ]; then
-        say "restart $daemons so libvirt discovers the hooks (or run ./install.sh --restart)"
-        return
-    fi
-    for d in $daemons; do
-        if [ -d /run/systemd/system ]; then
-            run systemctl try-restart "$d.service" || true
-        elif pgrep -x "$d" >/dev/null; then
-            say "restarting $d"
-            run pkill -x "$d" || true
-            for _ in $(seq 50); do pgrep -x "$d" >/dev/null || break; sleep 0.1; done
-            run "$d" -d
-        fi
-    done
-}
-[ "$installed_hooks" = 1 ] && [ -z "$DESTDIR" ] && restart_libvirt
+# Record the Debian packages this run installed (listed at --uninstall).
+if [ "$DRY_RUN" = 0 ] && [ -n "${missing:-}" ]; then
+    for pkg in $missing; do manifest_add pkg "$pkg"; done
+fi
 
-if [ "$DEMO" = yes ] || { [ "$DEMO" = auto ] && [ -z "$LIBVIRT" ] && [ -z "$DESTDIR" ] && [ "$DRY_RUN" = 0 ]; }; then
+# --- daemon ------------------------------------------------------------------
+if [ "$STAGED" = 0 ] && [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
+    newest=0
+    for driver in $DRIVERS; do
+        if [ -e "${HOOK_TARGET[$driver]}" ] && ! { [ "$DRY_RUN" = 1 ] && [ "$hooks_changed" = 1 ]; }; then
+            m=$(mtime_since_boot "${HOOK_TARGET[$driver]}")
+        else
+            m=$(cut -d' ' -f1 /proc/uptime)   # (would be) written now
+        fi
+        newest=$(awk -v a="$newest" -v b="$m" 'BEGIN { print (b > a ? b : a) }')
+    done
+    # +0.05 s: the two clocks are read at slightly different moments.
+    restart_or_tell "libvirt discovers hooks when its daemon starts" "$(awk -v n="$newest" 'BEGIN { printf "%.3f", n + 0.05 }')"
+fi
+
+if [ "$STAGED" = 0 ] && { [ "$DEMO" = yes ] || { [ "$DEMO" = auto ] && [ -z "$LIBVIRT" ] && [ "$DRY_RUN" = 0 ]; }; }; then
     [ "$DEMO" = auto ] && say "libvirt is not installed here: running the demo instead"
     run "$VENV/bin/fdbhook" demo
 fi
-say "done"
+if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing changed"; else say "done"; fi
