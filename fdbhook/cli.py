@@ -13,7 +13,7 @@ from fdbhook.errors import FdbhookError, LibvirtError, UsageError
 EXIT_DRIFT = 4
 
 
-def hook_main(driver, argv, stdin=None, verbose=False):
+def hook_main(driver, argv, stdin=None, verbose=False, capture=True):
     """Entry point of hooks/qemu, hooks/lxc, hooks/network and ``fdbhook hook``."""
     from fdbhook.hook import run_hook, setup_logging
 
@@ -26,7 +26,7 @@ def hook_main(driver, argv, stdin=None, verbose=False):
     # by the parser, which sees MAX_XML_BYTES + 1 bytes.
     while stdin.read(65536):
         pass
-    result = run_hook(driver, argv, data)
+    result = run_hook(driver, argv, data, capture_it=capture)
     if result.stdout:
         sys.stdout.write(result.stdout)
     if result.stderr:
@@ -148,7 +148,8 @@ def cmd_replay(args):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(reason="%s: not a capture file: %s" % (args.file, exc)) from None
     print("replaying: %s %s (%d bytes of stdin)" % (driver, " ".join(argv), len(data)), file=sys.stderr)
-    code = hook_main(driver, argv, stdin=io.BytesIO(data), verbose=args.verbose)
+    # A replay is not captured again: the spool keeps what libvirt sent.
+    code = hook_main(driver, argv, stdin=io.BytesIO(data), verbose=args.verbose, capture=False)
     print("exit %d" % code, file=sys.stderr)
     return code
 

@@ -35,11 +35,15 @@ class HookResult:
     stderr: str = ""  # one line, or empty
 
 
+FALLBACK_LOG = "/var/log/fdbhook.log"
+
+
 def setup_logging(verbose=False, hook=False):
     """Route fdbhook's log lines. Idempotent.
 
     $FDBHOOK_LOG names a file to append to; else syslog/journal when /dev/log
-    exists. A hook adds nothing to stderr: libvirt shows a failed hook's
+    exists; else /var/log/fdbhook.log (hosts without a syslog daemon: libvirt
+    passes hooks no environment of ours, so this is where their lines go). A hook adds nothing to stderr: libvirt shows a failed hook's
     stderr to the user, and that must stay the one-line reason. The CLI also
     prints warnings (everything with -v) to stderr.
     """
@@ -63,6 +67,12 @@ def setup_logging(verbose=False, hook=False):
         except OSError:
             handler = None
         fmt = "fdbhook[%(process)d]: %(message)s"
+    if handler is None and not path:
+        try:
+            handler = logging.FileHandler(FALLBACK_LOG)
+        except OSError:
+            handler = None
+        fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
     if handler is not None:
         handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)
@@ -78,7 +88,7 @@ def setup_logging(verbose=False, hook=False):
 NETWORK_APPLY_OPS = ("start", "started")
 
 
-def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=False):
+def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=False, capture_it=True):
     """Serve one hook invocation. ``data`` is stdin (bytes). Never raises.
 
     ``daemon`` True when fdbhookd serves it: an incoming migration (the
@@ -99,7 +109,7 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=Fa
         if config is None:
             from fdbhook.config import load_config
             config = load_config()
-        if config.capture:
+        if config.capture and capture_it:
             capture(config, driver, argv, data)
         if daemon and driver == "qemu" and op == "migrate":
             from fdbhook.state import Store
