@@ -309,6 +309,14 @@ def print_table(result):
         d = result["daemon"]
         print("\ndaemon: %d managed ports, full resync %.3f s (%d checked, %d repaired), RSS %.1f MiB" % (
             d["ports"], d["resync_s"], d["checked"], d["repaired"], d["rss_mib"]))
+    if "hotplug" in result:
+        h = result["hotplug"]
+        if "skipped" in h:
+            print("\nhotplug window: skipped: %s" % h["skipped"])
+        else:
+            print("\nhotplug window (port joins bridge -> learning/flood off + entry), %d attach cycles: "
+                  "p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d managed)" % (h["cycles"], h["p50_ms"], h["p99_ms"],
+                                                                          h["max_ms"], h["managed"]))
     if "dataplane" in result:
         print("\ndata plane (frames per kind: %d)" % result["dataplane"][0]["frames_per_kind"])
         print("%8s %28s %24s %20s" % ("guests", "unknown-unicast to guests", "stolen by MAC forger", "delivered"))
@@ -344,6 +352,11 @@ def judge(result):
         d = result["daemon"]
         checks["resync %d ports (s)" % d["ports"]] = (d["resync_s"], "<= 2", d["resync_s"] <= 2.0)
         checks["daemon RSS (MiB)"] = (d["rss_mib"], "<= 60", d["rss_mib"] <= 60.0)
+    h = result.get("hotplug") or {}
+    if "p99_ms" in h:
+        checks["hotplug window p99 (ms)"] = (h["p99_ms"], "<= 20", h["p99_ms"] <= 20.0)
+        checks["hot-plugged NICs managed"] = ("%d/%d" % (h["managed"], h["cycles"]), "all",
+                                             h["managed"] == h["cycles"])
     for row in result.get("dataplane", ()):
         leaked = row["after"]["unknown_unicast_to_guests"] + row["after"]["misdelivered"]
         checks["frames leaked, %d guests" % row["guests"]] = (leaked, "0", leaked == 0)
@@ -353,7 +366,7 @@ def judge(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller setups (smoke test)")
-    parser.add_argument("--only", default="hooks,scale,daemon,dataplane")
+    parser.add_argument("--only", default="hooks,scale,daemon,hotplug,dataplane")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -368,6 +381,9 @@ def main():
         result["scale"] = bench_scale(max(3, repeat // 2), args.quick)
     if "daemon" in only:
         result["daemon"] = bench_daemon(100 if args.quick else 1000)
+    if "hotplug" in only:
+        from hotplug import bench_hotplug
+        result["hotplug"] = bench_hotplug(cycles=30 if args.quick else 100)
     if "dataplane" in only:
         result["dataplane"] = [bench_dataplane(n, 10 if args.quick else 20) for n in ((2, 4) if args.quick else (4, 16))]
     judge(result)

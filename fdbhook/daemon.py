@@ -90,6 +90,8 @@ class Daemon:
         self.uris = tuple(uris)
         self.use_libvirt = use_libvirt
         self.jobs = queue.Queue()
+        self._pending = set()  # queued jobs, so a burst of events for one domain runs it once
+        self._pending_lock = threading.Lock()
         self.stopping = threading.Event()
         self.hooks_served = 0
         self.repairs = 0
@@ -100,6 +102,14 @@ class Daemon:
         self._threads = []
 
     # --- shared helpers -------------------------------------------------------
+    def put(self, job):
+        """Queue a job unless the same one is already waiting."""
+        with self._pending_lock:
+            if job in self._pending:
+                return
+            self._pending.add(job)
+        self.jobs.put(job)
+
     def config(self):
         from fdbhook.config import load_config
         return load_config(self.config_path)
@@ -140,7 +150,7 @@ class Daemon:
                 for uri in self.uris:
                     self._spawn("libvirt %s" % uri, self._libvirt_connection, uri)
         self._spawn("resync", self._resync_timer)
-        self.jobs.put(("resync",))
+        self.put(("resync",))
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
                  " ".join(self.uris) if self.use_libvirt else "off")
 
@@ -151,7 +161,7 @@ class Daemon:
 
     def stop(self):
         self.stopping.set()
-        self.jobs.put(("stop",))
+        self.jobs.put(("stop",))  # bypasses dedupe: always delivered
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -200,6 +210,8 @@ class Daemon:
             job = self.jobs.get()
             if job[0] == "stop":
                 break
+            with self._pending_lock:
+                self._pending.discard(job)
             try:
                 self._run_job(kernel, job)
             except Exception:
@@ -209,6 +221,14 @@ class Daemon:
         kernel.close()
 
     def _run_job(self, kernel, job):
+        started = time.monotonic()
+        try:
+            self._do_job(kernel, job)
+        finally:
+            LOG.debug("job %s took %.1f ms (%d queued)", job, (time.monotonic() - started) * 1000,
+                      self.jobs.qsize())
+
+    def _do_job(self, kernel, job):
         from fdbhook import engine
 
         kind = job[0]
@@ -225,8 +245,8 @@ class Daemon:
         elif kind == "sync":
             self._sync_all(kernel, store, config, job[1])
         elif kind == "reconcile":
-            _, uri, name = job
-            self._reconcile(kernel, store, config, uri, name)
+            uri, name = job[1], job[2]
+            self._reconcile(kernel, store, config, uri, name, alias=job[3] if len(job) > 3 else None)
         elif kind == "pause":
             _, driver, name, paused = job
             engine.reapply_record(driver, name, kernel, store, config, paused=paused)
@@ -271,7 +291,7 @@ class Daemon:
                 continue
             self._conns[uri] = conn
             LOG.info("libvirt %s: connected, %d event callbacks", uri, len(ids))
-            self.jobs.put(("sync", uri))
+            self.put(("sync", uri))
             while not self.stopping.is_set() and not closed.wait(1.0):
                 pass
             self._conns.pop(uri, None)
@@ -296,29 +316,32 @@ class Daemon:
         def lifecycle(conn_, dom, event, detail, opaque):
             name = dom.name()
             if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-                self.jobs.put(("pause", driver, name, True))
+                self.jobs.put(("pause", driver, name, True))  # order matters: never deduplicated
             elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
                 self.jobs.put(("pause", driver, name, False))
             elif event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-                self.jobs.put(("reconcile", uri, name))
+                self.put(("reconcile", uri, name))
             # STOPPED is the stopped/release hooks' job: a late event here
             # could tear down a guest that was started again meanwhile.
 
-        def device(conn_, dom, alias, opaque):
-            self.jobs.put(("reconcile", uri, dom.name()))
+        def added(conn_, dom, alias, opaque):
+            self.put(("reconcile", uri, dom.name(), alias))
+
+        def removed(conn_, dom, alias, opaque):
+            self.put(("reconcile", uri, dom.name(), "-"))  # prune only
 
         ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None))
-        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, device, None))
-        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, device, None))
+        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, added, None))
+        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None))
         mac_event = getattr(libvirt, "VIR_DOMAIN_EVENT_ID_NIC_MAC_CHANGE", None)
         if mac_event is not None:
             def mac_change(conn_, dom, alias, old, new, opaque):
                 LOG.info("%s/%s: guest changed %s MAC %s -> %s", driver, dom.name(), alias, old, new)
-                self.jobs.put(("reconcile", uri, dom.name()))
+                self.put(("reconcile", uri, dom.name()))
             ids.append(conn.domainEventRegisterAny(None, mac_event, mac_change, None))
         return ids
 
-    def _live(self, uri, name):
+    def _live(self, uri, name, xml=None):
         """(domain model, paused) from libvirt's live XML, or (None, None)."""
         import libvirt
 
@@ -332,22 +355,38 @@ class Daemon:
             if not dom.isActive():
                 return None, None
             state = dom.state()[0]
-            xml = dom.XMLDesc(0)
+            xml = xml or dom.XMLDesc(0)
         except libvirt.libvirtError:
             return None, None
         paused = state not in (libvirt.VIR_DOMAIN_RUNNING,)
         return parse_domain(xml.encode(), driver=self._driver(uri), what=name), paused
 
-    def _reconcile(self, kernel, store, config, uri, name):
-        """Make a domain's ports match its live XML (hotplug, unplug, MAC change)."""
+    def _reconcile(self, kernel, store, config, uri, name, alias=None, port=None, xml=None):
+        """Make a domain's ports match its live XML (hotplug, unplug, MAC change).
+
+        With ``alias`` (a DEVICE_ADDED event) or ``port`` (a link event) only
+        that NIC is applied: the cost of a hotplug must not grow with the
+        number of NICs the guest already has.
+        """
+        from dataclasses import replace
+
         from fdbhook import engine
 
-        domain, paused = self._live(uri, name)
+        domain, paused = self._live(uri, name, xml)
         if domain is None:
             return
-        if store.is_incoming(domain.driver, name) and paused:
-            paused = True
-        engine.apply_domain(domain, config, kernel, store, paused=paused)
+        only = None
+        if alias or port:
+            only = {n.mac for n in domain.nics if (alias and n.alias == alias) or (port and n.target_dev == port)}
+        if only is not None and not only:
+            # Not a NIC (a disk, ...) or not in the XML yet: nothing to add;
+            # an unplug still needs the record pruned below.
+            apply_to = None
+        else:
+            apply_to = domain if only is None else replace(domain, nics=tuple(
+                n for n in domain.nics if n.mac in only))
+        if apply_to is not None:
+            engine.apply_domain(apply_to, config, kernel, store, paused=paused, prune=only is None)
         record = store.load(domain.driver, name)
         if record is not None:
             macs = {nic.mac for nic in domain.nics}
@@ -393,11 +432,12 @@ class Daemon:
                 continue
             for dom in doms:
                 try:
-                    if needle in dom.XMLDesc(0):
-                        self._reconcile(kernel, store, config, uri, dom.name())
-                        return
+                    xml = dom.XMLDesc(0)
                 except Exception:
                     continue
+                if needle in xml:
+                    self._reconcile(kernel, store, config, uri, dom.name(), port=port, xml=xml)
+                    return
 
     # --- kernel link monitor -----------------------------------------------------
     def _link_monitor(self):
@@ -428,7 +468,7 @@ class Daemon:
                     if name and port and (config.bridge_managed(name) or config.networks) \
                             and now - asked.get(ifindex, -60.0) > 5.0:
                         asked[ifindex] = now
-                        self.jobs.put(("port", port))
+                        self.put(("port", port))
         except Exception:
             LOG.exception("link monitor died")
         finally:
@@ -438,6 +478,6 @@ class Daemon:
     # --- drift repair timer ------------------------------------------------------
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):
-            self.jobs.put(("resync",))
+            self.put(("resync",))
             for uri in list(self._conns):
-                self.jobs.put(("sync", uri))
+                self.put(("sync", uri))

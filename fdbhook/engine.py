@@ -180,7 +180,8 @@ def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges, paused=False):
             kernel.execute(op)
         if target.sticky and not kernel.sticky_supported:
             target = replace(target, sticky=False)
-        _verify(kernel, d, target)
+        if ops:  # nothing sent: what was just read is the verification
+            _verify(kernel, d, target)
     except (KernelError, ApplyError) as exc:
         _rollback(kernel, d, before, target)
         reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
@@ -280,12 +281,14 @@ def _still_there(kernel, rec):
     return link is not None and link.name == rec.port
 
 
-def apply_domain(domain, config, kernel, store, dry_run=False, paused=None):
+def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prune=True):
     """Manage every NIC of ``domain`` that policy says is ours.
 
     Idempotent: a second run sends nothing when the kernel already matches.
     ``paused`` True: lock the ports down but keep the MACs out of the FDB
     (incoming migration, suspended guest); None keeps the record's state.
+    ``prune`` False (the daemon applying one hot-plugged NIC) keeps the
+    record's other NICs without checking each port again.
     Returns a Report; never raises for a single NIC's failure.
     """
     networks = load_networks([n.source_network for n in domain.nics if n.type == "network"],
@@ -299,7 +302,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None):
         if record is not None:
             # Keep records of NICs whose port still exists: a NIC that left
             # the XML without a teardown is for status/teardown to handle.
-            kept = {r.mac: r for r in record.nics if _still_there(kernel, r)}
+            kept = {r.mac: r for r in record.nics if not prune or _still_there(kernel, r)}
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
         hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
