@@ -137,7 +137,8 @@ def _populate(lab, nports, nfdb):
         batch.append("link set p%d master br0" % i)
     _batch(lab, "ip", batch)
     # Static entries on the uplink stand for a big learned FDB (learned ones age out).
-    _batch(lab, "bridge", ["fdb add %s dev uplink master static" % mac(i, "02:aa:00:00") for i in range(nfdb)])
+    _batch(lab, "bridge", ["fdb add 02:aa:00:%02x:%02x:%02x dev uplink master static" % (i >> 16, (i >> 8) & 255, i & 255)
+                           for i in range(nfdb)])
     lab.ip("tuntap", "add", "vnetx", "mode", "tap")
     lab.ip("link", "set", "vnetx", "master", "br0")
 
@@ -238,7 +239,7 @@ def bench_dataplane(nguests, frames):
         env = Env(tmp)
         lab.add_bridge("br0")
         wan = lab.add_veth("uplink", "wan", bridge="br0", mac="02:00:00:00:00:fe")
-        names = ["g%d" % i for i in range(nguests)]
+        names = ["g%02d" % i for i in range(nguests)]  # fixed width: one marker is no prefix of another
         taps = {n: lab.add_tap(n, bridge="br0") for n in names}
         macs = {n: mac(i, "52:54:00:dd") for i, n in enumerate(names)}
         xml = ("<domain type='kvm'><name>dp</name><devices>%s</devices></domain>" % "".join(

@@ -402,14 +402,18 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     return Report(driver, name, tuple(results), replace(record, nics=tuple(left)))
 
 
-def _decision_from_record(kernel, rec):
+def _decision_from_record(kernel, rec, cache=None):
     """A 'manage' Decision rebuilt from a record, or None if the port is not ours any more."""
     from fdbhook.model import Nic
 
     link = kernel.by_index(rec.ifindex)
     if link is None or link.name != rec.port or not link.is_bridge_port:
         return None
-    bridge = kernel.by_index(link.master)
+    cache = {} if cache is None else cache
+    key = ("link", link.master)
+    if key not in cache:
+        cache[key] = kernel.by_index(link.master)
+    bridge = cache[key]
     if bridge is None or bridge.name != rec.bridge:
         return None
     vlan, trunk = None, ()
@@ -418,15 +422,16 @@ def _decision_from_record(kernel, rec):
         trunk = tuple(vid for vid, pvid, _ in rec.set_vlans if not pvid)
     nic = Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port, vlan=vlan, trunk=trunk)
     return Decision(nic=nic, action="manage", reason="recorded", port=rec.port, ifindex=rec.ifindex,
-                    bridge=rec.bridge, bridge_ifindex=bridge.ifindex, network=rec.network)
+                    bridge=rec.bridge, bridge_ifindex=bridge.ifindex, network=rec.network, link=link)
 
 
-def reapply_record(driver, name, kernel, store, config, paused=None):
+def reapply_record(driver, name, kernel, store, config, paused=None, bridges=None):
     """Bring a domain's recorded ports back to their recorded state, from the record alone.
 
     The daemon's drift repair and pause/resume handling: no XML, no libvirt.
     NICs whose port is gone are dropped from the record. ``paused`` True/False
-    also changes the record's state (entries out/in). Returns the Report.
+    also changes the record's state (entries out/in). ``bridges`` caches
+    bridge facts across calls (a full resync). Returns the Report.
     """
     with store.lock():
         record = store.load(driver, name)
@@ -434,9 +439,10 @@ def reapply_record(driver, name, kernel, store, config, paused=None):
             return Report(driver, name, ())
         if paused is None:
             paused = record.paused
-        results, kept, bridges = [], [], {}
+        results, kept = [], []
+        bridges = {} if bridges is None else bridges
         for rec in record.nics:
-            d = _decision_from_record(kernel, rec)
+            d = _decision_from_record(kernel, rec, bridges)
             if d is None:
                 from fdbhook.model import Nic
                 gone = Decision(nic=Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port),
@@ -447,7 +453,8 @@ def reapply_record(driver, name, kernel, store, config, paused=None):
             results.append(result)
             kept.append(new if new is not None else rec)
         new_record = replace(record, nics=tuple(kept), paused=paused)
-        store.save(new_record)
+        if new_record != record:  # an unchanged record is not rewritten (resync of 1000 ports)
+            store.save(new_record)
     for result in results:
         if result.status != "unchanged":
             _log_line(driver, name, result)
@@ -460,8 +467,9 @@ def resync(kernel, store, config):
     Returns (ports checked, repairs made, failures).
     """
     checked = repaired = failed = 0
+    bridges = {}
     for record in store.all():
-        report = reapply_record(record.driver, record.domain, kernel, store, config)
+        report = reapply_record(record.driver, record.domain, kernel, store, config, bridges=bridges)
         for result in report.results:
             checked += 1
             repaired += result.status in ("changed", "gone")
