@@ -281,6 +281,18 @@ def bench_dataplane(nguests, frames):
     return {"guests": nguests, "frames_per_kind": frames, "before": before, "after": after}
 
 
+def bench_fullkernel():
+    """Uplink promiscuity and unknown unicast on Debian's kernel (bench/fullkernel.py under virtme-ng)."""
+    runner = os.path.join(REPO, "tests", "fullkernel", "vng-run.sh")
+    proc = subprocess.run([runner, "run", "cd %s && /usr/bin/python3 bench/fullkernel.py" % REPO],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, VNG_RUN_TIMEOUT="600"))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FULLKERNEL_JSON: ")), None)
+    if line is None:
+        return {"skipped": "full kernel not available (exit %d): %s" % (proc.returncode,
+                                                                         (proc.stdout + proc.stderr)[-300:])}
+    return json.loads(line.split(": ", 1)[1])
+
+
 def machine():
     with open("/proc/cpuinfo") as handle:
         model = next((ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), "?")
@@ -326,6 +338,18 @@ def print_table(result):
             print("%8d %13d -> %-12d %11d -> %-10d %9d -> %d" % (row["guests"], b["unknown_unicast_to_guests"],
                                                                 a["unknown_unicast_to_guests"], b["stolen_by_forger"],
                                                                 a["stolen_by_forger"], b["delivered"], a["delivered"]))
+    if "fullkernel" in result:
+        fk = result["fullkernel"]
+        if "skipped" in fk:
+            print("\nfull kernel: skipped: %s" % fk["skipped"])
+        else:
+            print("\nDebian kernel %s (virtme-ng), VLAN-filtering bridge, bond uplink:" % fk["kernel"])
+            print("%8s %24s %34s" % ("guests", "uplink promiscuity", "unknown-unicast frames to guests"))
+            for row in fk["rows"]:
+                b, a = row["before"], row["after"]
+                print("%8d %13d -> %-9d %20d -> %d  (of %d sent)" % (
+                    row["guests"], b["uplink_promiscuity"], a["uplink_promiscuity"],
+                    b["unknown_unicast_to_guests"], a["unknown_unicast_to_guests"], row["frames"]))
     if "targets" in result:
         print("\ntargets")
         for name, (value, target, ok) in result["targets"].items():
@@ -361,13 +385,19 @@ def judge(result):
     for row in result.get("dataplane", ()):
         leaked = row["after"]["unknown_unicast_to_guests"] + row["after"]["misdelivered"]
         checks["frames leaked, %d guests" % row["guests"]] = (leaked, "0", leaked == 0)
+    for row in (result.get("fullkernel") or {}).get("rows", ()):
+        a = row["after"]
+        checks["full kernel, %d guests: uplink promiscuity after" % row["guests"]] = (
+            a["uplink_promiscuity"], "0", a["uplink_promiscuity"] == 0)
+        checks["full kernel, %d guests: unknown unicast to guests" % row["guests"]] = (
+            a["unknown_unicast_to_guests"], "0", a["unknown_unicast_to_guests"] == 0)
     result["targets"] = checks
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller setups (smoke test)")
-    parser.add_argument("--only", default="hooks,scale,daemon,hotplug,dataplane")
+    parser.add_argument("--only", default="hooks,scale,daemon,hotplug,dataplane,fullkernel")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -385,6 +415,8 @@ def main():
     if "hotplug" in only:
         from hotplug import bench_hotplug
         result["hotplug"] = bench_hotplug(cycles=30 if args.quick else 100)
+    if "fullkernel" in only:
+        result["fullkernel"] = bench_fullkernel()
     if "dataplane" in only:
         result["dataplane"] = [bench_dataplane(n, 10 if args.quick else 20) for n in ((2, 4) if args.quick else (4, 16))]
     judge(result)

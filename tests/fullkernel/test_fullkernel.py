@@ -1,9 +1,9 @@
-"""Full-kernel tier: inner_test.py inside Debian's kernel under virtme-ng.
+"""Full-kernel tier: inner_vlan.py inside Debian's kernel under virtme-ng.
 
 This machine's kernel has no bridge VLAN filtering and no bonding, so the
 promiscuous-mode payoff can only be shown on a full distribution kernel.
 vng-run.sh boots it (QEMU, TCG) with this machine's filesystem as root and
-runs pytest on inner_test.py there.
+runs pytest on inner_vlan.py there.
 """
 
 import os
@@ -30,7 +30,7 @@ def test_vlan_filtering_bridge_uplink_leaves_promiscuous_mode():
     if check.returncode == 77:
         unavailable("full-kernel tier unavailable: %s" % (check.stdout + check.stderr).strip())
     command = ("cd %s && /usr/bin/python3 -m pytest -q -p no:cacheprovider -s -rA "
-               "tests/fullkernel/inner_test.py" % REPO)
+               "tests/fullkernel/inner_vlan.py" % REPO)
     result = subprocess.run([RUNNER, "run", command], capture_output=True, text=True, timeout=900,
                             env=dict(os.environ, VNG_RUN_TIMEOUT="600"))
     output = result.stdout + result.stderr
