@@ -344,10 +344,10 @@ def print_table(result):
             print("\nfull kernel: skipped: %s" % fk["skipped"])
         else:
             print("\nDebian kernel %s (virtme-ng), VLAN-filtering bridge, bond uplink:" % fk["kernel"])
-            print("%8s %24s %34s" % ("guests", "uplink promiscuity", "unknown-unicast frames to guests"))
+            print("%8s %24s %34s" % ("guests", "uplink promiscuity", "unknown-unicast frames guests got"))
             for row in fk["rows"]:
                 b, a = row["before"], row["after"]
-                print("%8d %13d -> %-9d %20d -> %d  (of %d sent)" % (
+                print("%8d %13d -> %-9d %20d -> %d  (%d sent, flooded to every guest before)" % (
                     row["guests"], b["uplink_promiscuity"], a["uplink_promiscuity"],
                     b["unknown_unicast_to_guests"], a["unknown_unicast_to_guests"], row["frames"]))
     if "targets" in result:

@@ -31,13 +31,7 @@ def run(nguests, frames):
                    FDBHOOK_LOG=os.path.join(tmp, "log"), FDBHOOK_NO_DAEMON="1", PYTHONPATH=REPO)
         lab.add_bridge("br0")
         lab.ip("link", "set", "br0", "type", "bridge", "vlan_filtering", "1")
-        lab.ip("link", "add", "bond0", "type", "bond", "mode", "active-backup")
-        wan = lab.add_veth("upl0", "upl0p", mac=WAN)
-        lab.ip("link", "set", "upl0", "down")
-        lab.ip("link", "set", "upl0", "master", "bond0")
-        lab.ip("link", "set", "upl0", "up")
-        lab.ip("link", "set", "bond0", "master", "br0")
-        lab.ip("link", "set", "bond0", "up")
+        wan = lab.add_bond_uplink("bond0", "upl0", "upl0p", "br0", mac=WAN)
         names = ["vnet%02d" % i for i in range(nguests)]
         taps = {n: lab.add_tap(n, bridge="br0") for n in names}
         macs = {n: "52:54:00:fc:00:%02x" % i for i, n in enumerate(names)}

@@ -506,6 +506,23 @@ class Lab:
             self._wait_forwarding(name)
         return endpoint
 
+    def add_bond_uplink(self, bond, slave, peer, bridge, mac=None):
+        """An active-backup bond BOND on BRIDGE whose one slave is veth SLAVE<->PEER.
+
+        A bond filters unicast (IFF_UNICAST_FLT), so on a VLAN-filtering
+        bridge the kernel can take it out of promiscuous mode; veths and taps
+        never can. Needs the bonding module (full distribution kernels).
+        Returns the Endpoint of PEER: the outside world behind the uplink.
+        """
+        self.ip("link", "add", bond, "type", "bond", "mode", "active-backup")
+        endpoint = self.add_veth(slave, peer, mac=mac)
+        self.ip("link", "set", slave, "down")  # a bond only enslaves devices that are down
+        self.ip("link", "set", slave, "master", bond)
+        self.ip("link", "set", slave, "up")
+        self.ip("link", "set", bond, "master", bridge)
+        self.ip("link", "set", bond, "up")
+        return endpoint
+
     # -- independent readers ----------------------------------------------
 
     def link(self, dev):

@@ -78,13 +78,7 @@ def entries(lab, mac):
 def test_promiscuity_vlans_and_frames(env):
     with Lab(prefix="fdbfull") as lab:
         lab.add_bridge("br0")
-        lab.ip("link", "add", "bond0", "type", "bond", "mode", "active-backup")
-        wan = lab.add_veth("upl0", "upl0p", mac=WAN)
-        lab.ip("link", "set", "upl0", "down")
-        lab.ip("link", "set", "upl0", "master", "bond0")
-        lab.ip("link", "set", "upl0", "up")
-        lab.ip("link", "set", "bond0", "master", "br0")
-        lab.ip("link", "set", "bond0", "up")
+        wan = lab.add_bond_uplink("bond0", "upl0", "upl0p", "br0", mac=WAN)
         taps = {"vnet0": lab.add_tap("vnet0", bridge="br0"), "vnet1": lab.add_tap("vnet1", bridge="br0")}
         assert lab.link("br0")["linkinfo"]["info_data"]["vlan_filtering"] == 0
         before = lab.promiscuity("bond0")
