@@ -130,6 +130,21 @@ def cmd_status(args):
     return EXIT_DRIFT if data["drift"] else 0
 
 
+def cmd_explain(args):
+    from fdbhook.config import load_config
+    from fdbhook.kernel import Kernel
+    from fdbhook.state import Store
+    from fdbhook.status import explain, render_explain
+
+    config = load_config(args.config)
+    with Kernel() as kernel:
+        bridge = explain(config, kernel, Store(config.state_dir), args.bridge)
+    if bridge is None:
+        raise UsageError(reason="%s is not a Linux bridge here" % args.bridge)
+    print(json.dumps(bridge, indent=2, sort_keys=True) if args.json else render_explain(bridge))
+    return 0
+
+
 def cmd_hook(args):
     return hook_main(args.driver, args.argv, verbose=args.verbose)
 
@@ -189,6 +204,11 @@ def build_parser():
         p.add_argument("--connect", default=None, help="libvirt URI (default: libvirt's default)")
         p.add_argument("--dry-run", action="store_true", help="print the plan as bridge(8) commands")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("explain", help="which ports still learn or flood, and can the uplink be non-promiscuous")
+    p.add_argument("bridge")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("replay", help="re-run a hook invocation captured with [hook] capture = yes")
     p.add_argument("file", help="a .json file from the capture spool")

@@ -58,14 +58,65 @@ def daemon_info():
     return info
 
 
+def bridge_report(config, kernel, br, links, by_ifindex):
+    """One bridge: its ports, who owns them, drift, and the promiscuity explanation."""
+    ports = []
+    for link in links:
+        if link.master != br.ifindex or not link.is_bridge_port:
+            continue
+        rec, owner = by_ifindex.get(link.ifindex, (None, None))
+        if rec is not None and rec.port != link.name:
+            rec, owner = None, None
+        ports.append(_port_dict(kernel, link, rec, owner, br.ifindex))
+    bridge = {
+        "name": br.name,
+        "promiscuity": br.promiscuity,
+        "vlan_filtering": kernel.bridge_vlan_filtering(br.ifindex),
+        "vlan_filtering_supported": _vlan_filtering_supported(br.name),
+        "managed_by": config.bridge_managed(br.name),
+        "ports": ports,
+        "auto_ports": [p["name"] for p in ports if p["learning"] or p["flood"]],
+    }
+    bridge["explain"] = explain_bridge(bridge)
+    return bridge
+
+
+def _records_by_ifindex(store):
+    out = {}
+    for record in store.all():
+        for rec in record.nics:
+            out[rec.ifindex] = (rec, "%s/%s" % (record.driver, record.domain))
+    return out
+
+
+def explain(config, kernel, store, name):
+    """``fdbhook explain BRIDGE``: any Linux bridge, managed or not; None if there is none."""
+    links = kernel.links()
+    br = next((link for link in links if link.name == name and link.kind == "bridge"), None)
+    if br is None:
+        return None
+    return bridge_report(config, kernel, br, links, _records_by_ifindex(store))
+
+
+def render_explain(bridge):
+    lines = ["bridge %s: vlan_filtering %s%s, bridge promiscuity %d" % (
+        bridge["name"], "on" if bridge["vlan_filtering"] else "off",
+        "" if bridge["vlan_filtering_supported"] else " (unsupported by this kernel)", bridge["promiscuity"])]
+    for port in bridge["ports"]:
+        lines.append("  %-15s %-8s learning %-3s flood %-3s promiscuity %d%s" % (
+            port["name"], port["kind"] or "-", "on" if port["learning"] else "off",
+            "on" if port["flood"] else "off", port["promiscuity"],
+            "  (%s)" % port["domain"] if port["domain"] else ""))
+    lines.append("still learning or flooding: %s" % (", ".join(bridge["auto_ports"]) or "none"))
+    lines.extend(bridge["explain"])
+    return "\n".join(lines)
+
+
 def collect(config, kernel, store):
     """Everything status shows, as JSON-ready dicts."""
     records = store.all()
-    by_ifindex = {}
+    by_ifindex = _records_by_ifindex(store)
     missing = []
-    for record in records:
-        for rec in record.nics:
-            by_ifindex[rec.ifindex] = (rec, "%s/%s" % (record.driver, record.domain))
     links = kernel.links()
     index = {link.ifindex: link for link in links}
     bridges = {}
@@ -79,27 +130,8 @@ def collect(config, kernel, store):
         for link in links:
             if link.kind == "bridge" and link.name == net.bridge:
                 bridges[link.ifindex] = link
-    out = []
-    for br in sorted(bridges.values(), key=lambda b: b.name):
-        ports = []
-        for link in links:
-            if link.master != br.ifindex or not link.is_bridge_port:
-                continue
-            rec, owner = by_ifindex.get(link.ifindex, (None, None))
-            if rec is not None and rec.port != link.name:
-                rec, owner = None, None
-            ports.append(_port_dict(kernel, link, rec, owner, br.ifindex))
-        bridge = {
-            "name": br.name,
-            "promiscuity": br.promiscuity,
-            "vlan_filtering": kernel.bridge_vlan_filtering(br.ifindex),
-            "vlan_filtering_supported": _vlan_filtering_supported(br.name),
-            "managed_by": config.bridge_managed(br.name),
-            "ports": ports,
-            "auto_ports": [p["name"] for p in ports if p["learning"] or p["flood"]],
-        }
-        bridge["explain"] = explain_bridge(bridge)
-        out.append(bridge)
+    out = [bridge_report(config, kernel, br, links, by_ifindex)
+           for br in sorted(bridges.values(), key=lambda b: b.name)]
     for record in records:
         for rec in record.nics:
             link = index.get(rec.ifindex)

@@ -104,6 +104,10 @@ def test_promiscuity_vlans_and_frames(env):
                                 capture_output=True, timeout=60)
         bridge = json.loads(status.stdout)["bridges"][0]
         assert bridge["vlan_filtering"] is True and bridge["auto_ports"] == ["bond0"]
+        explained = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "explain", "br0"]), env=env,
+                                   capture_output=True, text=True, timeout=60)
+        print(explained.stdout)
+        assert "the kernel can keep the uplink out of promiscuous mode" in explained.stdout
 
         # Frames still arrive through the non-promiscuous uplink, on the right VLANs.
         for end in taps.values():

@@ -294,6 +294,10 @@ def test_cli_dry_run_status_and_teardown(lab, env, tmp_path):
     assert bridge["auto_ports"] == ["uplink"]
     assert any("promiscuity cannot be cleared" in s or "can keep" in s for s in bridge["explain"])
 
+    explained = cli(lab, env, "explain", "br0")
+    assert explained.returncode == 0 and b"still learning or flooding: uplink" in explained.stdout
+    assert cli(lab, env, "explain", "nosuchbr").returncode == 2
+
     lab.bridge("link", "set", "dev", "vnet0", "flood", "on")
     drift = cli(lab, env, "status")
     assert drift.returncode == 4 and b"DRIFT: flood on" in drift.stdout

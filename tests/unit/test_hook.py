@@ -85,3 +85,43 @@ def test_nothing_configured_is_a_fast_no_op(tmp_path):
     result = run_hook("qemu", ["t1", "start", "begin", "-"], XML, config=Config(), kernel=kernel,
                       store=Store(str(tmp_path)))
     assert result.code == 0 and kernel.executed == []
+
+
+def test_incoming_migration_waits_for_resume_with_the_daemon(env):
+    """migrate (destination) -> start/started lock the port down without entry; resume adds it."""
+    from fdbhook.engine import reapply_record
+
+    kernel, store, cfg = env
+    assert run_hook("qemu", ["t1", "migrate", "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                    daemon=True).code == 0
+    assert store.is_incoming("qemu", "t1")
+    for op in ("prepare", "start", "started"):
+        assert run_hook("qemu", ["t1", op, "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                        daemon=True).code == 0
+    port = kernel.by_name("vnet0")
+    assert port.learning is False and port.flood is False
+    assert kernel.fdb_get("52:54:00:00:00:01", 10) is None
+    assert store.load("qemu", "t1").paused is True
+    reapply_record("qemu", "t1", kernel, store, cfg, paused=False)  # the daemon's RESUMED handler
+    assert kernel.fdb_get("52:54:00:00:00:01", 10).ifindex == port.ifindex
+    assert store.load("qemu", "t1").paused is False
+
+
+def test_incoming_migration_without_the_daemon_adds_entries_at_start(env):
+    kernel, store, cfg = env
+    store.mark_incoming("qemu", "t1")  # left by a daemon that has died since
+    assert hook(env, "started").code == 0
+    assert kernel.fdb_get("52:54:00:00:00:01", 10) is not None
+
+
+def test_suspend_and_resume_from_the_record(env):
+    from fdbhook.engine import reapply_record
+
+    kernel, store, cfg = env
+    assert hook(env, "start").code == 0
+    reapply_record("qemu", "t1", kernel, store, cfg, paused=True)
+    assert kernel.fdb_get("52:54:00:00:00:01", 10) is None and kernel.by_name("vnet0").learning is False
+    assert hook(env, "reconnect").code == 0  # a reconnect keeps a paused guest paused
+    assert kernel.fdb_get("52:54:00:00:00:01", 10) is None
+    reapply_record("qemu", "t1", kernel, store, cfg, paused=False)
+    assert kernel.fdb_get("52:54:00:00:00:01", 10) is not None
