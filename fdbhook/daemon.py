@@ -254,6 +254,11 @@ class Daemon:
                 store.clear_incoming(driver, name)
         elif kind == "port":
             self._find_port_owner(kernel, store, config, job[1])
+        elif kind == "port-gone":
+            for record in store.all():
+                if any(nic.ifindex == job[1] for nic in record.nics):
+                    engine.reapply_record(record.driver, record.domain, kernel, store, config)
+            self.note_ports_changed()
 
     # --- libvirt ---------------------------------------------------------------
     @staticmethod
@@ -452,7 +457,14 @@ class Daemon:
                 ready, _, _ = select.select([monitor], [], [], 1.0)
                 if not ready:
                     continue
-                events = [e for e in monitor.read() if e[0] == "new" and e[3]]
+                events = monitor.read()
+                with self._known_lock:
+                    gone = [e[1] for e in events if e[0] == "del" and e[1] in self._known_ports]
+                for ifindex in gone:
+                    # A managed port vanished (unplug, even where libvirt sends
+                    # no DEVICE_REMOVED, as for LXC): drop it from its record.
+                    self.put(("port-gone", ifindex))
+                events = [e for e in events if e[0] == "new" and e[3]]
                 if not events:
                     continue
                 config = self.config()

@@ -174,3 +174,24 @@ def test_burst_of_20_hotplugs_across_4_guests(guests, daemon):
     assert E.poll(all_managed, timeout=15)
     for name in names:
         assert len(E.record("qemu", name)["nics"]) == 5
+
+
+def test_lxc_hotplug_and_unplug(guests, daemon, lxc_ok):
+    """LXC attach/detach complete without a guest OS; libvirt sends no DEVICE_REMOVED for them."""
+    first, second = "52:54:00:e4:05:01", "52:54:00:e4:05:02"
+    name = guests.define("lxc", E.PFX + "-lx", [E.nic_bridge(first, E.BR, driver="lxc")])
+    guests.start("lxc", name)
+    nic = E.nic_bridge(second, E.BR, driver="lxc")
+    attach(E.LXC, name, nic)
+    dev = E.dev_of(E.LXC, name, second)
+    assert E.poll(lambda: managed(dev, second), timeout=5), E.port(dev)
+    with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as handle:
+        handle.write(nic)
+        path = handle.name
+    try:
+        E.virsh(E.LXC, "detach-device", name, path, "--live", timeout=120)
+    finally:
+        os.unlink(path)
+    assert E.poll(lambda: [n["mac"] for n in E.record("lxc", name)["nics"]] == [first], timeout=5), \
+        E.record("lxc", name)
+    assert not E.static_entries(E.BR, second)
