@@ -50,6 +50,8 @@ def _domain_xml(args):
         import libvirt
     except ImportError:
         raise LibvirtError(reason="libvirt-python is not installed; use --xml FILE") from None
+    # libvirt prints every error to stderr by default; ours is the one line.
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
     try:
         conn = libvirt.openReadOnly(args.connect)
         try:

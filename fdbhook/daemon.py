@@ -145,6 +145,7 @@ class Daemon:
             except ImportError:
                 LOG.warning("libvirt-python missing: no hotplug/pause/resume/MAC events, hooks and drift repair only")
             else:
+                libvirt.registerErrorHandler(lambda ctx, err: None, None)  # we log what matters
                 libvirt.virEventRegisterDefaultImpl()  # before any connection opens
                 self._spawn("libvirt-events", self._event_loop)
                 for uri in self.uris:
