@@ -86,8 +86,9 @@ def test_hotplug_bridge_and_network_nics(guests, daemon):
     net_dev = E.dev_of(E.QEMU, name, "52:54:00:e4:00:03")
     assert E.poll(lambda: managed(br_dev, "52:54:00:e4:00:02"), timeout=5), E.port(br_dev)
     assert E.poll(lambda: managed(net_dev, "52:54:00:e4:00:03", E.NET_BR), timeout=5), E.port(net_dev)
-    rec = E.record("qemu", name)
-    assert sorted(n["mac"] for n in rec["nics"]) == ["52:54:00:e4:00:01", "52:54:00:e4:00:02", "52:54:00:e4:00:03"]
+    want = ["52:54:00:e4:00:01", "52:54:00:e4:00:02", "52:54:00:e4:00:03"]
+    # The record is written right after the kernel changes, in the same transaction.
+    assert E.poll(lambda: sorted(n["mac"] for n in E.record("qemu", name)["nics"]) == want, timeout=5)
     guests.destroy("qemu", name)
     assert E.poll(lambda: E.record("qemu", name) is None, timeout=5)
 
@@ -101,12 +102,13 @@ def test_suspend_removes_and_resume_restores_entries(guests, daemon):
     E.virsh(E.QEMU, "suspend", name)
     assert E.poll(lambda: not E.static_entries(E.BR, mac), timeout=5)
     assert E.port(dev)["learning"] is False and E.port(dev)["flood"] is False  # still locked down
-    assert E.record("qemu", name)["paused"] is True
+    # The entry goes inside the record's transaction; the record file follows it.
+    assert E.poll(lambda: E.record("qemu", name)["paused"] is True, timeout=5)
     time.sleep(1.5)  # a resync in between must not bring the entry back
     assert not E.static_entries(E.BR, mac)
     E.virsh(E.QEMU, "resume", name)
     assert E.poll(lambda: managed(dev, mac), timeout=5)
-    assert E.record("qemu", name)["paused"] is False
+    assert E.poll(lambda: E.record("qemu", name)["paused"] is False, timeout=5)
 
 
 def test_drift_repaired_within_one_interval(guests, daemon):
@@ -172,8 +174,7 @@ def test_burst_of_20_hotplugs_across_4_guests(guests, daemon):
         return all(managed(E.dev_of(E.QEMU, name, mac), mac) for name in names for mac in macs[name])
 
     assert E.poll(all_managed, timeout=15)
-    for name in names:
-        assert len(E.record("qemu", name)["nics"]) == 5
+    assert E.poll(lambda: all(len(E.record("qemu", name)["nics"]) == 5 for name in names), timeout=5)
 
 
 def test_lxc_hotplug_and_unplug(guests, daemon, lxc_ok):
