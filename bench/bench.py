@@ -216,7 +216,8 @@ def bench_daemon(nports):
                 time.sleep(0.2)
                 with open(env.env["FDBHOOK_LOG"]) as handle:
                     line = next((ln for ln in handle if "resync:" in ln), None)
-            with open("/proc/%d/status" % _child_pid(daemon.pid)) as handle:
+            # `ip netns exec` execs the command: the pid is the daemon's own.
+            with open("/proc/%d/status" % daemon.pid) as handle:
                 rss_kib = next(int(ln.split()[1]) for ln in handle if ln.startswith("VmRSS:"))
         finally:
             daemon.terminate()
@@ -226,11 +227,6 @@ def bench_daemon(nports):
     return {"ports": nports, "initial_apply_s": round(apply_s, 2), "checked": int(words[0]),
             "repaired": int(words[3]), "resync_s": round(int(words[-2]) / 1000.0, 3),
             "rss_mib": round(rss_kib / 1024.0, 1)}
-
-
-def _child_pid(pid):
-    """`ip netns exec` execs the command, so the pid is the daemon's own."""
-    return pid
 
 
 def bench_dataplane(nguests, frames):

@@ -94,8 +94,7 @@ def entry_from_msg(msg):
 class Kernel:
     """Netlink access for one run. Not thread-safe; open one per thread."""
 
-    def __init__(self, netns=None):
-        self._netns = netns
+    def __init__(self):
         self._ipr = None
         self.sticky_supported = True
 
@@ -106,12 +105,8 @@ class Kernel:
             # Imported here so that code paths that never touch the kernel
             # (dry-run on a file, the daemon client) do not pay for pyroute2.
             try:
-                if self._netns:
-                    from pyroute2 import NetNS
-                    self._ipr = NetNS(self._netns)
-                else:
-                    from pyroute2 import IPRoute
-                    self._ipr = IPRoute()
+                from pyroute2 import IPRoute
+                self._ipr = IPRoute()
             except OSError as exc:
                 raise KernelError(what="netlink socket", reason=exc.strerror or str(exc)) from None
         return self._ipr
