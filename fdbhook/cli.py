@@ -20,10 +20,12 @@ def hook_main(driver, argv, stdin=None, verbose=False, capture=True):
     # -v (manual replay) shows every log line on stderr as well.
     setup_logging(verbose=verbose, hook=not verbose)
     stdin = stdin if stdin is not None else sys.stdin.buffer
-    from fdbhook.domxml import MAX_XML_BYTES
-    data = stdin.read(MAX_XML_BYTES + 1)
-    # Drain the rest so libvirtd never sees EPIPE; oversize input is refused
-    # by the parser, which sees MAX_XML_BYTES + 1 bytes.
+    # client.MAX_STDIN is the parser's limit + 1 (so oversize input is still
+    # refused); taken from the stdlib-only client, not domxml, so that
+    # prepare/migrate/stopped never import lxml.
+    from fdbhook.client import MAX_STDIN
+    data = stdin.read(MAX_STDIN)
+    # Drain the rest so libvirtd never sees EPIPE.
     while stdin.read(65536):
         pass
     result = run_hook(driver, argv, data, capture_it=capture)

@@ -56,6 +56,9 @@ class _HookHandler(socketserver.StreamRequestHandler):
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             self._answer(pack, 2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
             return
+        if driver == "ping":  # `fdbhook status` asking whether we run: no hook, no capture
+            self._answer(pack, 0, "", "")
+            return
         started = time.monotonic()
         result = run_hook(driver, argv, data, config=daemon.config(), daemon=True)
         daemon.hooks_served += 1

@@ -47,7 +47,7 @@ def daemon_info():
     """Is fdbhookd answering, and can this libvirt report guest MAC changes?"""
     from fdbhook.client import offer, socket_path
 
-    info = {"socket": socket_path(), "answering": offer("qemu", ["-", "status-probe"], b"", timeout=1.0) is not None}
+    info = {"socket": socket_path(), "answering": offer("ping", [], b"", timeout=1.0) is not None}
     try:
         import libvirt
         info["libvirt_python"] = ".".join(str(libvirt.getVersion() // 10 ** (3 * i) % 1000) for i in (2, 1, 0))

@@ -155,7 +155,6 @@ def test_vlans_refused_without_filtering(tmp_path):
 
 
 def test_network_section_gives_vlans(tmp_path):
-    from fdbhook.model import Network
     k, store, _ = setup(tmp_path)
     k.filtering[10] = True
     cfg = config("[manage]\nnetworks = lan\n[network lan]\nvlan = 7\n")

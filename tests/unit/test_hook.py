@@ -125,3 +125,23 @@ def test_suspend_and_resume_from_the_record(env):
     assert kernel.fdb_get("52:54:00:00:00:01", 10) is None
     reapply_record("qemu", "t1", kernel, store, cfg, paused=False)
     assert kernel.fdb_get("52:54:00:00:00:01", 10) is not None
+
+
+def test_client_reads_exactly_one_byte_more_than_the_parser_accepts():
+    from fdbhook.client import MAX_STDIN
+    from fdbhook.domxml import MAX_XML_BYTES
+
+    assert MAX_STDIN == MAX_XML_BYTES + 1
+
+
+def test_inert_hook_imports_no_lxml_or_pyroute2():
+    import subprocess
+    import sys
+
+    code = ("import io, sys; from fdbhook.client import main; "
+            "main('qemu', ['t1', 'prepare', 'begin', '-'], io.BytesIO(b'<domain/>')); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lxml', 'pyroute2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"FDBHOOK_NO_DAEMON": "1", "FDBHOOK_CONF": "/nonexistent", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": __file__.rsplit("/tests/", 1)[0]})
+    assert out.stdout.strip().splitlines()[-1] == "[]", out
