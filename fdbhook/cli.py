@@ -8,32 +8,18 @@ import argparse
 import json
 import sys
 
-from fdbhook.errors import FdbhookError, LibvirtError, UsageError
+from fdbhook.errors import FdbhookError, UsageError
 
 EXIT_DRIFT = 4
 
 
 def hook_main(driver, argv, stdin=None, verbose=False, capture=True):
-    """Entry point of hooks/qemu, hooks/lxc, hooks/network and ``fdbhook hook``."""
-    from fdbhook.hook import run_hook, setup_logging
+    """``fdbhook hook``: read stdin once and serve the hook in this process (no daemon)."""
+    from fdbhook.client import read_stdin
+    from fdbhook.hook import answer
 
-    # -v (manual replay) shows every log line on stderr as well.
-    setup_logging(verbose=verbose, hook=not verbose)
-    stdin = stdin if stdin is not None else sys.stdin.buffer
-    # client.MAX_STDIN is the parser's limit + 1 (so oversize input is still
-    # refused); taken from the stdlib-only client, not domxml, so that
-    # prepare/migrate/stopped never import lxml.
-    from fdbhook.client import MAX_STDIN
-    data = stdin.read(MAX_STDIN)
-    # Drain the rest so libvirtd never sees EPIPE.
-    while stdin.read(65536):
-        pass
-    result = run_hook(driver, argv, data, capture_it=capture)
-    if result.stdout:
-        sys.stdout.write(result.stdout)
-    if result.stderr:
-        sys.stderr.write(result.stderr + "\n")
-    return result.code
+    return answer(driver, argv, read_stdin(stdin if stdin is not None else sys.stdin.buffer),
+                  verbose=verbose, capture=capture)
 
 
 def _domain_xml(args):
@@ -48,20 +34,9 @@ def _domain_xml(args):
             raise UsageError(reason="%s: %s" % (args.xml, exc.strerror)) from None
     if not args.domain:
         raise UsageError(reason="name a domain or give --xml FILE")
-    try:
-        import libvirt
-    except ImportError:
-        raise LibvirtError(reason="libvirt-python is not installed; use --xml FILE") from None
-    # libvirt prints every error to stderr by default; ours is the one line.
-    libvirt.registerErrorHandler(lambda ctx, err: None, None)
-    try:
-        conn = libvirt.openReadOnly(args.connect)
-        try:
-            return conn.lookupByName(args.domain).XMLDesc(0).encode()
-        finally:
-            conn.close()
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(reason="%s: %s" % (args.domain, exc.get_error_message())) from None
+    from fdbhook.virt import domain_xml
+
+    return domain_xml(args.connect, args.domain)
 
 
 def _print_report(report, dry_run):
@@ -155,17 +130,11 @@ def cmd_hook(args):
 
 def cmd_replay(args):
     """Re-run one captured hook invocation with the same semantics."""
-    import base64
     import io
 
-    try:
-        with open(args.file, encoding="utf-8") as handle:
-            record = json.load(handle)
-        driver, argv = record["driver"], record["argv"]
-        data = (base64.b64decode(record["stdin_b64"]) if "stdin_b64" in record
-                else record.get("stdin", "").encode("utf-8"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(reason="%s: not a capture file: %s" % (args.file, exc)) from None
+    from fdbhook.capture import load
+
+    driver, argv, data = load(args.file)
     print("replaying: %s %s (%d bytes of stdin)" % (driver, " ".join(argv), len(data)), file=sys.stderr)
     # A replay is not captured again: the spool keeps what libvirt sent.
     code = hook_main(driver, argv, stdin=io.BytesIO(data), verbose=args.verbose, capture=False)
@@ -241,7 +210,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     if args.command != "hook":
-        from fdbhook.hook import setup_logging
+        from fdbhook.logsetup import setup_logging
         setup_logging(verbose=args.verbose)
     if args.config and args.command == "hook":
         import os

@@ -4,7 +4,7 @@ Imports nothing beyond what the interpreter has already loaded at start-up
 (``_socket`` instead of ``socket``, no ``json``: each costs milliseconds of
 import on a path whose budget is the interpreter's own start). If the
 daemon's socket is absent, refuses, or does not answer in time, the hook
-runs the engine itself with the same semantics (cli.hook_main).
+runs the engine itself with the same semantics (fdbhook.hook.answer).
 
 Wire format (both directions), every field length-prefixed (4 bytes, big
 endian): request  b"FDB1" driver argv("\\0"-joined) stdin
@@ -16,9 +16,11 @@ import sys
 
 import _socket
 
+from fdbhook import MAX_INPUT_BYTES
+
 DEFAULT_SOCKET = "/run/fdbhook/fdbhookd.sock"
 MAGIC = b"FDB1"
-MAX_STDIN = 8 * 1024 * 1024 + 1  # domxml.MAX_XML_BYTES + 1: the parser refuses more
+MAX_STDIN = MAX_INPUT_BYTES + 1  # one byte over the limit: the parser then refuses it
 CONNECT_TIMEOUT = 0.2
 ANSWER_TIMEOUT = 5.0
 
@@ -74,27 +76,34 @@ def offer(driver, argv, data, path=None, timeout=ANSWER_TIMEOUT):
         sock.close()
 
 
+def read_stdin(stream):
+    """The hook's stdin, read once: at most MAX_STDIN bytes, the rest drained.
+
+    Draining means libvirtd never writes into a closed pipe (EPIPE); the
+    parser refuses anything over its limit, so one byte more is enough.
+    """
+    data = stream.read(MAX_STDIN)
+    while stream.read(65536):
+        pass
+    return data
+
+
 def main(driver, argv=None, stdin=None):
     """Entry point of the installed hooks: daemon first, standalone fallback."""
     argv = sys.argv[1:] if argv is None else argv
-    stream = stdin if stdin is not None else sys.stdin.buffer
-    data = stream.read(MAX_STDIN)
-    while stream.read(65536):  # never leave libvirtd writing into a closed pipe
-        pass
+    data = read_stdin(stdin if stdin is not None else sys.stdin.buffer)
     answer = None
     if os.environ.get("FDBHOOK_NO_DAEMON") != "1":
         answer = offer(driver, argv, data)
     if answer is None:
-        import io
-
         if sys.flags.no_site:
             # Started with -S (the installed hooks): the engine needs the
             # virtualenv's and the system's site packages (lxml, pyroute2).
             import site
             site.main()
 
-        from fdbhook.cli import hook_main
-        return hook_main(driver, argv, stdin=io.BytesIO(data))
+        from fdbhook.hook import answer as serve_here
+        return serve_here(driver, argv, data)
     code, out, err = answer
     if out:
         sys.stdout.write(out)

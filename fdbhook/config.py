@@ -203,3 +203,30 @@ def load_config(path=None, env=None):
     except OSError as exc:
         raise ConfigError(path=path, reason=exc.strerror or str(exc)) from None
     return parse_config(text, path, env)
+
+
+class ConfigCache:
+    """``load_config``, read again only when the file changed (fdbhookd serves many hooks).
+
+    The file's (inode, size, mtime) decide; a file that appears or goes is a
+    change too. Thread-safe enough: a race loads the same file twice.
+    """
+
+    def __init__(self, path=None, env=None):
+        self.env = os.environ if env is None else env
+        self.path = path or self.env.get("FDBHOOK_CONF") or DEFAULT_CONF
+        self._stamp = self._config = None
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def get(self):
+        stamp = self._stat()
+        if self._config is None or stamp != self._stamp:
+            self._config = load_config(self.path, self.env)
+            self._stamp = stamp
+        return self._config

@@ -3,19 +3,18 @@
 Threads, and what each may do:
 
 * hook server (one thread per connection): serves hook invocations handed
-  over by fdbhook.client through the same run_hook as the standalone hook.
-  It never calls libvirt (libvirtd is blocked on that very hook) and never
+  over by fdbhook.client through the same run_hook as the standalone hook,
+  with a netlink connection taken from a small pool that stays open. It
+  never calls libvirt (libvirtd is blocked on that very hook) and never
   waits for the other threads; it shares only the store's file lock.
-* libvirt (one per URI, after libvirt-python's examples/event-test.py): the
-  default event implementation is registered before any connection opens and
-  run in its own thread; callbacks only put jobs on the queue. Keepalive and
-  a close callback detect a libvirtd restart; the thread reconnects and
-  queues a full sync.
+* libvirt (fdbhook.virt.Watcher, one per URI whose driver is installed):
+  callbacks only put jobs on the queue.
 * kernel link monitor: a port joining a managed bridge that no record knows
-  queues a lookup of its guest (hotplug within milliseconds of the join).
-* worker: runs queued jobs one at a time: reconcile a domain from its live
-  XML, pause/resume its entries, full sync, drift repair. It calls libvirt
-  but never while holding the store lock.
+  queues a lookup of its guest (hotplug within milliseconds of the join); a
+  managed port that vanishes queues the pruning of its record.
+* worker: runs queued jobs one at a time, each a small frozen object, with
+  its own netlink connection. It calls libvirt but never while holding the
+  store lock; the reconciliation itself is fdbhook.engine's.
 """
 
 import logging
@@ -28,47 +27,138 @@ import socketserver
 import struct
 import threading
 import time
+from dataclasses import dataclass, replace
+from typing import Optional
 
+from fdbhook import engine, virt
+from fdbhook.client import MAX_STDIN, pack, socket_path as default_socket, unpack
+from fdbhook.config import ConfigCache
+from fdbhook.domxml import normalize_mac, parse_domain
 from fdbhook.hook import run_hook
+from fdbhook.kernel import Kernel, LinkMonitor
+from fdbhook.state import Store
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_URIS = ("qemu:///system", "lxc:///system")
 STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger than this, may be mid-start
+HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 
+
+# --- jobs ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resync:
+    """Compare every record with the kernel and repair drift."""
+
+
+@dataclass(frozen=True)
+class Sync:
+    """After (re)connecting to ``uri``: every running domain reconciled, stale records torn down."""
+
+    uri: str
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """One domain from its live XML; ``alias``/``port`` limit it to one NIC."""
+
+    uri: str
+    name: str
+    alias: Optional[str] = None
+    port: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class MacChange:
+    """The guest set a new MAC on NIC ``alias`` (NIC_MAC_CHANGE, libvirt >= 11.2)."""
+
+    uri: str
+    name: str
+    alias: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    """SUSPENDED (True) or RESUMED (False): entries out or back in. Never deduplicated: order matters."""
+
+    driver: str
+    name: str
+    paused: bool
+
+
+@dataclass(frozen=True)
+class PortJoined:
+    """A port no record knows joined a managed bridge: find its guest."""
+
+    port: str
+
+
+@dataclass(frozen=True)
+class PortGone:
+    """A managed port vanished: prune its record."""
+
+    ifindex: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+class KernelPool:
+    """Netlink connections kept open for the hook server's threads (one per concurrent hook)."""
+
+    def __init__(self):
+        self._free = []
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            return self._free.pop() if self._free else Kernel()
+
+    def give(self, kernel, broken=False):
+        if broken:
+            kernel.close()
+            return
+        with self._lock:
+            self._free.append(kernel)
+
+    def close(self):
+        with self._lock:
+            for kernel in self._free:
+                kernel.close()
+            self._free = []
+
+
+# --- the hook server -----------------------------------------------------------------
 
 class _HookHandler(socketserver.StreamRequestHandler):
     def handle(self):
-        from fdbhook.client import pack, unpack
-
         daemon = self.server.fdbhookd
         try:
             creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _, uid, _ = struct.unpack("3i", creds)
             if uid != 0:
-                self._answer(pack, 2, "", "fdbhook: fdbhookd serves root only")
+                self._answer(2, "", "fdbhook: fdbhookd serves root only")
                 return
-            # The client shuts down its sending side: read to EOF, bounded.
-            raw = self.rfile.read(16 * 1024 * 1024)
-            driver, argv, data = unpack(raw, 3)
-            driver = driver.decode()
-            argv = argv.decode("utf-8", "surrogateescape").split("\0") if argv else []
+            # The client shuts down its sending side: read to EOF, bounded
+            # (stdin over the limit plus argv; the parser refuses the rest).
+            driver, argv, data = decode_request(self.rfile.read(MAX_STDIN + 64 * 1024))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            self._answer(pack, 2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
+            self._answer(2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
             return
         if driver == "ping":  # `fdbhook status` asking whether we run: no hook, no capture
-            self._answer(pack, 0, "", "")
+            self._answer(0, "", "")
             return
-        started = time.monotonic()
-        result = run_hook(driver, argv, data, config=daemon.config(), daemon=True)
-        daemon.hooks_served += 1
-        LOG.debug("served %s %s in %.1f ms -> %d", driver, " ".join(argv[:2]),
-                  (time.monotonic() - started) * 1000, result.code)
-        self._answer(pack, result.code, result.stdout, result.stderr)
-        if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in ("start", "started", "reconnect"):
+        result = daemon.serve_hook(driver, argv, data)
+        self._answer(result.code, result.stdout, result.stderr)
+        if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in HOOK_OPS_CHANGING_PORTS:
             daemon.note_ports_changed()
 
-    def _answer(self, pack, code, out, err):
+    def _answer(self, code, out, err):
         try:
             self.wfile.write(pack(str(code).encode(), out.encode(), err.encode()))
             self.wfile.flush()
@@ -79,16 +169,23 @@ class _HookHandler(socketserver.StreamRequestHandler):
             pass
 
 
+def decode_request(raw):
+    """(driver, argv list, stdin bytes) from the client's framed request; ValueError if malformed."""
+    driver, argv, data = unpack(raw, 3)
+    argv = argv.decode("utf-8", "surrogateescape").split("\0") if argv else []
+    return driver.decode(), argv, data
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
 
+# --- the daemon ------------------------------------------------------------------------
+
 class Daemon:
     def __init__(self, config_path=None, socket_path=None, uris=DEFAULT_URIS, use_libvirt=True):
-        from fdbhook.client import socket_path as default_socket
-
-        self.config_path = config_path
+        self.configs = ConfigCache(config_path)
         self.socket_path = socket_path or default_socket()
         self.uris = tuple(uris)
         self.use_libvirt = use_libvirt
@@ -98,74 +195,85 @@ class Daemon:
         self.stopping = threading.Event()
         self.hooks_served = 0
         self.repairs = 0
+        self.mac_changes = 0
         self._known_ports = set()
         self._known_lock = threading.Lock()
-        self._conns = {}  # uri -> libvirt connection
+        self.watchers = {}  # uri -> virt.Watcher
+        self.kernels = KernelPool()
         self._server = None
-        self._threads = []
 
-    # --- shared helpers -------------------------------------------------------
+    # --- shared helpers ----------------------------------------------------------------
     def put(self, job):
-        """Queue a job unless the same one is already waiting."""
-        with self._pending_lock:
-            if job in self._pending:
-                return
-            self._pending.add(job)
+        """Queue a job unless the same one is already waiting (Pause jobs always go in order)."""
+        if not isinstance(job, (Pause, Stop)):
+            with self._pending_lock:
+                if job in self._pending:
+                    return
+                self._pending.add(job)
         self.jobs.put(job)
 
     def config(self):
-        from fdbhook.config import load_config
-        return load_config(self.config_path)
+        return self.configs.get()
 
     def store(self, config=None):
-        from fdbhook.state import Store
         return Store((config or self.config()).state_dir)
 
     def note_ports_changed(self):
         """Refresh the set of ports that records know (used by the link monitor)."""
-        ports = set()
-        for record in self.store().all():
-            for nic in record.nics:
-                ports.add(nic.ifindex)
+        ports = {nic.ifindex for record in self.store().all() for nic in record.nics}
         with self._known_lock:
             self._known_ports = ports
 
-    # --- lifecycle ------------------------------------------------------------
-    def start(self):
-        # Import the hook path's modules now, not inside the first hook.
-        import fdbhook.domxml  # noqa: F401
-        import fdbhook.engine  # noqa: F401
-        import fdbhook.kernel  # noqa: F401
-        import pyroute2  # noqa: F401
+    def serve_hook(self, driver, argv, data):
+        """One hook call, on a pooled netlink connection. Never raises (run_hook does not)."""
+        started = time.monotonic()
+        kernel = self.kernels.take()
+        broken = False
+        try:
+            result = run_hook(driver, argv, data, config=self.config(), kernel=kernel, daemon=True)
+        except Exception:  # pragma: no cover - run_hook catches everything; the socket must still answer
+            LOG.exception("hook %s %s", driver, " ".join(argv[:2]))
+            broken = True
+            raise
+        finally:
+            self.kernels.give(kernel, broken)
+        self.hooks_served += 1
+        LOG.debug("served %s %s in %.1f ms -> %d", driver, " ".join(argv[:2]),
+                  (time.monotonic() - started) * 1000, result.code)
+        return result
 
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self):
         self.note_ports_changed()
         self._start_server()
         self._spawn("worker", self._worker)
         self._spawn("links", self._link_monitor)
         if self.use_libvirt:
-            try:
-                import libvirt
-            except ImportError:
-                LOG.warning("libvirt-python missing: no hotplug/pause/resume/MAC events, hooks and drift repair only")
-            else:
-                libvirt.registerErrorHandler(lambda ctx, err: None, None)  # we log what matters
-                libvirt.virEventRegisterDefaultImpl()  # before any connection opens
-                self._spawn("libvirt-events", self._event_loop)
-                for uri in self.uris:
-                    self._spawn("libvirt %s" % uri, self._libvirt_connection, uri)
+            self._start_libvirt()
         self._spawn("resync", self._resync_timer)
-        self.put(("resync",))
+        self.put(Resync())
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
-                 " ".join(self.uris) if self.use_libvirt else "off")
+                 " ".join(self.watchers) if self.watchers else "off")
+
+    def _start_libvirt(self):
+        if not virt.start_event_loop(self.stopping):
+            LOG.warning("libvirt-python missing: no hotplug/pause/resume/MAC events, hooks and drift repair only")
+            return
+        for uri in self.uris:
+            if not virt.driver_installed(uri):
+                # Trying anyway would leave two error lines in libvirtd's log every 30 s.
+                LOG.info("libvirt %s: its driver is not installed here; not watched", uri)
+                continue
+            watcher = virt.Watcher(uri, self, self.stopping)
+            self.watchers[uri] = watcher
+            self._spawn("libvirt %s" % uri, watcher.run)
 
     def _spawn(self, name, target, *args):
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def stop(self):
         self.stopping.set()
-        self.jobs.put(("stop",))  # bypasses dedupe: always delivered
+        self.jobs.put(Stop())
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -173,11 +281,9 @@ class Daemon:
                 os.unlink(self.socket_path)
             except OSError:
                 pass
-        for conn in list(self._conns.values()):
-            try:
-                conn.close()
-            except Exception:
-                pass
+        for watcher in self.watchers.values():
+            watcher.close()
+        self.kernels.close()
 
     def run_forever(self):
         signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())
@@ -189,10 +295,8 @@ class Daemon:
         self.stop()
         return 0
 
-    # --- hook server -----------------------------------------------------------
     def _start_server(self):
-        directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -205,295 +309,160 @@ class Daemon:
         self._server.fdbhookd = self
         self._spawn("hook-server", self._server.serve_forever, 0.5)
 
-    # --- worker ----------------------------------------------------------------
-    def _worker(self):
-        from fdbhook.kernel import Kernel
+    # --- libvirt events (called on the event thread: queue only) ----------------------------
+    def connected(self, uri):
+        self.put(Sync(uri))
 
+    def lifecycle(self, uri, name, event):
+        if event in ("suspended", "resumed"):
+            self.put(Pause(virt.driver_of(uri), name, event == "suspended"))
+        else:
+            self.put(Reconcile(uri, name))
+
+    def device_added(self, uri, name, alias):
+        self.put(Reconcile(uri, name, alias=alias))
+
+    def device_removed(self, uri, name, alias):
+        self.put(Reconcile(uri, name, alias="-"))  # no NIC has alias "-": prune only
+
+    def mac_changed(self, uri, name, alias, old, new):
+        LOG.info("%s/%s: guest changed %s MAC %s -> %s", virt.driver_of(uri), name, alias, old, new)
+        self.put(MacChange(uri, name, alias, old, new))
+
+    # --- worker -----------------------------------------------------------------------------
+    def _worker(self):
         kernel = Kernel()
         while not self.stopping.is_set():
             job = self.jobs.get()
-            if job[0] == "stop":
+            if isinstance(job, Stop):
                 break
             with self._pending_lock:
                 self._pending.discard(job)
+            started = time.monotonic()
             try:
-                self._run_job(kernel, job)
+                self.run_job(kernel, job)
             except Exception:
                 LOG.exception("job %s failed", job)
                 kernel.close()
                 kernel = Kernel()
-        kernel.close()
-
-    def _run_job(self, kernel, job):
-        started = time.monotonic()
-        try:
-            self._do_job(kernel, job)
-        finally:
             LOG.debug("job %s took %.1f ms (%d queued)", job, (time.monotonic() - started) * 1000,
                       self.jobs.qsize())
+        kernel.close()
 
-    def _do_job(self, kernel, job):
-        from fdbhook import engine
-
-        kind = job[0]
+    def run_job(self, kernel, job):
         config = self.config()
         store = self.store(config)
-        if kind == "resync":
-            started = time.monotonic()
-            checked, repaired, failed = engine.resync(kernel, store, config)
-            self.repairs += repaired
-            LOG.log(logging.INFO if repaired or failed else logging.DEBUG,
-                    "resync: %d ports checked, %d repaired, %d failed in %.0f ms",
-                    checked, repaired, failed, (time.monotonic() - started) * 1000)
-            self.note_ports_changed()
-        elif kind == "sync":
-            self._sync_all(kernel, store, config, job[1])
-        elif kind == "reconcile":
-            uri, name = job[1], job[2]
-            self._reconcile(kernel, store, config, uri, name, alias=job[3] if len(job) > 3 else None)
-        elif kind == "pause":
-            _, driver, name, paused = job
-            engine.reapply_record(driver, name, kernel, store, config, paused=paused)
-            if not paused:
-                store.clear_incoming(driver, name)
-        elif kind == "port":
-            self._find_port_owner(kernel, store, config, job[1])
-        elif kind == "port-gone":
-            for record in store.all():
-                if any(nic.ifindex == job[1] for nic in record.nics):
-                    engine.reapply_record(record.driver, record.domain, kernel, store, config)
+        if isinstance(job, Resync):
+            self._resync(kernel, store, config)
+        elif isinstance(job, Sync):
+            self._sync(kernel, store, config, job.uri)
+        elif isinstance(job, Reconcile):
+            self._reconcile(kernel, store, config, job.uri, job.name, alias=job.alias, port=job.port)
+        elif isinstance(job, MacChange):
+            self.mac_changes += 1
+            self._reconcile(kernel, store, config, job.uri, job.name, alias=job.alias,
+                            new_mac=(job.alias, job.new))
+        elif isinstance(job, Pause):
+            engine.reapply_record(job.driver, job.name, kernel, store, config, paused=job.paused)
+            if not job.paused:
+                store.clear_incoming(job.driver, job.name)
+        elif isinstance(job, PortJoined):
+            self._port_joined(kernel, store, config, job.port)
+        elif isinstance(job, PortGone):
+            engine.prune_port(kernel, store, config, job.ifindex)
             self.note_ports_changed()
 
-    # --- libvirt ---------------------------------------------------------------
-    @staticmethod
-    def _driver(uri):
-        return "lxc" if uri.startswith("lxc") else "qemu"
-
-    def _event_loop(self):
-        import libvirt
-
-        while not self.stopping.is_set():
-            libvirt.virEventRunDefaultImpl()
-
-    def _libvirt_connection(self, uri):
-        import libvirt
-
-        delay = 1.0
-        while not self.stopping.is_set():
-            closed = threading.Event()
-            try:
-                conn = libvirt.openReadOnly(uri)
-            except libvirt.libvirtError as exc:
-                LOG.debug("libvirt %s: %s; retrying", uri, exc.get_error_message())
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 1.0
-            try:
-                conn.setKeepAlive(5, 3)
-                conn.registerCloseCallback(lambda c, reason, opaque: closed.set(), None)
-                ids = self._register_events(conn, uri)
-            except libvirt.libvirtError as exc:
-                LOG.warning("libvirt %s: cannot register events: %s", uri, exc.get_error_message())
-                conn.close()
-                self.stopping.wait(delay)
-                continue
-            self._conns[uri] = conn
-            LOG.info("libvirt %s: connected, %d event callbacks", uri, len(ids))
-            self.put(("sync", uri))
-            while not self.stopping.is_set() and not closed.wait(1.0):
-                pass
-            self._conns.pop(uri, None)
-            if not self.stopping.is_set():
-                LOG.info("libvirt %s: connection closed; reconnecting", uri)
-            for cb in ids:
-                try:
-                    conn.domainEventDeregisterAny(cb)
-                except Exception:
-                    pass
-            try:
-                conn.close()
-            except Exception:
-                pass
-
-    def _register_events(self, conn, uri):
-        import libvirt
-
-        driver = self._driver(uri)
-        ids = []
-
-        def lifecycle(conn_, dom, event, detail, opaque):
-            name = dom.name()
-            if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-                self.jobs.put(("pause", driver, name, True))  # order matters: never deduplicated
-            elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
-                self.jobs.put(("pause", driver, name, False))
-            elif event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-                self.put(("reconcile", uri, name))
-            # STOPPED is the stopped/release hooks' job: a late event here
-            # could tear down a guest that was started again meanwhile.
-
-        def added(conn_, dom, alias, opaque):
-            self.put(("reconcile", uri, dom.name(), alias))
-
-        def removed(conn_, dom, alias, opaque):
-            self.put(("reconcile", uri, dom.name(), "-"))  # prune only
-
-        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None))
-        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, added, None))
-        ids.append(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None))
-        mac_event = getattr(libvirt, "VIR_DOMAIN_EVENT_ID_NIC_MAC_CHANGE", None)
-        if mac_event is not None:
-            def mac_change(conn_, dom, alias, old, new, opaque):
-                LOG.info("%s/%s: guest changed %s MAC %s -> %s", driver, dom.name(), alias, old, new)
-                self.put(("reconcile", uri, dom.name()))
-            ids.append(conn.domainEventRegisterAny(None, mac_event, mac_change, None))
-        return ids
-
-    def _live(self, uri, name, xml=None):
-        """(domain model, paused) from libvirt's live XML, or (None, None)."""
-        import libvirt
-
-        from fdbhook.domxml import parse_domain
-
-        conn = self._conns.get(uri)
-        if conn is None:
-            return None, None
-        try:
-            dom = conn.lookupByName(name)
-            if not dom.isActive():
-                return None, None
-            state = dom.state()[0]
-            xml = xml or dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            return None, None
-        paused = state not in (libvirt.VIR_DOMAIN_RUNNING,)
-        return parse_domain(xml.encode(), driver=self._driver(uri), what=name), paused
-
-    def _reconcile(self, kernel, store, config, uri, name, alias=None, port=None, xml=None):
-        """Make a domain's ports match its live XML (hotplug, unplug, MAC change).
-
-        With ``alias`` (a DEVICE_ADDED event) or ``port`` (a link event) only
-        that NIC is applied: the cost of a hotplug must not grow with the
-        number of NICs the guest already has.
-        """
-        from dataclasses import replace
-
-        from fdbhook import engine
-
-        domain, paused = self._live(uri, name, xml)
-        if domain is None:
-            return
-        only = None
-        if alias or port:
-            only = {n.mac for n in domain.nics if (alias and n.alias == alias) or (port and n.target_dev == port)}
-        if only is not None and not only:
-            # Not a NIC (a disk, ...) or not in the XML yet: nothing to add;
-            # an unplug still needs the record pruned below.
-            apply_to = None
-        else:
-            apply_to = domain if only is None else replace(domain, nics=tuple(
-                n for n in domain.nics if n.mac in only))
-        if apply_to is not None:
-            engine.apply_domain(apply_to, config, kernel, store, paused=paused, prune=only is None)
-        record = store.load(domain.driver, name)
-        if record is not None:
-            macs = {nic.mac for nic in domain.nics}
-            gone = {rec.mac for rec in record.nics} - macs
-            if gone:
-                engine.teardown_domain(domain.driver, name, kernel, store, macs=gone)
+    def _resync(self, kernel, store, config):
+        started = time.monotonic()
+        checked, repaired, failed = engine.resync(kernel, store, config)
+        self.repairs += repaired
+        LOG.log(logging.INFO if repaired or failed else logging.DEBUG,
+                "resync: %d ports checked, %d repaired, %d failed in %.0f ms",
+                checked, repaired, failed, (time.monotonic() - started) * 1000)
         self.note_ports_changed()
 
-    def _sync_all(self, kernel, store, config, uri):
-        """After (re)connecting: every running domain reconciled, stale records torn down."""
-        import libvirt
-
-        from fdbhook import engine
-
-        conn = self._conns.get(uri)
-        if conn is None:
+    def _reconcile(self, kernel, store, config, uri, name, alias=None, port=None, new_mac=None, trust_live=False):
+        watcher = self.watchers.get(uri)
+        live = watcher.live(name) if watcher is not None else None
+        if live is None:
             return
-        driver = self._driver(uri)
-        try:
-            names = [dom.name() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
-        except libvirt.libvirtError as exc:
-            LOG.warning("libvirt %s: list domains failed: %s", uri, exc.get_error_message())
+        xml, state = live
+        domain = parse_domain(xml, driver=watcher.driver, what=name)
+        if new_mac is not None:
+            domain = with_guest_mac(domain, *new_mac)
+        paused = None if state == "starting" else state == "paused"
+        engine.reconcile(domain, paused, config, kernel, store, alias=alias, port=port, trust_live=trust_live)
+        self.note_ports_changed()
+
+    def _sync(self, kernel, store, config, uri):
+        watcher = self.watchers.get(uri)
+        names = watcher.running() if watcher is not None else None
+        if names is None:
             return
         for name in names:
-            self._reconcile(kernel, store, config, uri, name)
-        now = time.time()
-        for record in store.all():
-            if record.driver != driver or record.domain in names:
-                continue
-            newest = max((nic.applied for nic in record.nics), default=0.0)
-            if now - newest > STALE_RECORD_AGE:
-                LOG.info("%s/%s: not running any more; tearing down its record", driver, record.domain)
-                engine.teardown_domain(driver, record.domain, kernel, store)
+            self._reconcile(kernel, store, config, uri, name, trust_live=True)
+        for record in engine.stale_records(store, watcher.driver, names, STALE_RECORD_AGE):
+            LOG.info("%s/%s: not running any more; tearing down its record", record.driver, record.domain)
+            engine.teardown_domain(record.driver, record.domain, kernel, store)
         self.note_ports_changed()
 
-    def _find_port_owner(self, kernel, store, config, port):
-        """A port joined a managed bridge: find its guest in libvirt and manage it."""
-        needle = "dev='%s'" % port
-        for uri, conn in list(self._conns.items()):
-            try:
-                doms = conn.listAllDomains(1)  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
-            except Exception:
-                continue
-            for dom in doms:
-                try:
-                    xml = dom.XMLDesc(0)
-                except Exception:
-                    continue
-                if needle in xml:
-                    self._reconcile(kernel, store, config, uri, dom.name(), port=port, xml=xml)
-                    return
+    def _port_joined(self, kernel, store, config, port):
+        for uri, watcher in list(self.watchers.items()):
+            name = watcher.owner_of(port)
+            if name is not None:
+                self._reconcile(kernel, store, config, uri, name, port=port)
+                return
 
-    # --- kernel link monitor -----------------------------------------------------
+    # --- kernel link monitor ----------------------------------------------------------------
     def _link_monitor(self):
-        from fdbhook.kernel import Kernel, LinkMonitor
-
         monitor = LinkMonitor()
         kernel = Kernel()
-        bridges = {}  # ifindex -> name
+        bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
         try:
             while not self.stopping.is_set():
                 ready, _, _ = select.select([monitor], [], [], 1.0)
-                if not ready:
-                    continue
-                events = monitor.read()
-                with self._known_lock:
-                    gone = [e[1] for e in events if e[0] == "del" and e[1] in self._known_ports]
-                for ifindex in gone:
-                    # A managed port vanished (unplug, even where libvirt sends
-                    # no DEVICE_REMOVED, as for LXC): drop it from its record.
-                    self.put(("port-gone", ifindex))
-                events = [e for e in events if e[0] == "new" and e[3]]
-                if not events:
-                    continue
-                config = self.config()
-                for _, ifindex, port, master in events:
-                    with self._known_lock:
-                        if ifindex in self._known_ports:
-                            continue
-                    if master not in bridges:
-                        link = kernel.by_index(master)
-                        bridges[master] = link.name if link is not None and link.kind == "bridge" else None
-                    name = bridges[master]
-                    now = time.monotonic()
-                    if name and port and (config.bridge_managed(name) or config.networks) \
-                            and now - asked.get(ifindex, -60.0) > 5.0:
-                        asked[ifindex] = now
-                        self.put(("port", port))
+                if ready:
+                    self._link_events(kernel, monitor.read(), bridges, asked)
         except Exception:
             LOG.exception("link monitor died")
         finally:
             monitor.close()
             kernel.close()
 
-    # --- drift repair timer ------------------------------------------------------
+    def _link_events(self, kernel, events, bridges, asked):
+        with self._known_lock:
+            known = self._known_ports
+        for event, ifindex, _, _ in events:
+            if event == "del" and ifindex in known:
+                self.put(PortGone(ifindex))
+        config = None
+        for event, ifindex, port, master in events:
+            if event != "new" or not master or not port or ifindex in known:
+                continue
+            if master not in bridges:
+                link = kernel.by_index(master)
+                bridges[master] = link.name if link is not None and link.kind == "bridge" else None
+            config = config or self.config()
+            now = time.monotonic()
+            if bridges[master] and (config.bridge_managed(bridges[master]) or config.networks) \
+                    and now - asked.get(ifindex, -60.0) > 5.0:
+                asked[ifindex] = now
+                self.put(PortJoined(port))
+
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):
-            self.put(("resync",))
-            for uri in list(self._conns):
-                self.put(("sync", uri))
+            self.put(Resync())
+            for uri in list(self.watchers):
+                self.put(Sync(uri))
+
+
+def with_guest_mac(domain, alias, mac):
+    """The domain with NIC ``alias`` using ``mac`` (from NIC_MAC_CHANGE), if its XML does not say so yet."""
+    mac = normalize_mac(mac)
+    nics = []
+    for nic in domain.nics:
+        if nic.alias == alias and mac and nic.mac != mac:
+            nic = replace(nic, mac=mac, config_mac=nic.config_mac or nic.mac)
+        nics.append(nic)
+    return replace(domain, nics=tuple(nics))

@@ -92,6 +92,23 @@ def _hook(lab, env, op, data):
     return subprocess.run(argv, input=data, env=env, capture_output=True, timeout=60)
 
 
+def _table(out, frames, before, after):
+    """The before/after table of frames counted."""
+    out("")
+    out("%-62s %7s %7s" % ("raw frames (%d sent per kind)" % frames, "before", "after"))
+    for name, _ in GUESTS:
+        out("%-62s %7d %7d" % ("unknown-unicast from uplink reaching %s" % name,
+                               before["unknown"][name], after["unknown"][name]))
+    for name, _ in GUESTS:
+        out("%-62s %7d %7d" % ("frames to %s's MAC that reached it" % name,
+                               before["direct"][name], after["direct"][name]))
+    out("%-62s %7d %7d" % ("frames misdelivered to another guest",
+                           sum(before["misdelivered"].values()), sum(after["misdelivered"].values())))
+    out("%-62s %7d %7d" % ("%s forges %s's MAC: victim's frames the forger got" % (
+        GUESTS[2][0], GUESTS[0][0]), before["forge"]["thief"], after["forge"]["thief"]))
+    out("%-62s %7d %7d" % ("... and the victim still got", before["forge"]["victim"], after["forge"]["victim"]))
+
+
 def run_demo(frames=20, out=print):
     """Run the demo; 0 when fdbhook stopped every leak and broke nothing."""
     if os.geteuid() != 0:
@@ -134,20 +151,7 @@ def run_demo(frames=20, out=print):
             out(row)
         after = measure(wan, guests, frames, b"A")
 
-        out("")
-        out("%-62s %7s %7s" % ("raw frames (%d sent per kind)" % frames, "before", "after"))
-        for name, _ in GUESTS:
-            out("%-62s %7d %7d" % ("unknown-unicast from uplink reaching %s" % name,
-                                   before["unknown"][name], after["unknown"][name]))
-        for name, _ in GUESTS:
-            out("%-62s %7d %7d" % ("frames to %s's MAC that reached it" % name,
-                                   before["direct"][name], after["direct"][name]))
-        out("%-62s %7d %7d" % ("frames misdelivered to another guest",
-                               sum(before["misdelivered"].values()), sum(after["misdelivered"].values())))
-        out("%-62s %7d %7d" % ("%s forges %s's MAC: victim's frames the forger got" % (
-            GUESTS[2][0], GUESTS[0][0]), before["forge"]["thief"], after["forge"]["thief"]))
-        out("%-62s %7d %7d" % ("... and the victim still got", before["forge"]["victim"],
-                               after["forge"]["victim"]))
+        _table(out, frames, before, after)
 
         stop = _hook(lab, env, "stopped", b"")
         restored = all(lab.port_flags(name).get("learning") and lab.port_flags(name).get("flood")

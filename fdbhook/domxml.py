@@ -9,11 +9,12 @@ import re
 
 from lxml import etree
 
+from fdbhook import MAX_INPUT_BYTES
 from fdbhook.errors import InvalidDomainXML
 from fdbhook.model import FDB_NS, Domain, Network, Nic
 
 # libvirt's largest real domain XML is a few hundred KiB; 8 MiB is generous.
-MAX_XML_BYTES = 8 * 1024 * 1024
+MAX_XML_BYTES = MAX_INPUT_BYTES
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -28,16 +29,6 @@ def _parser():
         remove_comments=True,
         remove_pis=True,
     )
-
-
-def read_limited(stream, limit=MAX_XML_BYTES, what="?"):
-    """Read at most ``limit`` bytes; larger input raises InvalidDomainXML."""
-    data = stream.read(limit + 1)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    if len(data) > limit:
-        raise InvalidDomainXML(domain=what, reason="document larger than %d bytes" % limit)
-    return data
 
 
 def parse_document(data, what="?"):
@@ -159,12 +150,18 @@ def _metadata(root, domain_name):
 def _interface(elem, index, per_nic):
     raw_mac = _attr(elem, "mac", "address")
     mac = normalize_mac(raw_mac) if raw_mac else None
+    # libvirt >= 11.2 keeps the configured address and reports a MAC the
+    # guest set itself (trustGuestRxFilters='yes') as currentAddress: that
+    # is the MAC in use, so it is the one fdbhook manages. Metadata keeps
+    # naming the NIC by its configured address.
+    current = normalize_mac(_attr(elem, "mac", "currentAddress"))
     mode, vlan, trunk = per_nic.get(mac, ("on", None, ()))
     return Nic(
         index=index,
         type=(elem.get("type") or "").strip(),
         # Keep an unparseable MAC visible so the error can name it.
-        mac=mac or raw_mac,
+        mac=current or mac or raw_mac,
+        config_mac=mac if current and current != mac else None,
         source_bridge=_attr(elem, "source", "bridge"),
         source_network=_attr(elem, "source", "network"),
         source_mtm=_attr(elem, "source", "macTableManager"),

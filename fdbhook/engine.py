@@ -1,20 +1,23 @@
-"""Apply and tear down: plan, execute, verify, roll back, record.
+"""Apply, tear down, reconcile and repair: desired state, current state, plan, verify, roll back.
 
-The hooks, the CLI and (later) the daemon all come through here. One call
-handles one domain under the store's lock; every managed NIC is its own
-transaction: if any step for a port fails, that port is put back exactly as
-it was and the failure is reported, naming domain, NIC and reason.
+The hooks, the CLI and fdbhookd all come through here. Every path is the
+same three steps on one port (``converge``): read the current state
+(fdbhook.current), plan the difference (fdbhook.plan), execute it; verify =
+read and plan again and expect nothing; on failure, plan back to the state
+read before. One call handles one domain under the store's lock; every
+managed NIC is its own transaction, and with ``on_error = fail`` a failure
+on any NIC undoes the whole run.
 """
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from fdbhook import plan as planner
+from fdbhook.current import locate, read_port
 from fdbhook.errors import ApplyError, KernelError
-from fdbhook.model import Decision, DomainRecord, Membership, NicRecord, Op, PortState
+from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain
 from fdbhook.resolve import load_networks
 
@@ -50,13 +53,9 @@ class Report:
                          for r in self.failures)
 
 
-def _where(d):
-    return "%s on %s" % (d.port or "-", d.bridge or "-")
-
-
 def _log_line(driver, domain, result):
     d = result.decision
-    head = "%s/%s: %s %s" % (driver, domain, d.nic.label, _where(d))
+    head = "%s/%s: %s %s on %s" % (driver, domain, d.nic.label, d.port or "-", d.bridge or "-")
     if result.status == "failed":
         LOG.error("%s: FAILED: %s", head, result.message)
     elif result.status == "skipped":
@@ -65,140 +64,157 @@ def _log_line(driver, domain, result):
         LOG.info("%s: %s", head, result.message)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Everything one managed port should end up with."""
+class BridgeFacts:
+    """Bridge links and VLAN filtering, read once per run (a resync reads each bridge once)."""
 
-    vids: Tuple[Optional[int], ...]  # entry VLANs, None = VID 0
-    membership: Optional[Membership]  # VLAN membership to set, None = leave
-    sticky: bool
-    entries: bool = True  # False while the guest is paused
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.links = {}
+        self._filtering = {}
 
-
-@dataclass(frozen=True)
-class Before:
-    """A port as it was, enough to put it back."""
-
-    state: PortState
-    entries: dict
-    membership: Membership
+    def filtering(self, ifindex):
+        if ifindex not in self._filtering:
+            self._filtering[ifindex] = self.kernel.bridge_vlan_filtering(ifindex)
+        return self._filtering[ifindex]
 
 
-def _entries(kernel, d, vids):
-    return {vid: kernel.fdb_get(d.nic.mac, d.bridge_ifindex, vid) for vid in vids}
+# --- desired state ---------------------------------------------------------------
 
+def desire(d, config, filtering, have_membership, paused, prev=None, sticky=True):
+    """(DesiredPort, entry VIDs) for a managed NIC's decision. Pure; ApplyError if impossible.
 
-def _verify(kernel, d, target):
-    link = kernel.by_index(d.ifindex)
-    if link is None or link.name != d.port:
-        raise ApplyError(domain="?", nic=d.nic.label, reason="port %s vanished while being set up" % d.port)
-    problems = []
-    if link.learning:
-        problems.append("learning still on")
-    if link.flood:
-        problems.append("flood still on")
-    for vid, entry in _entries(kernel, d, target.vids).items():
-        where = " on VLAN %d" % vid if vid else ""
-        if not target.entries:
-            if entry is not None and entry.ifindex == d.ifindex and entry.static:
-                problems.append("FDB entry%s still present while paused" % where)
-        elif entry is None or entry.ifindex != d.ifindex or not entry.static:
-            problems.append("static FDB entry%s missing" % where)
-        elif target.sticky and not entry.sticky:
-            problems.append("FDB entry%s not sticky" % where)
-    if target.membership is not None and kernel.port_vlans(d.ifindex) != target.membership:
-        problems.append("VLAN membership differs")
-    if problems:
-        raise ApplyError(domain="?", nic=d.nic.label, reason="verify failed: " + ", ".join(problems))
-
-
-def _rollback(kernel, d, before, target):
-    try:
-        now_entries = _entries(kernel, d, target.vids)
-        now_membership = kernel.port_vlans(d.ifindex) if target.membership is not None else ()
-    except KernelError:
-        now_entries, now_membership = {vid: None for vid in target.vids}, ()
-    restore_membership = before.membership if target.membership is not None else None
-    for op in planner.plan_restore(d, before.state, before.entries, now_entries, restore_membership,
-                                   now_membership):
-        try:
-            kernel.execute(op)
-        except KernelError as exc:
-            LOG.error("rollback of %s failed: %s", d.port, exc)
-
-
-def _target(kernel, config, d, bridges):
-    """VLANs and membership for a managed NIC; raises ApplyError if impossible."""
-    if d.bridge_ifindex not in bridges:
-        bridges[d.bridge_ifindex] = kernel.bridge_info(d.bridge_ifindex)
-    filtering, _ = bridges[d.bridge_ifindex]
+    ``prev`` is the record of the same port (its entries are watched, so an
+    old MAC or VLAN goes once the new one is in place); ``paused`` keeps the
+    port locked down with no entries.
+    """
     vlan, trunk = d.nic.vlan, d.nic.trunk
     if vlan is None and not trunk and d.network:
         policy = config.network_policy(d.network)
         vlan, trunk = policy.vlan, policy.trunk
-    sticky = config.sticky and kernel.sticky_supported
-    if not filtering:
-        if vlan or trunk:
-            raise ApplyError(domain="?", nic=d.nic.label,
-                             reason="VLANs requested but bridge %s has vlan_filtering off" % d.bridge)
-        return Target(vids=(None,), membership=None, sticky=sticky), ()
-    have = kernel.port_vlans(d.ifindex)
-    if vlan or trunk:
-        membership = planner.desired_membership(vlan, trunk)
-        return Target(vids=planner.entry_vids(True, membership), membership=membership, sticky=sticky), have
-    return Target(vids=planner.entry_vids(True, have), membership=None, sticky=sticky), have
+    if (vlan or trunk) and not filtering:
+        raise ApplyError(domain="?", nic=d.nic.label,
+                         reason="VLANs requested but bridge %s has vlan_filtering off" % d.bridge)
+    membership = planner.desired_membership(vlan, trunk) if vlan or trunk else None
+    vids = planner.entry_vids(filtering, membership if membership is not None else have_membership)
+    keys = frozenset((d.nic.mac, vid) for vid in vids)
+    watch = keys | (prev.keys if prev is not None else frozenset())
+    want = DesiredPort(port=d.port, ifindex=d.ifindex, bridge=d.bridge, bridge_ifindex=d.bridge_ifindex,
+                       entries=frozenset() if paused else keys, watch=watch, sticky=sticky,
+                       membership=membership)
+    return want, vids
 
 
-def _apply_nic(kernel, config, d, prev_rec, dry_run, bridges, paused=False):
-    """Bring one managed port to its desired state.
+def desired_from_record(rec, bridge_ifindex, paused, sticky_supported=True):
+    """The DesiredPort a record stands for: what drift repair restores and ``status`` checks."""
+    keys = rec.keys
+    return DesiredPort(port=rec.port, ifindex=rec.ifindex, bridge=rec.bridge, bridge_ifindex=bridge_ifindex,
+                       entries=frozenset() if paused else keys, watch=keys,
+                       sticky=rec.sticky and sticky_supported, membership=rec.set_vlans)
 
-    Returns (result, new record or None, Before or None).
+
+def released(rec, bridge_ifindex):
+    """The DesiredPort of teardown: our entries gone, flags and VLANs as they were before us."""
+    return DesiredPort(port=rec.port, ifindex=rec.ifindex, bridge=rec.bridge, bridge_ifindex=bridge_ifindex,
+                       watch=rec.keys, learning=rec.prev_learning, flood=rec.prev_flood,
+                       membership=rec.prev_vlans if rec.prev_vlans is not None else None)
+
+
+# --- one port: plan, execute, verify, roll back ----------------------------------------
+
+def _execute(kernel, ops):
+    for op in ops:
+        kernel.execute(op)
+
+
+def rollback(kernel, want, before):
+    """Put a port back as ``before`` (read before the failed change); errors are logged."""
+    target = planner.restore_state(want, before)
+    try:
+        ops = planner.plan_port(target, read_port(kernel, target))
+    except KernelError as exc:
+        LOG.error("rollback of %s: cannot read the port: %s", want.port, exc)
+        return
+    for op in ops:
+        try:
+            kernel.execute(op)
+        except KernelError as exc:
+            LOG.error("rollback of %s failed: %s", want.port, exc)
+
+
+def converge(kernel, want, link=None, flush=False, dry_run=False):
+    """Bring one port to ``want``: (ops sent, state before). Raises ApplyError, port restored.
+
+    Verification is the plan again over a fresh read: it must be empty.
+    Nothing sent means what was just read is the verification.
     """
-    mac = d.nic.mac
+    before = read_port(kernel, want, link)
+    if not before.exists:
+        raise ApplyError(domain="?", nic=want.port, reason="port %s vanished" % want.port)
+    problems = planner.conflicts(want, before)
+    if problems:
+        raise ApplyError(domain="?", nic=want.port, reason=problems[0])
+    ops = planner.plan_port(want, before, flush=flush)
+    if dry_run or not ops:
+        return ops, before
+    try:
+        _execute(kernel, ops)
+        if want.sticky and not kernel.sticky_supported:
+            want = replace(want, sticky=False)
+        after = read_port(kernel, want)
+        if not after.exists:
+            raise ApplyError(domain="?", nic=want.port, reason="port %s vanished while being set up" % want.port)
+        left = planner.drift(want, after)
+        if left:
+            raise ApplyError(domain="?", nic=want.port, reason="verify failed: " + ", ".join(left))
+    except (KernelError, ApplyError) as exc:
+        rollback(kernel, want, before)
+        reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
+        raise ApplyError(domain="?", nic=want.port, reason="%s; port restored" % reason) from None
+    return ops, before
+
+
+# --- domains -------------------------------------------------------------------------
+
+def _new_record(d, want, vids, before, prev, have_membership):
+    """The NIC's record after a successful apply (``prev``: the same port's record, kept)."""
+    vids = tuple(vid for vid in vids if vid)
+    if prev is not None:
+        keep_prev_vlans = prev.prev_vlans is not None or want.membership is None
+        return replace(prev, mac=d.nic.mac, config_mac=d.nic.config_mac, bridge=d.bridge, network=d.network,
+                       sticky=want.sticky, vids=vids, alias=d.nic.alias or prev.alias,
+                       set_vlans=want.membership if want.membership is not None else prev.set_vlans,
+                       prev_vlans=prev.prev_vlans if keep_prev_vlans else have_membership)
+    return NicRecord(mac=d.nic.mac, port=d.port, ifindex=d.ifindex, bridge=d.bridge, network=d.network,
+                     prev_learning=before.learning, prev_flood=before.flood, sticky=want.sticky,
+                     applied=round(time.time(), 3), alias=d.nic.alias, vids=vids,
+                     prev_vlans=have_membership if want.membership is not None else None,
+                     set_vlans=want.membership, config_mac=d.nic.config_mac)
+
+
+def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
+    """Bring one managed port to its desired state: (result, new record or None, (want, before) or None)."""
     link = d.link if d.link is not None else kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
         return NicResult(d, "failed", "port %s vanished" % d.port), None, None
+    same_port = prev is not None and prev.ifindex == d.ifindex and prev.port == d.port
+    prev = prev if same_port else None
     try:
-        target, have = _target(kernel, config, d, bridges)
+        filtering = facts.filtering(d.bridge_ifindex)
+        have_membership = kernel.port_vlans(d.ifindex) if filtering else ()
+        want, vids = desire(d, config, filtering, have_membership, paused, prev,
+                            sticky=config.sticky and kernel.sticky_supported)
+        ops, before = converge(kernel, want, link, flush=prev is None, dry_run=dry_run)
     except ApplyError as exc:
         return NicResult(d, "failed", exc.kwargs["reason"]), None, None
-    target = replace(target, entries=not paused)
-    before = Before(state=PortState(learning=bool(link.learning), flood=bool(link.flood)),
-                    entries=_entries(kernel, d, target.vids), membership=have)
-    same_port = prev_rec is not None and prev_rec.ifindex == d.ifindex and prev_rec.port == d.port
-    for entry in before.entries.values():
-        owned = same_port and entry is not None and entry.ifindex == prev_rec.ifindex
-        conflict = planner.entry_conflict(d.port, d.ifindex, mac, entry, owned)
-        if conflict:
-            return NicResult(d, "failed", conflict), None, None
-    ops = planner.plan_apply(d, before.state, before.entries, target.sticky, first_time=not same_port,
-                             membership=target.membership, have_membership=have, want_entries=not paused)
+    except KernelError as exc:
+        return NicResult(d, "failed", str(exc)), None, None
+    message = planner.describe(ops)
+    if prev is not None and prev.mac != d.nic.mac:
+        message = "guest MAC changed %s -> %s: %s" % (prev.mac, d.nic.mac, message)
     if dry_run:
-        return NicResult(d, "planned", planner.describe(ops), ops), None, None
-    try:
-        for op in ops:
-            kernel.execute(op)
-        if target.sticky and not kernel.sticky_supported:
-            target = replace(target, sticky=False)
-        if ops:  # nothing sent: what was just read is the verification
-            _verify(kernel, d, target)
-    except (KernelError, ApplyError) as exc:
-        _rollback(kernel, d, before, target)
-        reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
-        return NicResult(d, "failed", "%s; port restored" % reason, ops), None, None
-    vids = tuple(vid or 0 for vid in target.vids if vid)
-    if same_port:
-        rec = replace(prev_rec, bridge=d.bridge, network=d.network, sticky=target.sticky, vids=vids,
-                      set_vlans=target.membership if target.membership is not None else prev_rec.set_vlans,
-                      prev_vlans=prev_rec.prev_vlans if prev_rec.prev_vlans is not None or target.membership is None
-                      else have)
-    else:
-        rec = NicRecord(mac=mac, port=d.port, ifindex=d.ifindex, bridge=d.bridge, network=d.network,
-                        prev_learning=before.state.learning, prev_flood=before.state.flood,
-                        sticky=target.sticky, applied=round(time.time(), 3), alias=d.nic.alias, vids=vids,
-                        prev_vlans=have if target.membership is not None else None,
-                        set_vlans=target.membership)
-    return NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops), rec, (before, target)
+        return NicResult(d, "planned", message, ops), None, None
+    rec = _new_record(d, want, vids, before, prev, have_membership)
+    return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before)
 
 
 def _policy_for(config, bridge, network):
@@ -220,7 +236,7 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
     if policy.vlan_filtering == "leave":
         return None
     want = policy.vlan_filtering == "on"
-    current, _ = kernel.bridge_info(bridge_ifindex)
+    current = kernel.bridge_vlan_filtering(bridge_ifindex)
     rec = store.load_bridge(bridge)
     if rec is not None and rec.get("ifindex") != bridge_ifindex:
         rec = None  # the bridge was re-created: the old record means nothing
@@ -246,50 +262,81 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
     return None
 
 
+def _restore_bridge(kernel, store, name, rec):
+    bridge = rec.get("bridge", name)
+    link = kernel.by_index(rec.get("ifindex"))
+    if (link is not None and link.name == bridge and rec.get("restore", True)
+            and "prev_vlan_filtering" in rec):
+        try:
+            kernel.set_vlan_filtering(link.ifindex, rec["prev_vlan_filtering"])
+            LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
+                     "on" if rec["prev_vlan_filtering"] else "off")
+        except KernelError as exc:
+            LOG.error("bridge %s: restoring vlan_filtering failed: %s", bridge, exc)
+            return
+    if link is None or link.name != bridge or "prev_vlan_filtering" in rec:
+        store.remove_bridge(bridge)
+
+
 def release_bridges(kernel, store):
-    """Restore vlan_filtering on bridges that no longer carry a managed guest."""
+    """Restore vlan_filtering on bridges that no longer carry a managed guest (store lock held)."""
     in_use = {nic.bridge for record in store.all() for nic in record.nics}
-    bridge_dir = os.path.dirname(store.bridge_path("x"))
-    try:
-        names = [n[:-5] for n in os.listdir(bridge_dir) if n.endswith(".json") and not n.startswith(".")]
-    except FileNotFoundError:
-        return
-    for name in names:
+    for name in store.bridge_names():
         try:
             rec = store.load_bridge(name)
         except Exception:
             continue
-        if rec is None or rec.get("bridge") in in_use:
-            continue
-        bridge = rec.get("bridge", name)
-        link = kernel.by_index(rec.get("ifindex"))
-        if (link is not None and link.name == bridge and rec.get("restore", True)
-                and "prev_vlan_filtering" in rec):
-            try:
-                kernel.set_vlan_filtering(link.ifindex, rec["prev_vlan_filtering"])
-                LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
-                         "on" if rec["prev_vlan_filtering"] else "off")
-            except KernelError as exc:
-                LOG.error("bridge %s: restoring vlan_filtering failed: %s", bridge, exc)
+        if rec is not None and rec.get("bridge") not in in_use:
+            _restore_bridge(kernel, store, name, rec)
+
+
+def _port_key(rec):
+    return (rec.port, rec.ifindex)
+
+
+def _previous(kept, d):
+    """The record of this NIC: the same port first (a guest MAC change), else the same MAC."""
+    rec = kept.get((d.port, d.ifindex))
+    if rec is not None:
+        return rec
+    return next((r for r in kept.values() if r.mac == d.nic.mac), None)
+
+
+def _kept_records(kernel, record, prune):
+    """Records to carry over: a NIC whose port is gone is dropped (``prune``)."""
+    if record is None:
+        return {}
+    out = {}
+    for rec in record.nics:
+        if prune:
+            link = kernel.by_index(rec.ifindex)
+            if link is None or link.name != rec.port:
                 continue
-        if link is None or link.name != bridge or "prev_vlan_filtering" in rec:
-            store.remove_bridge(bridge)
+        out[_port_key(rec)] = rec
+    return out
 
 
-def _still_there(kernel, rec):
-    link = kernel.by_index(rec.ifindex)
-    return link is not None and link.name == rec.port
+def _undo_all(kernel, results, done, kept):
+    """All or nothing: put back every port this run changed, and its old record."""
+    for i, d, (want, before), old, new in done:
+        if results[i].ops:
+            rollback(kernel, want, before)
+            results[i] = NicResult(d, "rolled back", "undone: another NIC of the domain failed")
+        kept.pop(_port_key(new), None)
+        if old is not None:
+            kept[_port_key(old)] = old
 
 
 def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prune=True):
     """Manage every NIC of ``domain`` that policy says is ours.
 
     Idempotent: a second run sends nothing when the kernel already matches.
+    A NIC whose port has a record with another MAC is a guest MAC change: the
+    new entries go in, then the old ones out, flags untouched.
     ``paused`` True: lock the ports down but keep the MACs out of the FDB
     (incoming migration, suspended guest); None keeps the record's state.
-    ``prune`` False (the daemon applying one hot-plugged NIC) keeps the
-    record's other NICs without checking each port again.
-    Returns a Report; never raises for a single NIC's failure.
+    ``prune`` False (one hot-plugged NIC) keeps the record's other NICs
+    without checking each port again. Never raises for one NIC's failure.
     """
     networks = load_networks([n.source_network for n in domain.nics if n.type == "network"],
                              config.network_dirs)
@@ -298,47 +345,32 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         if paused is None:
             paused = record.paused if record is not None else False
         decisions = decide_domain(domain, config, networks, kernel, record)
-        kept = {}
-        if record is not None:
-            # Keep records of NICs whose port still exists: a NIC that left
-            # the XML without a teardown is for status/teardown to handle.
-            kept = {r.mac: r for r in record.nics if not prune or _still_there(kernel, r)}
+        kept = _kept_records(kernel, record, prune)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
         hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
-        bridges = {}  # bridge ifindex -> (vlan_filtering, default_pvid)
         if not hold and not dry_run:
-            for d in decisions:
-                if d.managed and d.bridge_ifindex not in bridges:
-                    ensure_bridge_policy(kernel, store, config, d.bridge, d.bridge_ifindex, d.network)
-        results = []
-        done = []  # (index in results, decision, state before, entry before, old record)
+            for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
+                                                    for d in decisions if d.managed}):
+                ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None)
+        facts = BridgeFacts(kernel)
+        results, done = [], []
         for d in decisions:
-            if d.action == "skip":
-                results.append(NicResult(d, "skipped", d.reason))
+            if d.action != "manage" or hold:
+                status = {"skip": "skipped", "error": "failed"}.get(d.action, "held")
+                message = d.reason if status != "held" else "not applied: another NIC of the domain failed"
+                results.append(NicResult(d, status, message))
                 continue
-            if d.action == "error":
-                results.append(NicResult(d, "failed", d.reason))
-                continue
-            if hold:
-                results.append(NicResult(d, "held", "not applied: another NIC of the domain failed"))
-                continue
-            old = kept.get(d.nic.mac)
-            result, rec, before = _apply_nic(kernel, config, d, old, dry_run, bridges, paused)
+            old = _previous(kept, d)
+            result, rec, undo = _apply_nic(kernel, config, d, old, dry_run, facts, paused)
             results.append(result)
             if rec is not None:
-                kept[rec.mac] = rec
-                done.append((len(results) - 1, d, before, old))
+                if old is not None:
+                    kept.pop(_port_key(old), None)
+                kept[_port_key(rec)] = rec
+                done.append((len(results) - 1, d, undo, old, rec))
         if config.on_error == "fail" and not dry_run and any(r.failed for r in results):
-            # All or nothing: put back every port this run changed.
-            for i, d, (before, target), old in done:
-                if results[i].ops:
-                    _rollback(kernel, d, before, target)
-                    results[i] = NicResult(d, "rolled back", "undone: another NIC of the domain failed")
-                if old is None:
-                    kept.pop(d.nic.mac, None)
-                else:
-                    kept[d.nic.mac] = old
+            _undo_all(kernel, results, done, kept)
         new_record = DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
                                   nics=tuple(sorted(kept.values(), key=lambda r: r.mac)), paused=paused)
         if not dry_run:
@@ -349,6 +381,33 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
     return Report(domain.driver, domain.name, tuple(results), new_record)
 
 
+def recorded_decision(rec, bridge_ifindex=None, link=None):
+    """A 'manage' Decision that names a recorded NIC (for reports and log lines)."""
+    nic = Nic(index=0, type="recorded", mac=rec.mac, config_mac=rec.config_mac, alias=rec.alias or rec.port)
+    return Decision(nic=nic, action="manage", reason="recorded", port=rec.port, ifindex=rec.ifindex,
+                    bridge=rec.bridge, bridge_ifindex=bridge_ifindex, network=rec.network, link=link)
+
+
+def _teardown_nic(kernel, rec, dry_run):
+    """(result, keep the record?) for one recorded NIC at teardown."""
+    where = locate(kernel, rec)
+    if where is None:
+        return NicResult(recorded_decision(rec), "gone", "port gone, nothing to undo"), False
+    link, bridge = where
+    d = recorded_decision(rec, bridge.ifindex, link)
+    want = released(rec, bridge.ifindex)
+    try:
+        ops = planner.plan_port(want, read_port(kernel, want, link))
+        if dry_run:
+            return NicResult(d, "planned", planner.describe(ops), ops), True
+        _execute(kernel, ops)
+    except KernelError as exc:
+        if locate(kernel, rec) is not None:
+            return NicResult(d, "failed", str(exc)), True
+        return NicResult(d, "gone", "port vanished during teardown"), False
+    return NicResult(d, "removed", planner.describe(ops), ops), False
+
+
 def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     """Undo what the record of ``driver/name`` says we applied.
 
@@ -356,43 +415,19 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     any more (re-created, moved) are left alone. ``macs`` limits teardown to
     some NICs (device detach).
     """
-    from fdbhook.model import Nic
-
     with store.lock():
         record = store.load(driver, name)
         if record is None:
             return Report(driver, name, ())
-        results = []
-        left = []
+        results, left = [], []
         for rec in record.nics:
             if macs is not None and rec.mac not in macs:
                 left.append(rec)
                 continue
-            d = Decision(nic=Nic(index=0, type="?", mac=rec.mac, alias=rec.alias or rec.port), action="manage", reason="recorded",
-                         port=rec.port, ifindex=rec.ifindex, bridge=rec.bridge, network=rec.network)
-            link = kernel.by_index(rec.ifindex)
-            bridge_link = kernel.by_index(link.master) if link is not None and link.master else None
-            vids = tuple(v or None for v in rec.vids) or (None,)
-            entries = ({vid: kernel.fdb_get(rec.mac, bridge_link.ifindex, vid) for vid in vids}
-                       if bridge_link is not None else {})
-            ops = planner.plan_teardown(rec, link, bridge_link, entries)
-            if link is None or link.name != rec.port:
-                results.append(NicResult(d, "gone", "port gone, nothing to undo"))
-                continue
-            if dry_run:
-                results.append(NicResult(d, "planned", planner.describe(ops), ops))
-                continue
-            try:
-                for op in ops:
-                    kernel.execute(op)
-            except KernelError as exc:
-                if _still_there(kernel, rec):
-                    results.append(NicResult(d, "failed", str(exc), ops))
-                    left.append(rec)
-                else:
-                    results.append(NicResult(d, "gone", "port vanished during teardown"))
-                continue
-            results.append(NicResult(d, "removed", planner.describe(ops), ops))
+            result, keep = _teardown_nic(kernel, rec, dry_run)
+            results.append(result)
+            if keep:
+                left.append(rec)
         if not dry_run:
             store.save(replace(record, nics=tuple(left)))
             release_bridges(kernel, store)
@@ -402,56 +437,43 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     return Report(driver, name, tuple(results), replace(record, nics=tuple(left)))
 
 
-def _decision_from_record(kernel, rec, cache=None):
-    """A 'manage' Decision rebuilt from a record, or None if the port is not ours any more."""
-    from fdbhook.model import Nic
-
-    link = kernel.by_index(rec.ifindex)
-    if link is None or link.name != rec.port or not link.is_bridge_port:
-        return None
-    cache = {} if cache is None else cache
-    key = ("link", link.master)
-    if key not in cache:
-        cache[key] = kernel.by_index(link.master)
-    bridge = cache[key]
-    if bridge is None or bridge.name != rec.bridge:
-        return None
-    vlan, trunk = None, ()
-    if rec.set_vlans:
-        vlan = next((vid for vid, pvid, _ in rec.set_vlans if pvid), None)
-        trunk = tuple(vid for vid, pvid, _ in rec.set_vlans if not pvid)
-    nic = Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port, vlan=vlan, trunk=trunk)
-    return Decision(nic=nic, action="manage", reason="recorded", port=rec.port, ifindex=rec.ifindex,
-                    bridge=rec.bridge, bridge_ifindex=bridge.ifindex, network=rec.network, link=link)
+def _reapply_nic(kernel, rec, paused, facts):
+    """(result, record to keep or None) for drift repair / pause / resume of one recorded NIC."""
+    where = locate(kernel, rec, facts.links)
+    if where is None:
+        return NicResult(recorded_decision(rec), "gone", "port gone, record dropped"), None
+    link, bridge = where
+    d = recorded_decision(rec, bridge.ifindex, link)
+    want = desired_from_record(rec, bridge.ifindex, paused, kernel.sticky_supported)
+    try:
+        ops, _ = converge(kernel, want, link)
+    except ApplyError as exc:
+        return NicResult(d, "failed", exc.kwargs["reason"]), rec
+    except KernelError as exc:
+        return NicResult(d, "failed", str(exc)), rec
+    return NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops), rec
 
 
-def reapply_record(driver, name, kernel, store, config, paused=None, bridges=None):
+def reapply_record(driver, name, kernel, store, config, paused=None, facts=None):
     """Bring a domain's recorded ports back to their recorded state, from the record alone.
 
     The daemon's drift repair and pause/resume handling: no XML, no libvirt.
     NICs whose port is gone are dropped from the record. ``paused`` True/False
-    also changes the record's state (entries out/in). ``bridges`` caches
+    also changes the record's state (entries out/in). ``facts`` caches
     bridge facts across calls (a full resync). Returns the Report.
     """
     with store.lock():
         record = store.load(driver, name)
         if record is None:
             return Report(driver, name, ())
-        if paused is None:
-            paused = record.paused
+        paused = record.paused if paused is None else paused
+        facts = facts or BridgeFacts(kernel)
         results, kept = [], []
-        bridges = {} if bridges is None else bridges
         for rec in record.nics:
-            d = _decision_from_record(kernel, rec, bridges)
-            if d is None:
-                from fdbhook.model import Nic
-                gone = Decision(nic=Nic(index=0, type="recorded", mac=rec.mac, alias=rec.alias or rec.port),
-                                action="manage", reason="recorded", port=rec.port, bridge=rec.bridge)
-                results.append(NicResult(gone, "gone", "port gone, record dropped"))
-                continue
-            result, new, _ = _apply_nic(kernel, config, d, rec, False, bridges, paused)
+            result, rec = _reapply_nic(kernel, rec, paused, facts)
             results.append(result)
-            kept.append(new if new is not None else rec)
+            if rec is not None:
+                kept.append(rec)
         new_record = replace(record, nics=tuple(kept), paused=paused)
         if new_record != record:  # an unchanged record is not rewritten (resync of 1000 ports)
             store.save(new_record)
@@ -467,17 +489,65 @@ def resync(kernel, store, config):
     Returns (ports checked, repairs made, failures).
     """
     checked = repaired = failed = 0
-    bridges = {}
+    facts = BridgeFacts(kernel)
     for record in store.all():
-        report = reapply_record(record.driver, record.domain, kernel, store, config, bridges=bridges)
+        report = reapply_record(record.driver, record.domain, kernel, store, config, facts=facts)
         for result in report.results:
             checked += 1
             repaired += result.status in ("changed", "gone")
             failed += result.failed
-    release_bridges_locked(kernel, store)
+    with store.lock():
+        release_bridges(kernel, store)
     return checked, repaired, failed
 
 
-def release_bridges_locked(kernel, store):
-    with store.lock():
-        release_bridges(kernel, store)
+def reconcile(domain, live_paused, config, kernel, store, alias=None, port=None, trust_live=False):
+    """Make a domain's ports match its live XML (fdbhookd: hotplug, unplug, MAC change, sync).
+
+    With ``alias`` (DEVICE_ADDED, NIC_MAC_CHANGE) or ``port`` (a link event)
+    only that NIC is applied: a hotplug must not cost more with every NIC
+    the guest already has. A domain with a record keeps its recorded pause
+    state (only SUSPENDED/RESUMED change it, so a start's brief ``-S`` pause
+    never removes an entry the start hook just added) unless ``trust_live``
+    (a full sync after reconnecting, when events may have been missed).
+    NICs of the record that the live XML no longer has (by MAC or port) are
+    torn down. Returns the apply Report or None.
+    """
+    record = store.load(domain.driver, domain.name)
+    paused = live_paused if record is None or trust_live or live_paused is None else record.paused
+    report = None
+    if alias or port:
+        only = tuple(n for n in domain.nics if (alias and n.alias == alias) or (port and n.target_dev == port))
+        if only:
+            report = apply_domain(replace(domain, nics=only), config, kernel, store, paused=bool(paused),
+                                  prune=False)
+    else:
+        report = apply_domain(domain, config, kernel, store, paused=bool(paused))
+    record = store.load(domain.driver, domain.name)
+    if record is not None:
+        live = {n.mac for n in domain.nics} | {n.target_dev for n in domain.nics if n.target_dev}
+        gone = {rec.mac for rec in record.nics if rec.mac not in live and rec.port not in live}
+        if gone:
+            teardown_domain(domain.driver, domain.name, kernel, store, macs=gone)
+    return report
+
+
+def prune_port(kernel, store, config, ifindex):
+    """A managed port vanished (unplug; libvirt sends no DEVICE_REMOVED for LXC): drop its record."""
+    for record in store.all():
+        if any(nic.ifindex == ifindex for nic in record.nics):
+            reapply_record(record.driver, record.domain, kernel, store, config)
+
+
+def stale_records(store, driver, running, max_age, now=None):
+    """Records of ``driver`` domains not in ``running``, older than ``max_age`` seconds (maybe mid-start)."""
+    now = time.time() if now is None else now
+    out = []
+    for record in store.all():
+        if record.driver != driver or record.domain in running:
+            continue
+        newest = max((nic.applied for nic in record.nics), default=0.0)
+        if now - newest > max_age:
+            out.append(record)
+    return out
+

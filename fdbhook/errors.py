@@ -41,12 +41,6 @@ class InvalidDomainXML(FdbhookError, ValueError):
     exit_code = 2
 
 
-class NicError(FdbhookError, ValueError):
-    """A NIC that should be managed but cannot be (bad MAC, missing port...)."""
-
-    msg_fmt = "domain %(domain)s: NIC %(nic)s: %(reason)s"
-
-
 class KernelError(FdbhookError, OSError):
     """A netlink request failed."""
 

@@ -17,8 +17,8 @@ operations cost only the interpreter start.
 """
 
 import logging
-import logging.handlers
 import os
+import sys
 from dataclasses import dataclass
 
 LOG = logging.getLogger(__name__)
@@ -33,56 +33,6 @@ class HookResult:
     code: int
     stdout: str = ""
     stderr: str = ""  # one line, or empty
-
-
-FALLBACK_LOG = "/var/log/fdbhook.log"
-
-
-def setup_logging(verbose=False, hook=False):
-    """Route fdbhook's log lines. Idempotent.
-
-    $FDBHOOK_LOG names a file to append to; else syslog/journal when /dev/log
-    exists; else /var/log/fdbhook.log (hosts without a syslog daemon: libvirt
-    passes hooks no environment of ours, so this is where their lines go). A hook adds nothing to stderr: libvirt shows a failed hook's
-    stderr to the user, and that must stay the one-line reason. The CLI also
-    prints warnings (everything with -v) to stderr.
-    """
-    root = logging.getLogger("fdbhook")
-    if getattr(root, "_fdbhook_configured", False):
-        return
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-    root._fdbhook_configured = True
-    path = os.environ.get("FDBHOOK_LOG")
-    handler = None
-    if path:
-        try:
-            handler = logging.FileHandler(path)
-        except OSError:
-            handler = None
-        fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
-    if handler is None and os.path.exists("/dev/log"):
-        try:
-            handler = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            handler = None
-        fmt = "fdbhook[%(process)d]: %(message)s"
-    if handler is None and not path:
-        try:
-            handler = logging.FileHandler(FALLBACK_LOG)
-        except OSError:
-            handler = None
-        fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
-    if handler is not None:
-        handler.setFormatter(logging.Formatter(fmt))
-        root.addHandler(handler)
-    if not hook:
-        console = logging.StreamHandler()
-        console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        console.setFormatter(logging.Formatter("fdbhook: %(message)s"))
-        root.addHandler(console)
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
 
 
 NETWORK_APPLY_OPS = ("start", "started")
@@ -110,6 +60,7 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=Fa
             from fdbhook.config import load_config
             config = load_config()
         if config.capture and capture_it:
+            from fdbhook.capture import capture
             capture(config, driver, argv, data)
         if daemon and driver == "qemu" and op == "migrate":
             from fdbhook.state import Store
@@ -130,56 +81,6 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=Fa
         if not acts:
             return HookResult(0)
         return _failure(driver, obj, op, config, "internal error: %s: %s" % (exc.__class__.__name__, exc))
-
-
-def capture(config, driver, argv, data):
-    """Save one invocation (argv + stdin) to the spool for ``fdbhook replay``.
-
-    The spool is bounded: the oldest files go once it exceeds
-    ``capture_max_bytes``. A capture failure never fails the hook.
-    """
-    import json
-    import time
-
-    try:
-        os.makedirs(config.capture_dir, mode=0o700, exist_ok=True)
-        stamp = "%.6f" % time.time()
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(argv[:2]))[:80]
-        path = os.path.join(config.capture_dir, "%s-%d-%s-%s.json" % (stamp, os.getpid(), driver, safe))
-        record = {"time": float(stamp), "driver": driver, "argv": list(argv)}
-        try:
-            record["stdin"] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            import base64
-            record["stdin_b64"] = base64.b64encode(data).decode()
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.rename(tmp, path)
-        _trim_spool(config.capture_dir, config.capture_max_bytes)
-    except OSError as exc:
-        LOG.warning("capture to %s failed: %s", config.capture_dir, exc)
-
-
-def _trim_spool(directory, limit):
-    entries = []
-    for name in os.listdir(directory):
-        if name.endswith(".json"):
-            try:
-                st = os.stat(os.path.join(directory, name))
-            except OSError:
-                continue
-            entries.append((name, st.st_size))
-    entries.sort()
-    total = sum(size for _, size in entries)
-    for name, size in entries:
-        if total <= limit:
-            break
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
-        total -= size
 
 
 def _serve_network(name, op, data, config, kernel, store):
@@ -276,3 +177,22 @@ class _kernel:
     def __exit__(self, *exc):
         if self._own is not None:
             self._own.close()
+
+
+def answer(driver, argv, data, verbose=False, capture=True):
+    """Serve one hook call in this process and write libvirt's answer: the exit code.
+
+    The standalone path of the installed hooks (fdbhook.client, when
+    fdbhookd does not answer) and of ``fdbhook hook``/``replay``. stdout only
+    for migrate/restore (empty: keep the XML), stderr only the one line.
+    """
+    from fdbhook.logsetup import setup_logging
+
+    # -v (manual replay) shows every log line on stderr as well.
+    setup_logging(verbose=verbose, hook=not verbose)
+    result = run_hook(driver, argv, data, capture_it=capture)
+    if result.stdout:
+        sys.stdout.write(result.stdout)
+    if result.stderr:
+        sys.stderr.write(result.stderr + "\n")
+    return result.code

@@ -1,9 +1,10 @@
 """The only module that talks netlink (through pyroute2).
 
 Everything the rest of fdbhook knows about the kernel passes through
-``Kernel``: link lookups by name or index, single FDB lookups, and the four
-operations of plan.py. Every request costs O(1) netlink messages per NIC;
-nothing here dumps a whole bridge except the status helpers.
+``Kernel``: link lookups by name or index, single FDB lookups, VLAN
+membership, and ``execute`` for every kind of plan.Op; ``LinkMonitor`` for
+the daemon's link events. Every request costs O(1) netlink messages per NIC;
+nothing here dumps a whole bridge except ``links`` (status, explain).
 """
 
 import errno
@@ -12,7 +13,7 @@ import struct
 import sys
 
 from fdbhook.errors import KernelError
-from fdbhook.model import FdbEntry, Link, PortState
+from fdbhook.model import FdbEntry, Link
 
 LOG = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def entry_from_msg(msg):
         static=bool(state & NUD_NOARP) and not state & NUD_PERMANENT,
         local=bool(state & NUD_PERMANENT),
         sticky=bool(flags & NTF_STICKY),
-        vlan=vlan or None,
+        vlan=vlan or 0,
     )
 
 
@@ -142,14 +143,8 @@ class Kernel:
             return None
         return self._get_link(index=ifindex)
 
-    def port_state(self, ifindex):
-        link = self.by_index(ifindex)
-        if link is None or not link.is_bridge_port:
-            return None
-        return PortState(learning=bool(link.learning), flood=bool(link.flood))
-
-    def fdb_get(self, mac, bridge_ifindex, vlan=None):
-        """The bridge's entry for ``mac`` (VLAN 0 by default), or None."""
+    def fdb_get(self, mac, bridge_ifindex, vlan=0):
+        """The bridge's entry for ``mac`` on ``vlan`` (0 = no VLAN), or None."""
         kw = dict(ifindex=0, lladdr=mac, master=bridge_ifindex)
         if vlan:
             kw["vlan"] = vlan
@@ -168,29 +163,15 @@ class Kernel:
     def links(self):
         return [link_from_msg(m) for m in self.ipr.get_links()]
 
-    def port_entries(self, ifindex):
-        """The bridge (master) FDB entries that point at one port."""
-        out = []
-        for msg in self.ipr.fdb("dump", ifindex=ifindex):
-            if msg["ifindex"] == ifindex and not msg["flags"] & NTF_SELF:
-                out.append(entry_from_msg(msg))
-        return out
-
     def bridge_vlan_filtering(self, ifindex):
-        return self.bridge_info(ifindex)[0]
-
-    def bridge_info(self, ifindex):
-        """(vlan_filtering, default_pvid) of a bridge."""
+        """Is VLAN filtering on for this bridge?"""
         try:
             msgs = self.ipr.link("get", index=ifindex)
         except Exception as exc:
             raise KernelError(what="link get %d" % ifindex, reason=_reason(exc)) from None
         info = msgs[0].get_attr("IFLA_LINKINFO")
         data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-        if data is None:
-            return False, 1
-        pvid = data.get_attr("IFLA_BR_VLAN_DEFAULT_PVID")
-        return bool(data.get_attr("IFLA_BR_VLAN_FILTERING")), (1 if pvid is None else pvid)
+        return bool(data is not None and data.get_attr("IFLA_BR_VLAN_FILTERING"))
 
     def port_vlans(self, ifindex):
         """A port's VLAN membership: ((vid, pvid, untagged), ...).

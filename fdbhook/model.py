@@ -1,7 +1,7 @@
 """Pure state objects. Nothing here touches the kernel, libvirt or files."""
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import FrozenSet, Optional, Tuple
 
 # Our metadata namespace inside <domain><metadata>.
 FDB_NS = "urn:x-fdbhook:1"
@@ -31,7 +31,8 @@ class Nic:
 
     index: int
     type: str
-    mac: Optional[str] = None
+    mac: Optional[str] = None  # the MAC in effect: the guest's current one where libvirt reports it
+    config_mac: Optional[str] = None  # <mac address>, when the guest changed it (libvirt >= 11.2 currentAddress)
     source_bridge: Optional[str] = None
     source_network: Optional[str] = None
     source_mtm: Optional[str] = None  # macTableManager on a live network NIC
@@ -92,7 +93,7 @@ class FdbEntry:
     static: bool  # NUD_NOARP without PERMANENT: a forwarding entry
     local: bool  # NUD_PERMANENT: frames go to the host
     sticky: bool = False
-    vlan: Optional[int] = None
+    vlan: int = 0
 
     @property
     def dynamic(self):
@@ -120,16 +121,8 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class PortState:
-    """The part of a port's state that fdbhook may change."""
-
-    learning: bool
-    flood: bool
-
-
-@dataclass(frozen=True)
 class Op:
-    """One kernel change. ``kind`` is fdb_replace | fdb_del | set_flags | flush."""
+    """One kernel change: fdb_replace | fdb_del | set_flags | flush | vlan_add | vlan_del."""
 
     kind: str
     port: str
@@ -140,13 +133,71 @@ class Op:
     learning: Optional[bool] = None
     flood: Optional[bool] = None
     sticky: bool = False
-    vlan: Optional[int] = None
+    vlan: int = 0  # 0: no VLAN (VID 0, the only one on a bridge without VLAN filtering)
     pvid: bool = False
     untagged: bool = False
 
 
+# One static FDB entry fdbhook wants or watches: (MAC, VID), VID 0 = no VLAN.
+EntryKey = Tuple[str, int]
+
 # A port's VLAN membership: ((vid, pvid, untagged), ...) sorted by vid.
 Membership = Tuple[Tuple[int, bool, bool], ...]
+
+
+@dataclass(frozen=True)
+class DesiredPort:
+    """What one port should look like. Built from a NIC's decision or from a record.
+
+    ``entries`` are the static entries wanted on the port; ``watch`` are
+    further (MAC, VID) pairs that may carry an entry of ours that must go (the
+    guest's old MAC after a change, every entry while the guest is paused,
+    everything at teardown). ``membership`` None leaves VLAN membership alone.
+    """
+
+    port: str
+    ifindex: int
+    bridge: str
+    bridge_ifindex: int
+    entries: FrozenSet[EntryKey] = frozenset()
+    watch: FrozenSet[EntryKey] = frozenset()
+    sticky: bool = True
+    learning: bool = False
+    flood: bool = False
+    membership: Optional[Membership] = None
+
+    @property
+    def keys(self):
+        """Every (MAC, VID) whose entry the plan needs to see, sorted."""
+        return tuple(sorted(self.entries | self.watch))
+
+
+@dataclass(frozen=True)
+class CurrentPort:
+    """What the kernel has for one port, as fdbhook.current.read_port read it.
+
+    ``exists`` is False when the port is gone, renamed, re-created (another
+    ifindex) or on another bridge: then it is not ours to touch.
+    """
+
+    port: str
+    ifindex: int
+    exists: bool
+    learning: bool = False
+    flood: bool = False
+    entries: Tuple[Tuple[EntryKey, Optional[FdbEntry]], ...] = ()
+    membership: Optional[Membership] = None  # read only when the desired state sets it
+
+    def entry(self, key):
+        for have_key, entry in self.entries:
+            if have_key == key:
+                return entry
+        return None
+
+    def owns(self, key):
+        """Is there a static entry for ``key`` pointing at this port?"""
+        entry = self.entry(key)
+        return entry is not None and entry.ifindex == self.ifindex and entry.static
 
 
 @dataclass(frozen=True)
@@ -166,6 +217,12 @@ class NicRecord:
     vids: Tuple[int, ...] = ()  # VLANs with our entry; () = VID 0 (no VLAN filtering)
     prev_vlans: Optional[Membership] = None  # membership before we set it, if we did
     set_vlans: Optional[Membership] = None  # membership we set
+    config_mac: Optional[str] = None  # the configured MAC when the guest uses another (``mac``)
+
+    @property
+    def keys(self):
+        """(MAC, VID) of every entry this record stands for; VID 0 = no VLAN."""
+        return frozenset((self.mac, vid) for vid in (self.vids or (0,)))
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,28 @@
-"""Desired vs current -> ordered kernel operations. Pure functions only.
+"""Desired port state vs current port state -> ordered kernel operations. Pure.
 
-Order matters for a guest that is already passing traffic:
-  apply:    VLAN membership first (an entry on a VLAN the port lacks is
-            refused), static entries, then learning and unicast flood off
-            in one request (the MAC is in the FDB by then, so nothing the
-            guest should get depends on flooding), then flush what the port
-            learned (after learning is off, or it would learn again);
-  teardown: flood back on first, then drop the entries, then the previous
-            VLAN membership, then learning back on.
-At no point is the guest's MAC neither in the FDB nor flooded to its port.
+One function, ``plan_port``, serves every path: apply, verify (plan again
+and expect nothing), rollback (plan back to the state read before), pause
+and resume, a guest MAC change, teardown, drift repair and ``status`` (the
+plan of a record against the kernel; empty means healthy).
 
-VLANs: ``vids`` lists the VLANs an entry is wanted on; ``(None,)`` means
-VID 0, the only choice on a bridge without VLAN filtering. On a filtering
-bridge one entry per VLAN the port carries, never VID 0 plus every VLAN.
+Order matters for a guest that is passing traffic; the plan always emits:
+  1. VLANs the port must gain (an entry on a VLAN the port lacks is refused),
+  2. unicast flood back on, if wanted (teardown: before any entry goes),
+  3. the static entries that are missing,
+  4. learning and flood off in one request (the MACs are in the FDB by then),
+  5. entries of ours that must go (an old MAC, a paused guest, teardown),
+  6. VLANs the port must lose,
+  7. learning back on, if wanted,
+  8. flush of what the port learned (after learning is off, or it learns again).
+So at no point is a MAC the guest uses neither in the FDB nor flooded to it:
+a MAC change adds the new entry before the old one goes, flags untouched.
+
+VLANs: VID 0 means "no VLAN" everywhere (the only choice on a bridge without
+VLAN filtering); on a filtering bridge one entry per VLAN the port carries,
+never VID 0 plus every VLAN.
 """
 
-from fdbhook.model import Op
+from fdbhook.model import DesiredPort, Op
 
 
 def entry_conflict(port, ifindex, mac, entry, owned):
@@ -32,6 +39,16 @@ def entry_conflict(port, ifindex, mac, entry, owned):
         mac, kind, where, entry.ifindex, port)
 
 
+def conflicts(want, have, owned=frozenset()):
+    """Reasons the wanted entries of ``want`` cannot be put on its port (``owned``: keys we hold elsewhere)."""
+    out = []
+    for key in sorted(want.entries):
+        reason = entry_conflict(want.port, want.ifindex, key[0], have.entry(key), key in owned)
+        if reason and reason not in out:
+            out.append(reason)
+    return out
+
+
 def desired_membership(vlan, trunk):
     """((vid, pvid, untagged), ...) for an access VLAN and tagged trunk VLANs."""
     want = {vid: (False, False) for vid in trunk}
@@ -41,100 +58,92 @@ def desired_membership(vlan, trunk):
 
 
 def entry_vids(filtering, membership):
-    """The VLANs a port's static entry must exist on."""
+    """The VLANs a port's static entries must exist on (0 = no VLAN)."""
     if not filtering:
-        return (None,)
-    return tuple(vid for vid, _, _ in membership) or (None,)
+        return (0,)
+    return tuple(vid for vid, _, _ in membership) or (0,)
 
 
-def _common(port, ifindex, bridge, bridge_ifindex):
-    return dict(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex)
-
-
-def plan_membership(common, want, have):
-    """Ops that turn membership ``have`` into exactly ``want``."""
-    ops = []
+def _membership_ops(common, want, have):
+    """(adds, removals) that turn membership ``have`` into exactly ``want``."""
     have_map = {vid: (pvid, untagged) for vid, pvid, untagged in have}
-    for vid, pvid, untagged in want:
-        if have_map.get(vid) != (pvid, untagged):
-            ops.append(Op(kind="vlan_add", vlan=vid, pvid=pvid, untagged=untagged, **common))
+    adds = [Op(kind="vlan_add", vlan=vid, pvid=pvid, untagged=untagged, **common)
+            for vid, pvid, untagged in want if have_map.get(vid) != (pvid, untagged)]
     wanted = {vid for vid, _, _ in want}
-    for vid, _, _ in have:
-        if vid not in wanted:
-            ops.append(Op(kind="vlan_del", vlan=vid, **common))
-    return ops
+    removals = [Op(kind="vlan_del", vlan=vid, **common) for vid, _, _ in have if vid not in wanted]
+    return adds, removals
 
 
-def plan_apply(decision, current, entries, sticky, first_time, membership=None, have_membership=(),
-               want_entries=True):
-    """Ops that bring a managed port to: static entries, no learning, no flood.
+def plan_port(want, have, flush=False):
+    """Ops that turn ``have`` (CurrentPort) into ``want`` (DesiredPort), in safe order.
 
-    ``entries`` maps each wanted VID (None = VID 0) to the bridge's current
-    entry for the MAC there. ``membership``, when not None, is the VLAN
-    membership the port must end up with (``have_membership`` is its current).
+    A port that is not there any more (``have.exists`` False) gets nothing:
+    its entries went with it, and a re-created port may be somebody else's.
+    ``flush`` asks for the learned entries to be flushed even if the port
+    does not learn now (a port seen for the first time).
     """
-    common = _common(decision.port, decision.ifindex, decision.bridge, decision.bridge_ifindex)
-    ops = []
-    if membership is not None:
-        ops.extend(plan_membership(common, membership, have_membership))
-    mac = decision.nic.mac
-    for vid, entry in entries.items():
-        ours = entry is not None and entry.ifindex == decision.ifindex
-        if not want_entries:
-            if ours and entry.static:
-                ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
-        elif not ours or not entry.static or entry.sticky != sticky:
-            ops.append(Op(kind="fdb_replace", mac=mac, sticky=sticky, vlan=vid, **common))
-    if current.learning or current.flood:
-        ops.append(Op(kind="set_flags", learning=False if current.learning else None,
-                      flood=False if current.flood else None, **common))
-    if current.learning or first_time:
+    if not have.exists:
+        return ()
+    common = dict(port=want.port, ifindex=want.ifindex, bridge=want.bridge, bridge_ifindex=want.bridge_ifindex)
+    vlan_adds, vlan_dels = [], []
+    if want.membership is not None and have.membership is not None:
+        vlan_adds, vlan_dels = _membership_ops(common, want.membership, have.membership)
+    ops = list(vlan_adds)
+    if want.flood and not have.flood:
+        ops.append(Op(kind="set_flags", flood=True, **common))
+    for mac, vid in sorted(want.entries):
+        entry = have.entry((mac, vid))
+        if not have.owns((mac, vid)) or entry.sticky != want.sticky:
+            ops.append(Op(kind="fdb_replace", mac=mac, vlan=vid, sticky=want.sticky, **common))
+    learning_off = have.learning and not want.learning
+    flood_off = have.flood and not want.flood
+    if learning_off or flood_off:
+        ops.append(Op(kind="set_flags", learning=False if learning_off else None,
+                      flood=False if flood_off else None, **common))
+    for mac, vid in sorted(want.watch - want.entries):
+        if have.owns((mac, vid)):
+            ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
+    ops.extend(vlan_dels)
+    if want.learning and not have.learning:
+        ops.append(Op(kind="set_flags", learning=True, **common))
+    if (flush or learning_off) and not want.learning:
         # Whatever the port learned (peers' MACs, a forged source) goes now.
         ops.append(Op(kind="flush", **common))
     return tuple(ops)
 
 
-def plan_teardown(record, link, bridge_link, entries):
-    """Ops that undo ``record`` on a port that still exists and is still ours.
-
-    ``entries`` maps each recorded VID (None = VID 0) to the current entry. A
-    port that is gone, renamed, re-created (new ifindex) or moved to another
-    bridge is not touched: its entries went with it, and it may now be
-    somebody else's.
-    """
-    if link is None or link.ifindex != record.ifindex or link.name != record.port:
-        return ()
-    if bridge_link is None or bridge_link.name != record.bridge or link.master != bridge_link.ifindex:
-        return ()
-    common = _common(record.port, record.ifindex, record.bridge, bridge_link.ifindex)
-    ops = []
-    if record.prev_flood and not link.flood:
-        ops.append(Op(kind="set_flags", flood=True, **common))
-    for vid, entry in entries.items():
-        if entry is not None and entry.ifindex == record.ifindex and entry.static:
-            ops.append(Op(kind="fdb_del", mac=record.mac, vlan=vid, **common))
-    if record.prev_vlans is not None:
-        ops.extend(plan_membership(common, record.prev_vlans, record.set_vlans or ()))
-    if record.prev_learning and not link.learning:
-        ops.append(Op(kind="set_flags", learning=True, **common))
-    return tuple(ops)
+def restore_state(want, before):
+    """The DesiredPort that puts a port back exactly as ``before`` (a CurrentPort) after a failed apply."""
+    mine = frozenset(key for key, _ in before.entries if before.owns(key))
+    sticky = any(entry.sticky for key, entry in before.entries if key in mine)
+    return DesiredPort(port=want.port, ifindex=want.ifindex, bridge=want.bridge, bridge_ifindex=want.bridge_ifindex,
+                       entries=mine, watch=frozenset(want.keys), sticky=sticky, learning=before.learning,
+                       flood=before.flood, membership=before.membership if want.membership is not None else None)
 
 
-def plan_restore(decision, before, before_entries, now_entries, before_membership=None, now_membership=()):
-    """Ops that put a port back exactly as ``before`` after a failed apply."""
-    common = _common(decision.port, decision.ifindex, decision.bridge, decision.bridge_ifindex)
-    mac = decision.nic.mac
-    ops = [Op(kind="set_flags", learning=before.learning, flood=before.flood, **common)]
-    for vid, now in now_entries.items():
-        prior = before_entries.get(vid)
-        if prior is not None and prior.ifindex == decision.ifindex and prior.static:
-            ops.append(Op(kind="fdb_replace", mac=mac, sticky=prior.sticky, vlan=vid, **common))
-        elif now is not None and now.ifindex == decision.ifindex:
-            # A learned entry elsewhere cannot be re-created; learning finds it again.
-            ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
-    if before_membership is not None:
-        ops.extend(plan_membership(common, before_membership, now_membership))
-    return tuple(ops)
+def drift(want, have):
+    """What is wrong with a port, in words (empty: healthy). The plan, described."""
+    if not have.exists:
+        return ["port gone"]
+    words = []
+    for op in plan_port(want, have):
+        where = " on VLAN %d" % op.vlan if op.vlan else ""
+        if op.kind == "fdb_replace":
+            if have.owns((op.mac, op.vlan)):
+                words.append("entry for %s%s %s sticky" % (op.mac, where, "not" if op.sticky else "unexpectedly"))
+            else:
+                words.append("static entry for %s%s missing" % (op.mac, where))
+        elif op.kind == "fdb_del":
+            words.append("entry for %s%s present but not wanted" % (op.mac, where))
+        elif op.kind in ("vlan_add", "vlan_del"):
+            if "VLAN membership differs" not in words:
+                words.append("VLAN membership differs")
+        elif op.kind == "set_flags":
+            if op.learning is not None:
+                words.append("learning %s" % _onoff(not op.learning))
+            if op.flood is not None:
+                words.append("flood %s" % _onoff(not op.flood))
+    return words
 
 
 def _onoff(value):

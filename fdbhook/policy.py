@@ -32,12 +32,7 @@ def decide(domain, placement, config):
         return skip("network %s: libvirt manages this MAC table itself (macTableManager='libvirt')"
                     % (placement.network or placement.bridge))
 
-    why = None
-    if placement.network and config.network_managed(placement.network):
-        why = "network %s matches %r" % (placement.network, config.network_managed(placement.network))
-    for bridge in (placement.kernel_bridge, placement.xml_bridge):
-        if why is None and bridge and config.bridge_managed(bridge):
-            why = "bridge %s matches %r" % (bridge, config.bridge_managed(bridge))
+    why = _managed_because(placement, config)
     if why is None:
         if not config.exists:
             return skip("no config (%s): nothing is managed" % config.path)
@@ -66,6 +61,16 @@ def decide(domain, placement, config):
         return skip("port %s is on %s, a %s device, not a Linux bridge"
                     % (placement.port, placement.kernel_bridge, placement.bridge_link.kind))
     return Decision(action="manage", reason=why, link=placement.port_link, **base)
+
+
+def _managed_because(placement, config):
+    """The config match that makes this NIC's network or bridge managed, in words; None if none does."""
+    if placement.network and config.network_managed(placement.network):
+        return "network %s matches %r" % (placement.network, config.network_managed(placement.network))
+    for bridge in (placement.kernel_bridge, placement.xml_bridge):
+        if bridge and config.bridge_managed(bridge):
+            return "bridge %s matches %r" % (bridge, config.bridge_managed(bridge))
+    return None
 
 
 def _port_hint(domain, nic):

@@ -185,6 +185,14 @@ class Store:
         except OSError as exc:
             raise StateError(path=self.bridge_path(bridge), reason=exc.strerror) from None
 
+    def bridge_names(self):
+        """Names of the bridges with a record (file names decoded as written)."""
+        directory = os.path.dirname(self.bridge_path("x"))
+        try:
+            return sorted(n[:-5] for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
     def all(self):
         """Every record, sorted by file name. Broken files are skipped."""
         try:

@@ -7,6 +7,11 @@ one bridge's dict into sentences.
 
 import os
 
+from fdbhook.current import read_port
+from fdbhook.engine import desired_from_record
+from fdbhook.plan import drift
+from fdbhook.resolve import load_networks
+
 # Port device kinds that have no IFF_UNICAST_FLT: the kernel must keep them
 # promiscuous whatever the FDB says.
 NO_UNICAST_FILTER = ("veth", "tun", "bridge")
@@ -17,7 +22,8 @@ def _vlan_filtering_supported(bridge):
     return os.path.exists("/sys/class/net/%s/bridge/vlan_filtering" % bridge)
 
 
-def _port_dict(kernel, link, rec, owner, bridge_ifindex):
+def _port_dict(kernel, link, rec, owner, bridge_ifindex, paused=False):
+    """One port for status/explain; for a managed port, drift = the plan of its record against the kernel."""
     port = {
         "name": link.name,
         "ifindex": link.ifindex,
@@ -31,30 +37,25 @@ def _port_dict(kernel, link, rec, owner, bridge_ifindex):
         "drift": [],
     }
     if rec is not None:
-        entry = kernel.fdb_get(rec.mac, bridge_ifindex)
-        port["static_entry"] = bool(entry and entry.ifindex == link.ifindex and entry.static)
-        port["sticky"] = bool(entry and entry.sticky)
-        if link.learning:
-            port["drift"].append("learning on")
-        if link.flood:
-            port["drift"].append("flood on")
-        if not port["static_entry"]:
-            port["drift"].append("static entry missing")
+        want = desired_from_record(rec, bridge_ifindex, paused, kernel.sticky_supported)
+        have = read_port(kernel, want, link)
+        port["drift"] = drift(want, have)
+        port["static_entry"] = all(have.owns(key) for key in want.entries) if not paused else None
+        port["sticky"] = any(entry is not None and entry.sticky for _, entry in have.entries)
+        port["vlans"] = sorted({vid for _, vid in want.watch if vid})
+        port["paused"] = paused
+        if rec.config_mac:
+            port["configured_mac"] = rec.config_mac
     return port
 
 
 def daemon_info():
     """Is fdbhookd answering, and can this libvirt report guest MAC changes?"""
     from fdbhook.client import offer, socket_path
+    from fdbhook.virt import version_facts
 
     info = {"socket": socket_path(), "answering": offer("ping", [], b"", timeout=1.0) is not None}
-    try:
-        import libvirt
-        info["libvirt_python"] = ".".join(str(libvirt.getVersion() // 10 ** (3 * i) % 1000) for i in (2, 1, 0))
-        info["nic_mac_change_event"] = hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_NIC_MAC_CHANGE")
-    except ImportError:
-        info["libvirt_python"] = None
-        info["nic_mac_change_event"] = False
+    info.update(version_facts())
     return info
 
 
@@ -64,10 +65,10 @@ def bridge_report(config, kernel, br, links, by_ifindex):
     for link in links:
         if link.master != br.ifindex or not link.is_bridge_port:
             continue
-        rec, owner = by_ifindex.get(link.ifindex, (None, None))
-        if rec is not None and rec.port != link.name:
-            rec, owner = None, None
-        ports.append(_port_dict(kernel, link, rec, owner, br.ifindex))
+        rec, owner, paused = by_ifindex.get(link.ifindex, (None, None, False))
+        if rec is not None and (rec.port != link.name or rec.bridge != br.name):
+            rec, owner, paused = None, None, False
+        ports.append(_port_dict(kernel, link, rec, owner, br.ifindex, paused))
     bridge = {
         "name": br.name,
         "promiscuity": br.promiscuity,
@@ -85,7 +86,7 @@ def _records_by_ifindex(store):
     out = {}
     for record in store.all():
         for rec in record.nics:
-            out[rec.ifindex] = (rec, "%s/%s" % (record.driver, record.domain))
+            out[rec.ifindex] = (rec, "%s/%s" % (record.driver, record.domain), record.paused)
     return out
 
 
@@ -122,9 +123,8 @@ def collect(config, kernel, store):
     bridges = {}
     for link in links:
         if link.kind == "bridge" and (config.bridge_managed(link.name)
-                                      or any(r.bridge == link.name for r, _ in by_ifindex.values())):
+                                      or any(r.bridge == link.name for r, _, _ in by_ifindex.values())):
             bridges[link.ifindex] = link
-    from fdbhook.resolve import load_networks
     nets = load_networks(list(config.networks), config.network_dirs) if config.networks else {}
     for net in nets.values():
         for link in links:
@@ -199,8 +199,10 @@ def render_text(data):
             lines.append("  %-15s %-9s learning %-3s flood %-3s promisc %d  %s %s%s" % (
                 port["name"], port["kind"] or "-", "on" if port["learning"] else "off",
                 "on" if port["flood"] else "off", port["promiscuity"],
-                port["domain"] or "(not ours)", port["mac"] or "",
-                ("  entry %s" % ("ok" if port["static_entry"] else "MISSING")) if port["domain"] else ""))
+                port["domain"] or "(not ours)", port["mac"] or "", _entry_word(port)))
+            if port.get("configured_mac"):
+                lines.append("  %-15s guest uses %s instead of its configured MAC %s (followed)" % (
+                    "", port["mac"], port["configured_mac"]))
             if port["drift"]:
                 lines.append("  %-15s DRIFT: %s" % ("", ", ".join(port["drift"])))
         for sentence in br["explain"]:
@@ -212,8 +214,28 @@ def render_text(data):
     daemon = data["daemon"]
     lines.append("fdbhookd: %s (%s)" % ("running" if daemon["answering"] else "not running: hooks work standalone, "
                                         "no hotplug/pause/resume/drift repair", daemon["socket"]))
-    if not daemon["nic_mac_change_event"]:
-        lines.append("guest MAC changes: not followed: libvirt %s has no NIC_MAC_CHANGE event (needs >= 11.2)"
-                     % (daemon["libvirt_python"] or "(python bindings missing)"))
+    lines.extend(mac_change_sentences(daemon))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
     return "\n".join(lines)
+
+
+def _entry_word(port):
+    if not port["domain"]:
+        return ""
+    if port.get("paused"):
+        return "  entry removed (guest paused)"
+    return "  entry %s" % ("ok" if port["static_entry"] else "MISSING")
+
+
+def mac_change_sentences(daemon):
+    """What happens when a guest changes its own MAC, on this host, in plain words."""
+    if not daemon["nic_mac_change_event"]:
+        return ["guest MAC changes: not followed: libvirt %s has no NIC_MAC_CHANGE event (needs >= 11.2); "
+                "a guest that changes its MAC gets no unicast for the new one (its port does not flood)"
+                % (daemon["libvirt_python"] or "(python bindings missing)")]
+    if not daemon["answering"]:
+        return ["guest MAC changes: followed only while fdbhookd runs (it is not running); otherwise at the "
+                "next start or reconnect"]
+    return ["guest MAC changes: followed for NICs with trustGuestRxFilters='yes' (libvirt reports the new MAC); "
+            "with 'no' libvirt reports nothing, the configured MAC keeps the entry, and a guest that uses "
+            "another MAC gets no unicast for it"]

@@ -13,7 +13,7 @@ from fdbhook.model import FdbEntry, Link
 class FakeKernel:
     def __init__(self, links=(), entries=()):
         self.links_by_index = {link.ifindex: link for link in links}
-        self.entries = {}  # (bridge ifindex, mac, vid or None) -> FdbEntry
+        self.entries = {}  # (bridge ifindex, mac, vid; 0 = no VLAN) -> FdbEntry
         for bridge_ifindex, entry in entries:
             self.entries[(bridge_ifindex, entry.mac, entry.vlan)] = entry
         self.filtering = {}  # bridge ifindex -> bool
@@ -52,26 +52,27 @@ class FakeKernel:
     def by_index(self, ifindex):
         return self.links_by_index.get(ifindex)
 
-    def fdb_get(self, mac, bridge_ifindex, vlan=None):
+    def fdb_get(self, mac, bridge_ifindex, vlan=0):
         return self.entries.get((bridge_ifindex, mac, vlan))
 
     def links(self):
         return list(self.links_by_index.values())
 
-    def bridge_info(self, ifindex):
-        return self.filtering.get(ifindex, False), 1
-
     def bridge_vlan_filtering(self, ifindex):
-        return self.bridge_info(ifindex)[0]
+        return self.filtering.get(ifindex, False)
 
     def port_vlans(self, ifindex):
         return tuple(sorted((vid,) + flags for vid, flags in self.vlans.get(ifindex, {}).items()))
 
-    def set_vlan_filtering(self, ifindex, enabled):
+    def set_vlan_filtering(self, bridge_ifindex, enabled):
+        ifindex = bridge_ifindex
         self.executed.append(("vlan_filtering", ifindex, enabled))
         if enabled and not self.vlan_supported:
             raise KernelError(what="vlan_filtering", reason="Operation not supported", errno=95)
         self.filtering[ifindex] = enabled
+
+    def close(self):
+        pass
 
     def execute(self, op):
         from fdbhook.plan import render
@@ -90,7 +91,7 @@ class FakeKernel:
                 changes["flood"] = op.flood
             self.links_by_index[op.ifindex] = replace(link, **changes)
         elif op.kind == "fdb_replace":
-            if op.vlan is not None and op.vlan not in self.vlans.get(op.ifindex, {}):
+            if op.vlan and op.vlan not in self.vlans.get(op.ifindex, {}):
                 raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
             self.entries[(link.master, op.mac, op.vlan)] = FdbEntry(
                 mac=op.mac, ifindex=op.ifindex, static=True, local=False, sticky=op.sticky, vlan=op.vlan)

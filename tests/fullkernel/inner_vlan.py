@@ -104,6 +104,18 @@ def test_promiscuity_vlans_and_frames(env):
                                 capture_output=True, timeout=60)
         bridge = json.loads(status.stdout)["bridges"][0]
         assert bridge["vlan_filtering"] is True and bridge["auto_ports"] == ["bond0"]
+        # A healthy VLAN-filtering bridge is healthy: exit 0, no drift on any port.
+        assert status.returncode == 0, status.stdout
+        assert [p["drift"] for p in bridge["ports"] if p["domain"]] == [[], []]
+        # ... and a really missing per-VLAN entry is drift: exit 4, named.
+        lab.bridge("fdb", "del", MAC_B, "dev", "vnet1", "master", "vlan", "100")
+        status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status", "--json"]), env=env,
+                                capture_output=True, timeout=60)
+        assert status.returncode == 4
+        drift = [p["drift"] for p in json.loads(status.stdout)["bridges"][0]["ports"] if p["name"] == "vnet1"]
+        assert drift == [["static entry for %s on VLAN 100 missing" % MAC_B]]
+        hook(lab, env, "gb", "reconnect", domain("gb", MAC_B, "vnet1", META_B))  # reconnect heals drift
+        assert entries(lab, MAC_B) == [(42, "vnet1"), (100, "vnet1"), (101, "vnet1")]
         explained = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "explain", "br0"]), env=env,
                                    capture_output=True, text=True, timeout=60)
         print(explained.stdout)

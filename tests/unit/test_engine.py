@@ -1,7 +1,7 @@
 """Engine logic over the fake kernel adapter: records, idempotency, rollback."""
 
 from fdbhook import domxml
-from fdbhook.engine import apply_domain, teardown_domain
+from fdbhook.engine import apply_domain, reconcile, resync, teardown_domain
 from fdbhook.model import FdbEntry
 from fdbhook.state import Store
 from tests.fakes import FakeKernel
@@ -187,3 +187,73 @@ def test_vlan_filtering_unsupported_said_once(tmp_path, caplog):
         apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert [r.status for r in report.results] == ["changed", "changed"]
     assert sum("CONFIG_BRIDGE_VLAN_FILTERING" in r.message for r in caplog.records) == 1
+
+
+def mac_changed_xml(configured="52:54:00:00:00:01", current="52:54:00:00:00:99"):
+    """The live XML of libvirt >= 11.2 after the guest set its own MAC (trustGuestRxFilters='yes')."""
+    nic = bridge_nic(mac=configured).replace(
+        "<mac address='%s'/>" % configured, "<mac address='%s' currentAddress='%s'/>" % (configured, current))
+    return domain_xml([nic, bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")])
+
+
+def test_current_address_is_the_mac_in_use():
+    nic = domxml.parse_domain(mac_changed_xml()).nics[0]
+    assert (nic.mac, nic.config_mac) == ("52:54:00:00:00:99", "52:54:00:00:00:01")
+    plain = domxml.parse_domain(XML).nics[0]
+    assert (plain.mac, plain.config_mac) == ("52:54:00:00:00:01", None)
+
+
+def test_guest_mac_change_is_one_plan_on_one_port(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    k.executed.clear()
+    report = apply_domain(domxml.parse_domain(mac_changed_xml()), cfg, k, store)
+    assert report.results[0].message.startswith("guest MAC changed 52:54:00:00:00:01 -> 52:54:00:00:00:99")
+    # New entry first, then the old one out; learning and flood never touched.
+    assert [(op.kind, op.mac) for op in k.executed] == [("fdb_replace", "52:54:00:00:00:99"),
+                                                         ("fdb_del", "52:54:00:00:00:01")]
+    assert k.fdb_get("52:54:00:00:00:99", 10).ifindex == k.by_name("vnet0").ifindex
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None
+    rec = store.load("qemu", "t1").nic("52:54:00:00:00:99")
+    assert (rec.port, rec.config_mac, rec.prev_learning, rec.prev_flood) == ("vnet0", "52:54:00:00:00:01", True, True)
+    # Idempotent, and the record's own plan (status, drift repair) agrees.
+    k.executed.clear()
+    assert [r.status for r in apply_domain(domxml.parse_domain(mac_changed_xml()), cfg, k, store).results] == [
+        "unchanged", "unchanged"]
+    assert resync(k, store, cfg) == (2, 0, 0) and k.executed == []
+    teardown_domain("qemu", "t1", k, store)
+    assert k.by_name("vnet0").learning is True and k.by_name("vnet0").flood is True
+    assert k.fdb_get("52:54:00:00:00:99", 10) is None
+
+
+def test_reconcile_keeps_a_known_domain_running_through_a_start_pause(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    dom = domxml.parse_domain(XML)
+    apply_domain(dom, cfg, k, store)
+    k.executed.clear()
+    # fdbhookd sees the port join while QEMU is still at -S ("starting": None)
+    # or a periodic sync catches the same moment: no entry churn.
+    reconcile(dom, None, cfg, k, store, port="vnet0")
+    reconcile(dom, True, cfg, k, store, port="vnet0")
+    assert k.executed == []
+    assert k.fdb_get("52:54:00:00:00:01", 10) is not None
+    # A full sync after reconnecting trusts the live state.
+    reconcile(dom, True, cfg, k, store, trust_live=True)
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None and store.load("qemu", "t1").paused
+
+
+def test_reconcile_tears_down_a_nic_the_live_xml_lost(tmp_path):
+    k, store, cfg = setup(tmp_path)
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    one = domxml.parse_domain(domain_xml([bridge_nic()]))
+    reconcile(one, False, cfg, k, store, alias="-")
+    assert [n.mac for n in store.load("qemu", "t1").nics] == ["52:54:00:00:00:01"]
+    assert k.by_name("vnet1").learning is True
+
+
+def test_mac_change_event_fills_in_a_live_xml_that_lacks_current_address():
+    from fdbhook.daemon import with_guest_mac
+
+    dom = with_guest_mac(domxml.parse_domain(XML), "net0", "52:54:00:00:00:AA")
+    assert (dom.nics[0].mac, dom.nics[0].config_mac) == ("52:54:00:00:00:aa", "52:54:00:00:00:01")
+    assert dom.nics[1].mac == "52:54:00:00:00:02"

@@ -25,3 +25,27 @@ def test_each_reason_in_plain_words():
     ports = [{"name": "veth0", "kind": "veth", "domain": None}]
     text = " ".join(explain_bridge(bridge(ports=ports, auto_ports=["veth0"])))
     assert "veth0 is a veth device, which has no unicast filter" in text
+
+
+def test_status_of_a_vlan_filtering_bridge_is_the_records_plan(tmp_path):
+    """Healthy per-VLAN entries are healthy; a missing one is drift (the old VID-0-only check said drift)."""
+    from fdbhook import domxml
+    from fdbhook.engine import apply_domain
+    from fdbhook.state import Store
+    from fdbhook.status import collect
+    from tests.fakes import FakeKernel
+    from tests.helpers import bridge_nic, config, domain_xml
+
+    k = FakeKernel.bridge_with_ports("br0", ("vnet0", "eth0"))
+    k.filtering[10] = True
+    k.vlans[11] = {42: (True, True), 100: (False, False)}
+    store, cfg = Store(str(tmp_path)), config()
+    apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), cfg, k, store)
+    assert sorted(key[2] for key in k.entries) == [42, 100]
+    data = collect(cfg, k, store)
+    port = next(p for p in data["bridges"][0]["ports"] if p["name"] == "vnet0")
+    assert (port["drift"], port["static_entry"], data["drift"]) == ([], True, False)
+    del k.entries[(10, "52:54:00:00:00:01", 100)]
+    data = collect(cfg, k, store)
+    port = next(p for p in data["bridges"][0]["ports"] if p["name"] == "vnet0")
+    assert port["drift"] == ["static entry for 52:54:00:00:00:01 on VLAN 100 missing"] and data["drift"]

@@ -1,0 +1,97 @@
+"""The netlink adapter's exact requests, the link-event parser and the hook wire format."""
+
+import struct
+import sys
+
+import pytest
+
+from fdbhook import kernel as K
+from fdbhook.client import encode_request, pack, unpack
+from fdbhook.daemon import decode_request
+from fdbhook.model import Op
+
+
+class RecordingIPRoute:
+    """Stands in for pyroute2's IPRoute: records every call, answers nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fdb(self, cmd, **kw):
+        self.calls.append(("fdb", cmd, kw))
+        return []
+
+    def brport(self, cmd, **kw):
+        self.calls.append(("brport", cmd, kw))
+
+    def vlan_filter(self, cmd, **kw):
+        self.calls.append(("vlan_filter", cmd, kw))
+
+
+def run(op):
+    k = K.Kernel()
+    k._ipr = RecordingIPRoute()
+    k.execute(op)
+    return k._ipr.calls
+
+
+COMMON = dict(port="vnet0", ifindex=7, bridge="br0", bridge_ifindex=2)
+
+
+def test_static_entry_is_noarp_master_never_pyroute2s_permanent_default():
+    assert run(Op(kind="fdb_replace", mac="52:54:00:00:00:01", sticky=True, **COMMON)) == [
+        ("fdb", "replace", dict(ifindex=7, lladdr="52:54:00:00:00:01", state=0x40, flags=0x04 | 0x40))]
+    assert run(Op(kind="fdb_replace", mac="52:54:00:00:00:01", vlan=42, **COMMON)) == [
+        ("fdb", "replace", dict(ifindex=7, lladdr="52:54:00:00:00:01", state=0x40, flags=0x04, vlan=42))]
+
+
+def test_delete_names_the_same_entry():
+    assert run(Op(kind="fdb_del", mac="52:54:00:00:00:01", vlan=42, **COMMON)) == [
+        ("fdb", "del", dict(ifindex=7, lladdr="52:54:00:00:00:01", state=0x40, flags=0x04, vlan=42))]
+
+
+def test_flags_go_in_one_request_and_flush_keeps_static_entries():
+    assert run(Op(kind="set_flags", learning=False, flood=False, **COMMON)) == [
+        ("brport", "set", dict(index=7, learning=0, unicast_flood=0))]
+    assert run(Op(kind="set_flags", flood=True, **COMMON)) == [("brport", "set", dict(index=7, unicast_flood=1))]
+    assert run(Op(kind="flush", **COMMON)) == [("brport", "set", dict(index=7, flush=True))]
+
+
+def test_vlan_membership_flags():
+    assert run(Op(kind="vlan_add", vlan=42, pvid=True, untagged=True, **COMMON)) == [
+        ("vlan_filter", "add", dict(index=7, vlan_info={"vid": 42, "flags": 0x2 | 0x4}))]
+    assert run(Op(kind="vlan_del", vlan=100, **COMMON)) == [
+        ("vlan_filter", "del", dict(index=7, vlan_info={"vid": 100, "flags": 0}))]
+
+
+def _rta(kind, value):
+    length = 4 + len(value)
+    return struct.pack("=HH", length, kind) + value + b"\0" * ((4 - length % 4) % 4)
+
+
+def _link_msg(mtype, index, name=None, master=None, family=0):
+    attrs = b""
+    if name is not None:
+        attrs += _rta(3, name.encode() + b"\0")
+    if master is not None:
+        attrs += _rta(10, master.to_bytes(4, sys.byteorder))
+    body = struct.pack("=BxHiII", family, 1, index, 0, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), mtype, 0, 0, 0) + body
+
+
+def test_link_events_are_parsed_by_hand():
+    data = (_link_msg(16, 12, "vnet3", 5) + _link_msg(17, 9, "vnet1") + _link_msg(16, 12, "vnet3", 5, family=7)
+            + _link_msg(24, 1))
+    assert K.LinkMonitor.parse(data) == [("new", 12, "vnet3", 5), ("del", 9, "vnet1", 0)]
+    assert K.LinkMonitor.parse(b"\x01\x02") == []
+
+
+def test_wire_format_round_trip():
+    raw = encode_request("qemu", ["web1", "started", "begin", "-"], b"<domain/>")
+    assert raw.startswith(b"FDB1")
+    assert decode_request(raw) == ("qemu", ["web1", "started", "begin", "-"], b"<domain/>")
+    assert unpack(pack(b"0", b"", b"err"), 3) == [b"0", b"", b"err"]
+    with pytest.raises(ValueError):
+        unpack(b"XXXX" + raw[4:], 3)
+    with pytest.raises(ValueError):
+        unpack(raw[:-3], 3)
