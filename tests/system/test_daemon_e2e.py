@@ -196,3 +196,23 @@ def test_lxc_hotplug_and_unplug(guests, daemon, lxc_ok):
     assert E.poll(lambda: [n["mac"] for n in E.record("lxc", name)["nics"]] == [first], timeout=5), \
         E.record("lxc", name)
     assert not E.static_entries(E.BR, second)
+
+
+def test_start_served_by_the_daemon_has_no_entry_churn(guests, daemon):
+    """QEMU starts paused (-S) and the tap joins the bridge before the started hook: the link event
+    fdbhookd then handles must not take the entry out until RESUMED puts it back (it used to)."""
+    mac = "52:54:00:e4:05:01"
+    name = guests.define("qemu", E.PFX + "-ch", [E.nic_bridge(mac, E.BR)])
+    monitor = subprocess.Popen(["bridge", "monitor", "fdb"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # the monitor is listening
+        guests.start("qemu", name)
+        dev = E.dev_of(E.QEMU, name, mac)
+        assert managed(dev, mac)
+        time.sleep(2.0)  # link event, DEVICE/LIFECYCLE events and one resync have been handled
+        assert managed(dev, mac)
+    finally:
+        monitor.terminate()
+        out = monitor.communicate(timeout=10)[0]
+    deleted = [line for line in out.splitlines() if line.startswith("Deleted") and mac in line]
+    assert deleted == [], out
