@@ -21,13 +21,14 @@ _BOOL = {"1": True, "yes": True, "true": True, "on": True,
 
 # Every key we read, so a typo in the file is an error, not a silent default.
 KNOWN = {
-    "manage": {"bridges", "networks", "sticky"},
+    "manage": {"bridges", "networks", "sticky", "locked", "mab"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
     "daemon": {"resync_interval"},
 }
 
 
-SECTION_KEYS = {"vlan_filtering", "restore_vlan_filtering", "vlan", "trunk"}
+SECTION_KEYS = {"vlan_filtering", "restore_vlan_filtering", "vlan", "trunk", "extra_macs", "floating_macs",
+                "locked", "mab"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Policy:
     restore_vlan_filtering: bool = True
     vlan: Optional[int] = None  # access VLAN (network sections only)
     trunk: Tuple[int, ...] = ()
+    extra_macs: Tuple[str, ...] = ()  # static on every guest port of this bridge/network, besides its own MAC
+    floating_macs: Tuple[str, ...] = ()  # move between guests (VRRP): left to learning, never static
+    locked: Optional[bool] = None  # lock mode; None: [manage] locked decides
+    mab: Optional[bool] = None  # report dropped source MACs (learning stays on); None: [manage] mab
 
 
 DEFAULT_POLICY = Policy()
@@ -50,6 +55,8 @@ class Config:
     bridges: Tuple[str, ...] = ()
     networks: Tuple[str, ...] = ()
     sticky: bool = True
+    locked: bool = False  # lock mode: guest ports locked to their own MACs
+    mab: bool = False  # locked ports also report the source MACs they dropped (keeps learning on)
     on_error: str = "fail"  # fail | continue
     capture: bool = False
     capture_dir: str = "/var/lib/fdbhook/capture"
@@ -103,7 +110,21 @@ def _section_policy(path, parser, section, kind):
     except ValueError as exc:
         raise ConfigError(path=path, reason="[%s] bad VLAN spec: %s" % (section, exc)) from None
     restore = _bool(path, section, "restore_vlan_filtering", items.get("restore_vlan_filtering", "yes"))
-    return Policy(vlan_filtering=mode, restore_vlan_filtering=restore, vlan=vlan, trunk=trunk)
+    macs = {}
+    for key in ("extra_macs", "floating_macs"):
+        try:
+            macs[key] = parse_mac_list(items.get(key, ""))
+        except ValueError as exc:
+            raise ConfigError(path=path, reason="[%s] %s: %s" % (section, key, exc)) from None
+    flags = {key: _bool(path, section, key, items[key]) if key in items else None for key in ("locked", "mab")}
+    return Policy(vlan_filtering=mode, restore_vlan_filtering=restore, vlan=vlan, trunk=trunk, **macs, **flags)
+
+
+def parse_mac_list(text):
+    """'00:00:5e:00:01:0a, 02:00:00:00:10:01' -> normalised tuple; ValueError names the bad one."""
+    from fdbhook.domxml import _mac_list
+
+    return _mac_list(text)
 
 
 def _match(globs, name):
@@ -167,6 +188,8 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         bridges=tuple((get("manage", "bridges", "") or "").split()),
         networks=tuple((get("manage", "networks", "") or "").split()),
         sticky=_bool(path, "manage", "sticky", get("manage", "sticky", "yes")),
+        locked=_bool(path, "manage", "locked", get("manage", "locked", "no")),
+        mab=_bool(path, "manage", "mab", get("manage", "mab", "no")),
         on_error=on_error,
         capture=_bool(path, "hook", "capture", get("hook", "capture", "no")),
         capture_dir=get("hook", "capture_dir", Config.capture_dir),

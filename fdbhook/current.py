@@ -26,7 +26,7 @@ def read_port(kernel, want, link=None, membership=None):
     entries = tuple((key, kernel.fdb_get(key[0], want.bridge_ifindex, key[1])) for key in want.keys)
     read_vlans = want.membership is not None if membership is None else membership
     return CurrentPort(port=want.port, ifindex=want.ifindex, exists=True, learning=bool(link.learning),
-                       flood=bool(link.flood), entries=entries,
+                       flood=bool(link.flood), locked=link.locked, mab=link.mab, entries=entries,
                        membership=kernel.port_vlans(want.ifindex) if read_vlans else None)
 
 

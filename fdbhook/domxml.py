@@ -143,8 +143,36 @@ def _metadata(root, domain_name):
         except ValueError as exc:
             raise InvalidDomainXML(domain=domain_name,
                                    reason="NIC %s: bad VLAN spec: %s" % (mac, exc)) from None
-        per_nic[mac] = (nic_mode, vlan, trunk)
+        extra = {}
+        for attr in ("extra-macs", "floating-macs"):
+            try:
+                extra[attr] = _mac_list(elem.get(attr))
+            except ValueError as exc:
+                raise InvalidDomainXML(domain=domain_name, reason="NIC %s: %s %s" % (mac, attr, exc)) from None
+        locked = elem.get("locked")
+        if locked is not None:
+            locked = locked.strip().lower()
+            if locked not in ("yes", "no"):
+                raise InvalidDomainXML(domain=domain_name,
+                                       reason="NIC %s: locked=%r (want yes or no)" % (mac, locked))
+            locked = locked == "yes"
+        per_nic[mac] = (nic_mode, vlan, trunk, extra["extra-macs"], locked, extra["floating-macs"])
     return mode, per_nic
+
+
+def _mac_list(text):
+    """Space- or comma-separated unicast MACs, normalised; ValueError says which one is bad and why."""
+    out = []
+    for raw in (text or "").replace(",", " ").split():
+        mac = normalize_mac(raw)
+        if mac is None:
+            raise ValueError("%r is not a MAC address" % raw)
+        problem = mac_problem(mac)
+        if problem:
+            raise ValueError(problem)
+        if mac not in out:
+            out.append(mac)
+    return tuple(out)
 
 
 def _interface(elem, index, per_nic):
@@ -155,7 +183,7 @@ def _interface(elem, index, per_nic):
     # is the MAC in use, so it is the one fdbhook manages. Metadata keeps
     # naming the NIC by its configured address.
     current = normalize_mac(_attr(elem, "mac", "currentAddress"))
-    mode, vlan, trunk = per_nic.get(mac, ("on", None, ()))
+    mode, vlan, trunk, extra_macs, locked, floating = per_nic.get(mac, ("on", None, (), (), None, ()))
     return Nic(
         index=index,
         type=(elem.get("type") or "").strip(),
@@ -172,6 +200,9 @@ def _interface(elem, index, per_nic):
         mode=mode,
         vlan=vlan,
         trunk=trunk,
+        extra_macs=extra_macs,
+        locked=locked,
+        floating_macs=floating,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 from fdbhook import plan as planner
 from fdbhook.current import locate, read_port
 from fdbhook.errors import ApplyError, KernelError
+from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain
 from fdbhook.resolve import load_networks
@@ -53,15 +54,17 @@ class Report:
                          for r in self.failures)
 
 
-def _log_line(driver, domain, result):
+def _log_line(driver, domain, result, action):
     d = result.decision
     head = "%s/%s: %s %s on %s" % (driver, domain, d.nic.label, d.port or "-", d.bridge or "-")
+    # The journal gets the same line plus fields (journalctl FDBHOOK_DOMAIN=...).
+    extra = nic_fields(driver, domain, d.nic.alias, d.nic.mac, d.port, d.bridge, action, result.status)
     if result.status == "failed":
-        LOG.error("%s: FAILED: %s", head, result.message)
+        LOG.error("%s: FAILED: %s", head, result.message, extra=extra)
     elif result.status == "skipped":
-        LOG.info("%s: skipped: %s", head, result.message)
+        LOG.info("%s: skipped: %s", head, result.message, extra=extra)
     else:
-        LOG.info("%s: %s", head, result.message)
+        LOG.info("%s: %s", head, result.message, extra=extra)
 
 
 class BridgeFacts:
@@ -80,13 +83,57 @@ class BridgeFacts:
 
 # --- desired state ---------------------------------------------------------------
 
-def desire(d, config, filtering, have_membership, paused, prev=None, sticky=True):
+@dataclass(frozen=True)
+class Security:
+    """A NIC's MACs and lock mode, from its metadata and the config (metadata wins)."""
+
+    extra_macs: Tuple[str, ...] = ()
+    floating_macs: Tuple[str, ...] = ()
+    locked: bool = False
+    mab: bool = False
+
+
+def nic_security(nic, config, bridge, network):
+    """Merge metadata, [network NAME], [bridge NAME] and [manage] into a Security. Pure.
+
+    Extra MACs and floating MACs add up; ``locked``/``mab`` take the most
+    specific setting. Floating MACs cannot be static (they move) and a locked
+    port drops a source MAC it has no entry for, so a NIC with floating MACs
+    is never locked: its port keeps learning instead.
+    """
+    policies = [config.network_policy(network)] if network else []
+    policies.append(config.bridge_policy(bridge))
+    floating = []
+    for mac in tuple(nic.floating_macs) + tuple(m for p in policies for m in p.floating_macs):
+        if mac not in floating and mac != nic.mac:
+            floating.append(mac)
+    extra = []
+    for mac in tuple(nic.extra_macs) + tuple(m for p in policies for m in p.extra_macs):
+        if mac not in extra and mac != nic.mac and mac not in floating:
+            extra.append(mac)
+
+    def pick(nic_value, key, default):
+        if nic_value is not None:
+            return nic_value
+        for policy in policies:
+            if getattr(policy, key) is not None:
+                return getattr(policy, key)
+        return default
+
+    locked = pick(nic.locked, "locked", config.locked) and not floating
+    return Security(extra_macs=tuple(extra), floating_macs=tuple(floating), locked=locked,
+                    mab=locked and pick(None, "mab", config.mab))
+
+
+def desire(d, config, filtering, have_membership, paused, prev=None, sticky=True, security=None):
     """(DesiredPort, entry VIDs) for a managed NIC's decision. Pure; ApplyError if impossible.
 
     ``prev`` is the record of the same port (its entries are watched, so an
     old MAC or VLAN goes once the new one is in place); ``paused`` keeps the
-    port locked down with no entries.
+    port locked down with no entries. Every MAC of ``security`` (primary and
+    extra) gets an entry on every VLAN the port carries.
     """
+    security = security or nic_security(d.nic, config, d.bridge, d.network)
     vlan, trunk = d.nic.vlan, d.nic.trunk
     if vlan is None and not trunk and d.network:
         policy = config.network_policy(d.network)
@@ -96,11 +143,14 @@ def desire(d, config, filtering, have_membership, paused, prev=None, sticky=True
                          reason="VLANs requested but bridge %s has vlan_filtering off" % d.bridge)
     membership = planner.desired_membership(vlan, trunk) if vlan or trunk else None
     vids = planner.entry_vids(filtering, membership if membership is not None else have_membership)
-    keys = frozenset((d.nic.mac, vid) for vid in vids)
+    keys = frozenset((mac, vid) for mac in (d.nic.mac,) + security.extra_macs for vid in vids)
     watch = keys | (prev.keys if prev is not None else frozenset())
+    was_locked, had_mab = (prev.locked, prev.mab) if prev is not None else (False, False)
     want = DesiredPort(port=d.port, ifindex=d.ifindex, bridge=d.bridge, bridge_ifindex=d.bridge_ifindex,
                        entries=frozenset() if paused else keys, watch=watch, sticky=sticky,
-                       membership=membership)
+                       membership=membership, learning=bool(security.floating_macs) or security.mab,
+                       locked=True if security.locked else (False if was_locked else None),
+                       mab=True if security.mab else (False if had_mab else None))
     return want, vids
 
 
@@ -109,14 +159,17 @@ def desired_from_record(rec, bridge_ifindex, paused, sticky_supported=True):
     keys = rec.keys
     return DesiredPort(port=rec.port, ifindex=rec.ifindex, bridge=rec.bridge, bridge_ifindex=bridge_ifindex,
                        entries=frozenset() if paused else keys, watch=keys,
-                       sticky=rec.sticky and sticky_supported, membership=rec.set_vlans)
+                       sticky=rec.sticky and sticky_supported, membership=rec.set_vlans,
+                       learning=bool(rec.floating_macs) or rec.mab,
+                       locked=True if rec.locked else None, mab=True if rec.mab else None)
 
 
 def released(rec, bridge_ifindex):
     """The DesiredPort of teardown: our entries gone, flags and VLANs as they were before us."""
     return DesiredPort(port=rec.port, ifindex=rec.ifindex, bridge=rec.bridge, bridge_ifindex=bridge_ifindex,
                        watch=rec.keys, learning=rec.prev_learning, flood=rec.prev_flood,
-                       membership=rec.prev_vlans if rec.prev_vlans is not None else None)
+                       membership=rec.prev_vlans if rec.prev_vlans is not None else None,
+                       locked=rec.prev_locked if rec.locked else None, mab=False if rec.mab else None)
 
 
 # --- one port: plan, execute, verify, roll back ----------------------------------------
@@ -175,12 +228,18 @@ def converge(kernel, want, link=None, flush=False, dry_run=False):
 
 # --- domains -------------------------------------------------------------------------
 
-def _new_record(d, want, vids, before, prev, have_membership):
+def _new_record(d, want, vids, before, prev, have_membership, security):
     """The NIC's record after a successful apply (``prev``: the same port's record, kept)."""
     vids = tuple(vid for vid in vids if vid)
+    # A kernel without the flags (CurrentPort None) locked nothing: nothing to undo.
+    locked = bool(want.locked) and before.locked is not None
+    lock = dict(extra_macs=security.extra_macs, floating_macs=security.floating_macs, locked=locked,
+                mab=bool(want.mab) and locked and before.mab is not None)
     if prev is not None:
         keep_prev_vlans = prev.prev_vlans is not None or want.membership is None
+        prev_locked = prev.prev_locked if prev.locked else bool(before.locked)
         return replace(prev, mac=d.nic.mac, config_mac=d.nic.config_mac, bridge=d.bridge, network=d.network,
+                       prev_locked=prev_locked, **lock,
                        sticky=want.sticky, vids=vids, alias=d.nic.alias or prev.alias,
                        set_vlans=want.membership if want.membership is not None else prev.set_vlans,
                        prev_vlans=prev.prev_vlans if keep_prev_vlans else have_membership)
@@ -188,7 +247,8 @@ def _new_record(d, want, vids, before, prev, have_membership):
                      prev_learning=before.learning, prev_flood=before.flood, sticky=want.sticky,
                      applied=round(time.time(), 3), alias=d.nic.alias, vids=vids,
                      prev_vlans=have_membership if want.membership is not None else None,
-                     set_vlans=want.membership, config_mac=d.nic.config_mac)
+                     set_vlans=want.membership, config_mac=d.nic.config_mac,
+                     prev_locked=bool(before.locked), **lock)
 
 
 def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
@@ -201,8 +261,9 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
     try:
         filtering = facts.filtering(d.bridge_ifindex)
         have_membership = kernel.port_vlans(d.ifindex) if filtering else ()
+        security = nic_security(d.nic, config, d.bridge, d.network)
         want, vids = desire(d, config, filtering, have_membership, paused, prev,
-                            sticky=config.sticky and kernel.sticky_supported)
+                            sticky=config.sticky and kernel.sticky_supported, security=security)
         ops, before = converge(kernel, want, link, flush=prev is None, dry_run=dry_run)
     except ApplyError as exc:
         return NicResult(d, "failed", exc.kwargs["reason"]), None, None
@@ -213,8 +274,68 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
         message = "guest MAC changed %s -> %s: %s" % (prev.mac, d.nic.mac, message)
     if dry_run:
         return NicResult(d, "planned", message, ops), None, None
-    rec = _new_record(d, want, vids, before, prev, have_membership)
+    if want.locked and before.locked is None:
+        _lock_unsupported(d.bridge)
+        message += " (not locked: this kernel has no locked bridge ports)"
+    rec = _new_record(d, want, vids, before, prev, have_membership, security)
     return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before)
+
+
+_LOCK_WARNED = set()
+
+
+def _lock_unsupported(bridge):
+    """Say once per bridge (and process) that lock mode is not available; managing goes on."""
+    if bridge not in _LOCK_WARNED:
+        _LOCK_WARNED.add(bridge)
+        LOG.warning("bridge %s: lock mode asked for, but this kernel has no locked bridge ports "
+                    "(IFLA_BRPORT_LOCKED, Linux >= 5.18); ports get their static entries, unlocked", bridge)
+
+
+def claims(records, skip=None):
+    """{MAC: (domain, NicRecord)} for every MAC with a static entry in ``records`` (skip: (driver, name))."""
+    out = {}
+    for record in records:
+        if skip is not None and (record.driver, record.domain) == skip:
+            continue
+        for rec in record.nics:
+            for mac in rec.macs:
+                out.setdefault(mac, ("%s/%s" % (record.driver, record.domain), rec))
+    return out
+
+
+def refuse_claimed(domain, decisions, config, store, kernel):
+    """Decisions with a MAC that another running NIC already has (here or in another domain) turned into errors.
+
+    The kernel would let the second NIC take the entry over; the first guest
+    would silently lose its traffic. Both NICs are named. A record whose
+    port is gone (a guest that died without its release hook) claims nothing.
+    """
+    others = claims(store.all(), skip=(domain.driver, domain.name))
+    mine = {}
+    out = []
+    for d in decisions:
+        if not d.managed:
+            out.append(d)
+            continue
+        security = nic_security(d.nic, config, d.bridge, d.network)
+        problem = None
+        for mac in (d.nic.mac,) + security.extra_macs:
+            kind = "MAC" if mac == d.nic.mac else "extra MAC"
+            if mac in others and locate(kernel, others[mac][1]) is not None:
+                owner, rec = others[mac]
+                problem = "%s %s is already in use by domain %s NIC %s (%s on %s), refused" % (
+                    kind, mac, owner, rec.alias or rec.port, rec.mac, rec.port)
+            elif mac in mine and mine[mac] is not d:
+                other = mine[mac]
+                problem = "%s %s is already in use by NIC %s of this domain (%s), refused" % (
+                    kind, mac, other.nic.label, other.port)
+            if problem:
+                break
+        for mac in (d.nic.mac,) + security.extra_macs:
+            mine.setdefault(mac, d)
+        out.append(replace(d, action="error", reason=problem, link=None) if problem else d)
+    return tuple(out)
 
 
 def _policy_for(config, bridge, network):
@@ -344,7 +465,8 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         record = store.load(domain.driver, domain.name)
         if paused is None:
             paused = record.paused if record is not None else False
-        decisions = decide_domain(domain, config, networks, kernel, record)
+        decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
+                                   kernel)
         kept = _kept_records(kernel, record, prune)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
@@ -377,7 +499,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
             store.save(new_record)
     for result in results:
         if not dry_run:
-            _log_line(domain.driver, domain.name, result)
+            _log_line(domain.driver, domain.name, result, "apply")
     return Report(domain.driver, domain.name, tuple(results), new_record)
 
 
@@ -433,7 +555,7 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             release_bridges(kernel, store)
     for result in results:
         if not dry_run:
-            _log_line(driver, name, result)
+            _log_line(driver, name, result, "teardown")
     return Report(driver, name, tuple(results), replace(record, nics=tuple(left)))
 
 
@@ -479,7 +601,7 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None)
             store.save(new_record)
     for result in results:
         if result.status != "unchanged":
-            _log_line(driver, name, result)
+            _log_line(driver, name, result, "reapply")
     return Report(driver, name, tuple(results), new_record)
 
 

@@ -31,9 +31,35 @@ NTF_SELF = 0x02
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
 AF_BRIDGE = 7
+# NDA_FLAGS_EXT bit: a "locked" entry the bridge made for a source MAC that a
+# locked port with MAB (kernel >= 6.2) dropped; it never forwards.
+NTF_EXT_LOCKED = 0x02
 # struct bridge_vlan_info flags (linux/if_bridge.h)
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+
+
+def _teach_pyroute2():
+    """Add the bridge port flags ``locked`` (5.18) and ``mab`` (6.2) and NDA_FLAGS_EXT to pyroute2's maps.
+
+    Debian 12's pyroute2 0.7.2 stops at IFLA_BRPORT_MRP_IN_OPEN (36) and
+    NDA_MASTER (9); the kernel's numbering is fixed ABI (linux/if_link.h,
+    linux/neighbour.h), so appending the missing names in order is exact.
+    Must run before pyroute2 compiles the maps (the first message parsed).
+    """
+    from pyroute2.netlink.rtnl.ifinfmsg import protinfo_bridge
+    from pyroute2.netlink.rtnl.ndmsg import ndmsg
+
+    names = [n[0] for n in protinfo_bridge.nla_map]
+    if "IFLA_BRPORT_LOCKED" not in names and names[-1] == "IFLA_BRPORT_MRP_IN_OPEN":
+        protinfo_bridge.nla_map = tuple(protinfo_bridge.nla_map) + (
+            ("IFLA_BRPORT_MCAST_EHT_HOSTS_LIMIT", "uint32"), ("IFLA_BRPORT_MCAST_EHT_HOSTS_CNT", "uint32"),
+            ("IFLA_BRPORT_LOCKED", "uint8"), ("IFLA_BRPORT_MAB", "uint8"))
+    names = [n[0] for n in ndmsg.nla_map]
+    if "NDA_FLAGS_EXT" not in names and names[-1] == "NDA_MASTER":
+        ndmsg.nla_map = tuple(ndmsg.nla_map) + (
+            ("NDA_LINK_NETNSID", "uint32"), ("NDA_SRC_VNI", "uint32"), ("NDA_PROTOCOL", "uint8"),
+            ("NDA_NH_ID", "uint32"), ("NDA_FDB_EXT_ATTRS", "hex"), ("NDA_FLAGS_EXT", "uint32"))
 
 
 def _nl_errno(exc):
@@ -57,13 +83,17 @@ def link_from_msg(msg):
     # in *that* namespace; it means nothing here.
     if get("IFLA_LINK_NETNSID") is not None or peer == msg["index"]:
         peer = None
-    learning = flood = None
+    learning = flood = locked = mab = None
     is_port = slave_kind == "bridge"
     if is_port and slave is not None:
         learning = slave.get_attr("IFLA_BRPORT_LEARNING")
         flood = slave.get_attr("IFLA_BRPORT_UNICAST_FLOOD")
         learning = None if learning is None else bool(learning)
         flood = None if flood is None else bool(flood)
+        locked = slave.get_attr("IFLA_BRPORT_LOCKED")
+        mab = slave.get_attr("IFLA_BRPORT_MAB")
+        locked = None if locked is None else bool(locked)
+        mab = None if mab is None else bool(mab)
     return Link(
         name=get("IFLA_IFNAME"),
         ifindex=msg["index"],
@@ -75,6 +105,8 @@ def link_from_msg(msg):
         is_bridge_port=is_port,
         learning=learning,
         flood=flood,
+        locked=locked,
+        mab=mab,
     )
 
 
@@ -89,6 +121,7 @@ def entry_from_msg(msg):
         local=bool(state & NUD_PERMANENT),
         sticky=bool(flags & NTF_STICKY),
         vlan=vlan or 0,
+        locked=bool((msg.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_LOCKED),
     )
 
 
@@ -103,6 +136,7 @@ class Kernel:
     def ipr(self):
         if self._ipr is None:
             _raw_netlink_sockets()
+            _teach_pyroute2()
             # Imported here so that code paths that never touch the kernel
             # (dry-run on a file, the daemon client) do not pay for pyroute2.
             try:
@@ -163,6 +197,21 @@ class Kernel:
     def links(self):
         return [link_from_msg(m) for m in self.ipr.get_links()]
 
+    def locked_entries(self, port_ifindex):
+        """MACs the bridge saw as sources on a locked MAB port and dropped: [(mac, vid)]. One dump."""
+        try:
+            msgs = self.ipr.fdb("dump", ifindex=port_ifindex)
+        except Exception as exc:
+            raise KernelError(what="bridge fdb show dev %d" % port_ifindex, reason=_reason(exc)) from None
+        out = []
+        for msg in msgs:
+            if msg["ifindex"] != port_ifindex or msg["flags"] & NTF_SELF:
+                continue
+            entry = entry_from_msg(msg)
+            if entry.locked:
+                out.append((entry.mac, entry.vlan))
+        return sorted(out)
+
     def bridge_vlan_filtering(self, ifindex):
         """Is VLAN filtering on for this bridge?"""
         try:
@@ -219,6 +268,10 @@ class Kernel:
                     kw["learning"] = int(op.learning)
                 if op.flood is not None:
                     kw["unicast_flood"] = int(op.flood)
+                if op.locked is not None:
+                    kw["locked"] = int(op.locked)
+                if op.mab is not None:
+                    kw["mab"] = int(op.mab)
                 self.ipr.brport("set", index=op.ifindex, **kw)
             elif op.kind in ("vlan_add", "vlan_del"):
                 flags = (BRIDGE_VLAN_INFO_PVID if op.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if op.untagged else 0)

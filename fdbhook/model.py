@@ -43,6 +43,9 @@ class Nic:
     mode: str = "on"  # from our metadata: on | off
     vlan: Optional[int] = None
     trunk: Tuple[int, ...] = ()
+    extra_macs: Tuple[str, ...] = ()  # further MACs the guest sends from on this NIC (static entries too)
+    locked: Optional[bool] = None  # lock mode from metadata; None: the config decides
+    floating_macs: Tuple[str, ...] = ()  # MACs that move between guests (VRRP): left to learning
 
     @property
     def label(self):
@@ -84,6 +87,8 @@ class Link:
     is_bridge_port: bool = False
     learning: Optional[bool] = None
     flood: Optional[bool] = None
+    locked: Optional[bool] = None  # None: the kernel does not report the flag (before 5.18)
+    mab: Optional[bool] = None  # None: the kernel does not report the flag (before 6.2)
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class FdbEntry:
     local: bool  # NUD_PERMANENT: frames go to the host
     sticky: bool = False
     vlan: int = 0
+    locked: bool = False  # NTF_EXT_LOCKED: a MAB entry, a source MAC a locked port dropped
 
     @property
     def dynamic(self):
@@ -132,6 +138,8 @@ class Op:
     bridge_ifindex: Optional[int] = None
     learning: Optional[bool] = None
     flood: Optional[bool] = None
+    locked: Optional[bool] = None
+    mab: Optional[bool] = None
     sticky: bool = False
     vlan: int = 0  # 0: no VLAN (VID 0, the only one on a bridge without VLAN filtering)
     pvid: bool = False
@@ -152,7 +160,8 @@ class DesiredPort:
     ``entries`` are the static entries wanted on the port; ``watch`` are
     further (MAC, VID) pairs that may carry an entry of ours that must go (the
     guest's old MAC after a change, every entry while the guest is paused,
-    everything at teardown). ``membership`` None leaves VLAN membership alone.
+    everything at teardown). ``membership`` None leaves VLAN membership alone;
+    ``locked`` / ``mab`` None leave those port flags alone (lock mode off).
     """
 
     port: str
@@ -165,6 +174,8 @@ class DesiredPort:
     learning: bool = False
     flood: bool = False
     membership: Optional[Membership] = None
+    locked: Optional[bool] = None
+    mab: Optional[bool] = None
 
     @property
     def keys(self):
@@ -185,6 +196,8 @@ class CurrentPort:
     exists: bool
     learning: bool = False
     flood: bool = False
+    locked: Optional[bool] = None  # None: the kernel has no locked ports
+    mab: Optional[bool] = None  # None: the kernel has no MAB
     entries: Tuple[Tuple[EntryKey, Optional[FdbEntry]], ...] = ()
     membership: Optional[Membership] = None  # read only when the desired state sets it
 
@@ -218,11 +231,28 @@ class NicRecord:
     prev_vlans: Optional[Membership] = None  # membership before we set it, if we did
     set_vlans: Optional[Membership] = None  # membership we set
     config_mac: Optional[str] = None  # the configured MAC when the guest uses another (``mac``)
+    extra_macs: Tuple[str, ...] = ()  # further MACs with a static entry on the port, like ``mac``
+    locked: bool = False  # lock mode: we locked the port
+    prev_locked: bool = False  # the port's locked flag before us (teardown restores it)
+    mab: bool = False  # we turned MAB (and so learning) on
+    floating_macs: Tuple[str, ...] = ()  # left to learning on this port, never static
+
+    def __post_init__(self):
+        # Records come back from JSON with lists; they compare equal only as tuples.
+        for name in ("extra_macs", "floating_macs"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value or ()))
+
+    @property
+    def macs(self):
+        """The primary MAC, then the extra ones: every MAC with a static entry."""
+        return (self.mac,) + tuple(m for m in self.extra_macs if m != self.mac)
 
     @property
     def keys(self):
         """(MAC, VID) of every entry this record stands for; VID 0 = no VLAN."""
-        return frozenset((self.mac, vid) for vid in (self.vids or (0,)))
+        return frozenset((mac, vid) for mac in self.macs for vid in (self.vids or (0,)))
 
 
 @dataclass(frozen=True)

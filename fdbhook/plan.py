@@ -7,15 +7,21 @@ plan of a record against the kernel; empty means healthy).
 
 Order matters for a guest that is passing traffic; the plan always emits:
   1. VLANs the port must gain (an entry on a VLAN the port lacks is refused),
-  2. unicast flood back on, if wanted (teardown: before any entry goes),
-  3. the static entries that are missing,
-  4. learning and flood off in one request (the MACs are in the FDB by then),
+  2. unicast flood back on and the port unlocked (MAB off), if wanted
+     (teardown: before any entry goes, so the guest is never locked out),
+  3. the static entries that are missing (primary and extra MACs),
+  4. learning and flood off, and the lock (with MAB: learning on) in one
+     request (the MACs are in the FDB by then),
   5. entries of ours that must go (an old MAC, a paused guest, teardown),
   6. VLANs the port must lose,
   7. learning back on, if wanted,
   8. flush of what the port learned (after learning is off, or it learns again).
 So at no point is a MAC the guest uses neither in the FDB nor flooded to it:
 a MAC change adds the new entry before the old one goes, flags untouched.
+
+Lock mode: ``locked`` / ``mab`` None in the DesiredPort leave the flags alone;
+a port whose kernel reports no ``locked`` flag (CurrentPort.locked None) is
+never locked or unlocked (the engine says so once).
 
 VLANs: VID 0 means "no VLAN" everywhere (the only choice on a bridge without
 VLAN filtering); on a filtering bridge one entry per VLAN the port carries,
@@ -89,22 +95,35 @@ def plan_port(want, have, flush=False):
     if want.membership is not None and have.membership is not None:
         vlan_adds, vlan_dels = _membership_ops(common, want.membership, have.membership)
     ops = list(vlan_adds)
-    if want.flood and not have.flood:
-        ops.append(Op(kind="set_flags", flood=True, **common))
+    want_locked = want.locked if have.locked is not None else None
+    want_mab = want.mab if have.mab is not None else None
+    unlock = want_locked is False and bool(have.locked)
+    # The kernel refuses to unlock a port while MAB is on: both go together.
+    mab_off = bool(have.mab) and (want_mab is False or unlock)
+    flood_on = want.flood and not have.flood
+    if flood_on or unlock or mab_off:
+        ops.append(Op(kind="set_flags", flood=True if flood_on else None, locked=False if unlock else None,
+                      mab=False if mab_off else None, **common))
     for mac, vid in sorted(want.entries):
         entry = have.entry((mac, vid))
         if not have.owns((mac, vid)) or entry.sticky != want.sticky:
             ops.append(Op(kind="fdb_replace", mac=mac, vlan=vid, sticky=want.sticky, **common))
     learning_off = have.learning and not want.learning
     flood_off = have.flood and not want.flood
-    if learning_off or flood_off:
-        ops.append(Op(kind="set_flags", learning=False if learning_off else None,
-                      flood=False if flood_off else None, **common))
+    lock = bool(want_locked) and not have.locked
+    mab_on = bool(want_mab) and not have.mab and bool(want_locked)
+    # MAB needs learning on in the same request that turns it on.
+    learning_on = want.learning and not have.learning
+    early_learning = mab_on and learning_on
+    if learning_off or flood_off or lock or mab_on:
+        ops.append(Op(kind="set_flags", learning=False if learning_off else (True if early_learning else None),
+                      flood=False if flood_off else None, locked=True if lock else None,
+                      mab=True if mab_on else None, **common))
     for mac, vid in sorted(want.watch - want.entries):
         if have.owns((mac, vid)):
             ops.append(Op(kind="fdb_del", mac=mac, vlan=vid, **common))
     ops.extend(vlan_dels)
-    if want.learning and not have.learning:
+    if learning_on and not early_learning:
         ops.append(Op(kind="set_flags", learning=True, **common))
     if (flush or learning_off) and not want.learning:
         # Whatever the port learned (peers' MACs, a forged source) goes now.
@@ -116,9 +135,12 @@ def restore_state(want, before):
     """The DesiredPort that puts a port back exactly as ``before`` (a CurrentPort) after a failed apply."""
     mine = frozenset(key for key, _ in before.entries if before.owns(key))
     sticky = any(entry.sticky for key, entry in before.entries if key in mine)
+    touch_lock = want.locked is not None or want.mab is not None
     return DesiredPort(port=want.port, ifindex=want.ifindex, bridge=want.bridge, bridge_ifindex=want.bridge_ifindex,
                        entries=mine, watch=frozenset(want.keys), sticky=sticky, learning=before.learning,
-                       flood=before.flood, membership=before.membership if want.membership is not None else None)
+                       flood=before.flood, membership=before.membership if want.membership is not None else None,
+                       locked=bool(before.locked) if touch_lock else None,
+                       mab=bool(before.mab) if touch_lock else None)
 
 
 def drift(want, have):
@@ -143,6 +165,10 @@ def drift(want, have):
                 words.append("learning %s" % _onoff(not op.learning))
             if op.flood is not None:
                 words.append("flood %s" % _onoff(not op.flood))
+            if op.locked is not None:
+                words.append("port %s" % ("unlocked" if op.locked else "locked"))
+            if op.mab is not None:
+                words.append("mab %s" % _onoff(not op.mab))
     return words
 
 
@@ -174,6 +200,10 @@ def render(op):
             parts.append("learning %s" % _onoff(op.learning))
         if op.flood is not None:
             parts.append("flood %s" % _onoff(op.flood))
+        if op.locked is not None:
+            parts.append("locked %s" % _onoff(op.locked))
+        if op.mab is not None:
+            parts.append("mab %s" % _onoff(op.mab))
         return "bridge link set dev %s %s" % (op.port, " ".join(parts))
     raise ValueError("unknown op kind %r" % op.kind)
 
@@ -197,4 +227,8 @@ def describe(ops):
                 words.append("learning %s" % _onoff(op.learning))
             if op.flood is not None:
                 words.append("flood %s" % _onoff(op.flood))
+            if op.locked is not None:
+                words.append("port %s" % ("locked" if op.locked else "unlocked"))
+            if op.mab is not None:
+                words.append("mab %s" % _onoff(op.mab))
     return ", ".join(words) or "already in place"

@@ -46,7 +46,19 @@ def _port_dict(kernel, link, rec, owner, bridge_ifindex, paused=False):
         port["paused"] = paused
         if rec.config_mac:
             port["configured_mac"] = rec.config_mac
+        port.update(_security_dict(kernel, link, rec))
     return port
+
+
+def _security_dict(kernel, link, rec):
+    """Extra and floating MACs, lock mode, and (MAB) the source MACs a locked port dropped."""
+    out = {"extra_macs": list(rec.extra_macs), "floating_macs": list(rec.floating_macs),
+           "locked": bool(link.locked), "lock_mode": rec.locked, "mab": bool(link.mab)}
+    if link.locked and link.mab:
+        # With MAB the bridge records each unknown source MAC it dropped as a
+        # "locked" entry on the port (kernel >= 6.2): what the guest tried.
+        out["dropped_macs"] = sorted({mac for mac, _ in kernel.locked_entries(link.ifindex)})
+    return out
 
 
 def daemon_info():
@@ -108,6 +120,7 @@ def render_explain(bridge):
             port["name"], port["kind"] or "-", "on" if port["learning"] else "off",
             "on" if port["flood"] else "off", port["promiscuity"],
             "  (%s)" % port["domain"] if port["domain"] else ""))
+        lines.extend("  %-15s %s" % ("", line) for line in _security_lines(port))
     lines.append("still learning or flooding: %s" % (", ".join(bridge["auto_ports"]) or "none"))
     lines.extend(bridge["explain"])
     return "\n".join(lines)
@@ -175,6 +188,9 @@ def explain_bridge(bridge):
         if port["name"] in auto and port["kind"] in NO_UNICAST_FILTER and port["domain"] is None:
             reasons.append("port %s is a %s device, which has no unicast filter, so it stays promiscuous"
                            % (port["name"], port["kind"]))
+        if port["name"] in auto and port["domain"] and (port.get("mab") or port.get("floating_macs")):
+            reasons.append("guest port %s keeps learning on purpose (%s)" % (
+                port["name"], "MAB reports dropped MACs" if port.get("mab") else "floating MACs move by learning"))
     if not reasons:
         return ["the kernel can keep the uplink out of promiscuous mode"]
     return ["promiscuity cannot be cleared: " + r for r in reasons]
@@ -203,6 +219,7 @@ def render_text(data):
             if port.get("configured_mac"):
                 lines.append("  %-15s guest uses %s instead of its configured MAC %s (followed)" % (
                     "", port["mac"], port["configured_mac"]))
+            lines.extend("  %-15s %s" % ("", line) for line in _security_lines(port))
             if port["drift"]:
                 lines.append("  %-15s DRIFT: %s" % ("", ", ".join(port["drift"])))
         for sentence in br["explain"]:
@@ -217,6 +234,21 @@ def render_text(data):
     lines.extend(mac_change_sentences(daemon))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
     return "\n".join(lines)
+
+
+def _security_lines(port):
+    lines = []
+    if port.get("extra_macs"):
+        lines.append("extra MACs (static): %s" % " ".join(port["extra_macs"]))
+    if port.get("floating_macs"):
+        lines.append("floating MACs (learned, port not locked): %s" % " ".join(port["floating_macs"]))
+    if port.get("lock_mode"):
+        lines.append("locked: frames from any other source MAC are dropped%s" % (
+            "; MAB on (learning on: the uplink stays promiscuous)" if port.get("mab") else ""))
+    if port.get("dropped_macs"):
+        lines.append("dropped source MACs (MAB): %s - add them to extra-macs if the guest needs them"
+                     % " ".join(port["dropped_macs"]))
+    return lines
 
 
 def _entry_word(port):

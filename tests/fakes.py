@@ -29,7 +29,7 @@ class FakeKernel:
         links = [Link(name=bridge, ifindex=start, kind="bridge")]
         for i, name in enumerate(ports, 1):
             links.append(Link(name=name, ifindex=start + i, kind="tun", master=start,
-                              is_bridge_port=True, learning=True, flood=True))
+                              is_bridge_port=True, learning=True, flood=True, locked=False, mab=False))
         kernel = cls(links)
         for i in range(1, len(ports) + 1):
             kernel.vlans[start + i] = {1: (True, True)}
@@ -54,6 +54,9 @@ class FakeKernel:
 
     def fdb_get(self, mac, bridge_ifindex, vlan=0):
         return self.entries.get((bridge_ifindex, mac, vlan))
+
+    def locked_entries(self, port_ifindex):
+        return sorted((e.mac, e.vlan) for e in self.entries.values() if e.ifindex == port_ifindex and e.locked)
 
     def links(self):
         return list(self.links_by_index.values())
@@ -89,7 +92,15 @@ class FakeKernel:
                 changes["learning"] = op.learning
             if op.flood is not None:
                 changes["flood"] = op.flood
-            self.links_by_index[op.ifindex] = replace(link, **changes)
+            for flag in ("locked", "mab"):
+                if getattr(op, flag) is not None:
+                    if getattr(link, flag) is None:
+                        raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+                    changes[flag] = getattr(op, flag)
+            new = replace(link, **changes)
+            if new.mab and not (new.locked and new.learning):  # as br_setport refuses it
+                raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+            self.links_by_index[op.ifindex] = new
         elif op.kind == "fdb_replace":
             if op.vlan and op.vlan not in self.vlans.get(op.ifindex, {}):
                 raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
