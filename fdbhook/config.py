@@ -15,6 +15,7 @@ from fdbhook.errors import ConfigError
 DEFAULT_CONF = "/etc/fdbhook/fdbhook.conf"
 DEFAULT_STATE_DIR = "/run/fdbhook"
 DEFAULT_NETWORK_DIRS = "/run/libvirt/network:/etc/libvirt/qemu/networks"
+DEFAULT_METRICS_TEXTFILE = "/var/lib/prometheus/node-exporter/fdbhook.prom"  # node_exporter's textfile dir
 
 _BOOL = {"1": True, "yes": True, "true": True, "on": True,
          "0": False, "no": False, "false": False, "off": False}
@@ -24,6 +25,7 @@ KNOWN = {
     "manage": {"bridges", "networks", "sticky", "locked", "mab"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
     "daemon": {"resync_interval"},
+    "metrics": {"textfile", "listen"},
 }
 
 
@@ -62,6 +64,8 @@ class Config:
     capture_dir: str = "/var/lib/fdbhook/capture"
     capture_max_bytes: int = 16 * 1024 * 1024
     resync_interval: float = 60.0
+    metrics_textfile: str = DEFAULT_METRICS_TEXTFILE  # "" = no textfile
+    metrics_listen: str = ""  # ADDRESS:PORT of fdbhookd's own /metrics endpoint; "" = off
     state_dir: str = DEFAULT_STATE_DIR
     network_dirs: Tuple[str, ...] = tuple(DEFAULT_NETWORK_DIRS.split(":"))
     bridge_policies: Tuple[Tuple[str, Policy], ...] = ()
@@ -197,11 +201,35 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
                                   get("hook", "capture_max_bytes", str(Config.capture_max_bytes)), int),
         resync_interval=_number(path, "daemon", "resync_interval",
                                 get("daemon", "resync_interval", "60"), float),
+        **_metrics(path, get),
         bridge_policies=tuple(bridge_policies),
         network_policies=tuple(network_policies),
     )
     values.update(_env_overrides(env))
     return Config(**values)
+
+
+def _metrics(path, get):
+    """[metrics]: textfile (empty: none) and listen (ADDRESS:PORT; empty: no endpoint)."""
+    textfile = (get("metrics", "textfile", DEFAULT_METRICS_TEXTFILE) or "").strip()
+    if textfile and (not textfile.startswith("/") or not textfile.endswith(".prom")):
+        raise ConfigError(path=path, reason="[metrics] textfile = %r (want an absolute path ending in .prom: "
+                          "node_exporter reads only *.prom)" % textfile)
+    listen = (get("metrics", "listen", "") or "").strip()
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(path=path, reason="[metrics] listen = %r: %s" % (listen, exc)) from None
+    return {"metrics_textfile": textfile, "metrics_listen": listen}
+
+
+def parse_listen(text):
+    """'127.0.0.1:9311' / '[::1]:9311' / ':9311' -> (address, port); ValueError if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("want ADDRESS:PORT, e.g. 127.0.0.1:9311")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _env_overrides(env):

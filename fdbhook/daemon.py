@@ -201,6 +201,7 @@ class Daemon:
         self.watchers = {}  # uri -> virt.Watcher
         self.kernels = KernelPool()
         self._server = None
+        self.metrics = self.exporter = None  # fdbhook.metrics, when python3-prometheus-client is there
 
     # --- shared helpers ----------------------------------------------------------------
     def put(self, job):
@@ -238,6 +239,9 @@ class Daemon:
         finally:
             self.kernels.give(kernel, broken)
         self.hooks_served += 1
+        if self.metrics is not None:
+            self.metrics.hook_served(driver, argv, result.code, time.monotonic() - started)
+            self.exporter.touch()
         LOG.debug("served %s %s in %.1f ms -> %d", driver, " ".join(argv[:2]),
                   (time.monotonic() - started) * 1000, result.code)
         return result
@@ -245,7 +249,9 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------
     def start(self):
         self.note_ports_changed()
+        self._start_metrics()
         self._start_server()
+        sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)
         self._spawn("links", self._link_monitor)
         if self.use_libvirt:
@@ -268,10 +274,24 @@ class Daemon:
             self.watchers[uri] = watcher
             self._spawn("libvirt %s" % uri, watcher.run)
 
+    def _start_metrics(self):
+        try:
+            from fdbhook.metrics import Exporter, Metrics
+            self.metrics = Metrics()
+        except ImportError as exc:
+            LOG.warning("metrics off: %s (install python3-prometheus-client)", exc)
+            return
+        self.exporter = Exporter(self.metrics, self.config, lambda kernel: (self.store().all(), kernel.links()),
+                                 self.stopping)
+        if self.config().metrics_listen:
+            self.exporter.start_http(self.config().metrics_listen)
+        self._spawn("metrics", self.exporter.run)
+
     def _spawn(self, name, target, *args):
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def stop(self):
+        sd_notify("STOPPING=1")
         self.stopping.set()
         self.jobs.put(Stop())
         if self._server is not None:
@@ -345,6 +365,8 @@ class Daemon:
                 LOG.exception("job %s failed", job)
                 kernel.close()
                 kernel = Kernel()
+            if self.exporter is not None:
+                self.exporter.touch()
             LOG.debug("job %s took %.1f ms (%d queued)", job, (time.monotonic() - started) * 1000,
                       self.jobs.qsize())
         kernel.close()
@@ -360,6 +382,8 @@ class Daemon:
             self._reconcile(kernel, store, config, job.uri, job.name, alias=job.alias, port=job.port)
         elif isinstance(job, MacChange):
             self.mac_changes += 1
+            if self.metrics is not None:
+                self.metrics.mac_changed()
             self._reconcile(kernel, store, config, job.uri, job.name, alias=job.alias,
                             new_mac=(job.alias, job.new))
         elif isinstance(job, Pause):
@@ -376,6 +400,8 @@ class Daemon:
         started = time.monotonic()
         checked, repaired, failed = engine.resync(kernel, store, config)
         self.repairs += repaired
+        if self.metrics is not None:
+            self.metrics.resync_done(checked, repaired, failed)
         LOG.log(logging.INFO if repaired or failed else logging.DEBUG,
                 "resync: %d ports checked, %d repaired, %d failed in %.0f ms",
                 checked, repaired, failed, (time.monotonic() - started) * 1000)
@@ -455,6 +481,22 @@ class Daemon:
             self.put(Resync())
             for uri in list(self.watchers):
                 self.put(Sync(uri))
+
+
+def sd_notify(message, env=None):
+    """Tell systemd (Type=notify) about our state through $NOTIFY_SOCKET; nothing without it."""
+    path = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not path:
+        return False
+    if path.startswith("@"):  # abstract namespace
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), path)
+    except OSError as exc:
+        LOG.warning("cannot notify systemd through %s: %s", path, exc)
+        return False
+    return True
 
 
 def with_guest_mac(domain, alias, mac):

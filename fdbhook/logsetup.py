@@ -1,20 +1,130 @@
-"""Where fdbhook's log lines go: syslog/journal, a file, or stderr for the CLI."""
+"""Where fdbhook's log lines go: the journal, syslog, a file, or stderr for the CLI."""
 
 import logging
 import logging.handlers
 import os
 
 FALLBACK_LOG = "/var/log/fdbhook.log"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "fdbhook"
+
+# One MESSAGE_ID per kind of per-NIC line (the NicResult status), fixed for
+# good: `journalctl MESSAGE_ID=...` finds every port fdbhook changed, failed
+# on, skipped or released, whatever the wording of the human line.
+MESSAGE_IDS = {
+    "changed": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c10",
+    "unchanged": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c11",
+    "planned": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c12",
+    "skipped": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c13",
+    "failed": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c14",
+    "held": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c15",
+    "rolled back": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c16",
+    "removed": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c17",
+    "gone": "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c18",
+}
+OTHER_MESSAGE_ID = "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c1f"
+
+
+def nic_fields(driver, domain, alias, mac, port, bridge, action, status):
+    """``extra=`` for a per-NIC log line: the journal fields it carries (other handlers ignore them)."""
+    fields = {
+        "FDBHOOK_DRIVER": driver,
+        "FDBHOOK_DOMAIN": domain,
+        "FDBHOOK_NIC": alias,
+        "FDBHOOK_MAC": mac,
+        "FDBHOOK_PORT": port,
+        "FDBHOOK_BRIDGE": bridge,
+        "FDBHOOK_ACTION": action,
+        "FDBHOOK_RESULT": status,
+        "MESSAGE_ID": MESSAGE_IDS.get(status, OTHER_MESSAGE_ID),
+    }
+    return {"journal": {key: str(value) for key, value in fields.items() if value}}
+
+
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def journal_entry(record, message):
+    """The fields journald gets for one log record (pure; the human line is MESSAGE, unchanged)."""
+    fields = {
+        "PRIORITY": str(_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)),
+        "SYSLOG_IDENTIFIER": IDENTIFIER,
+        "SYSLOG_PID": str(record.process),
+        "CODE_FILE": record.pathname,
+        "CODE_LINE": str(record.lineno),
+        "CODE_FUNC": record.funcName,
+        "LOGGER": record.name,
+    }
+    fields.update(getattr(record, "journal", None) or {})
+    return message, fields
+
+
+class JournalHandler(logging.Handler):
+    """Native journald lines with fdbhook's fields, through python3-systemd.
+
+    ``systemd.journal`` is imported at the first line actually logged, never
+    before: an inert hook invocation logs nothing and must not pay for it.
+    Without python3-systemd every line goes to syslog (/dev/log) as before.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._send = None
+        self._fallback = None
+
+    def emit(self, record):
+        try:
+            message = self.format(record)
+            if self._send is None and self._fallback is None:
+                try:
+                    from systemd import journal
+                    self._send = journal.send
+                except ImportError:
+                    self._fallback = _syslog_handler() or logging.NullHandler()
+                    self._fallback.setFormatter(logging.Formatter("fdbhook[%(process)d]: %(message)s"))
+            if self._send is None:
+                self._fallback.emit(record)
+                return
+            text, fields = journal_entry(record, message)
+            self._send(text, **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _syslog_handler():
+    if not os.path.exists("/dev/log"):
+        return None
+    try:
+        return logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return None
+
+
+def journald_running():
+    return os.path.exists(JOURNAL_SOCKET)
+
+
+def _stderr_is_journal():
+    """systemd connected our stderr to the journal (JOURNAL_STREAM): a console copy would log twice."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+        return stream == "%d:%d" % (st.st_dev, st.st_ino)
+    except OSError:
+        return False
 
 
 def setup_logging(verbose=False, hook=False):
     """Route fdbhook's log lines. Idempotent.
 
-    $FDBHOOK_LOG names a file to append to; else syslog/journal when /dev/log
-    exists; else /var/log/fdbhook.log (hosts without a syslog daemon: libvirt
-    passes hooks no environment of ours, so this is where their lines go). A hook adds nothing to stderr: libvirt shows a failed hook's
+    $FDBHOOK_LOG names a file to append to; else the journal (with
+    structured fields) where journald runs; else syslog when /dev/log
+    exists; else /var/log/fdbhook.log (hosts without a syslog daemon:
+    libvirt passes hooks no environment of ours, so this is where their
+    lines go). A hook adds nothing to stderr: libvirt shows a failed hook's
     stderr to the user, and that must stay the one-line reason. The CLI also
-    prints warnings (everything with -v) to stderr.
+    prints warnings (everything with -v) to stderr, unless stderr is the
+    journal already (fdbhookd under systemd).
     """
     root = logging.getLogger("fdbhook")
     if getattr(root, "_fdbhook_configured", False):
@@ -24,17 +134,17 @@ def setup_logging(verbose=False, hook=False):
     root._fdbhook_configured = True
     path = os.environ.get("FDBHOOK_LOG")
     handler = None
+    journal = False
     if path:
         try:
             handler = logging.FileHandler(path)
         except OSError:
             handler = None
         fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
+    if handler is None and not path and journald_running():
+        handler, fmt, journal = JournalHandler(), "%(message)s", True
     if handler is None and os.path.exists("/dev/log"):
-        try:
-            handler = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            handler = None
+        handler = _syslog_handler()
         fmt = "fdbhook[%(process)d]: %(message)s"
     if handler is None and not path:
         try:
@@ -45,7 +155,7 @@ def setup_logging(verbose=False, hook=False):
     if handler is not None:
         handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)
-    if not hook:
+    if not hook and not (journal and _stderr_is_journal() and not verbose):
         console = logging.StreamHandler()
         console.setLevel(logging.DEBUG if verbose else logging.WARNING)
         console.setFormatter(logging.Formatter("fdbhook: %(message)s"))
