@@ -156,6 +156,21 @@ def cmd_demo(args):
     return run_demo(frames=args.frames)
 
 
+def cmd_manpage(args):
+    from fdbhook import __version__
+    from fdbhook.manpage import render_manpage
+
+    sys.stdout.write(render_manpage(build_parser(), version=__version__))
+    return 0
+
+
+def cmd_completion(args):
+    from fdbhook.manpage import render_completion
+
+    sys.stdout.write(render_completion(build_parser()))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fdbhook", description="Static FDB management for libvirt guests "
                                      "on Linux bridges.")
@@ -164,7 +179,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("hook", help="run a libvirt hook (stdin: the XML); also the manual replay path")
-    p.add_argument("driver", choices=("qemu", "lxc", "network"))
+    p.add_argument("driver", choices=("qemu", "lxc", "network"), help="the libvirt hook being run")
     p.add_argument("argv", nargs="+", metavar="ARG", help="OBJECT OP SUBOP EXTRA, as libvirt passes them")
     p.set_defaults(func=cmd_hook)
 
@@ -200,6 +215,11 @@ def build_parser():
     p = sub.add_parser("demo", help="show the effect in a throwaway network namespace (root)")
     p.add_argument("--frames", type=int, default=20, help="unknown-unicast frames sent per phase")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("manpage", help="print fdbhook(8) in roff, generated from this --help (install.sh uses it)")
+    p.set_defaults(func=cmd_manpage)
+    p = sub.add_parser("completion", help="print the bash completion script (subcommands, options, domain names)")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 
