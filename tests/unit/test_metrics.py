@@ -105,14 +105,23 @@ def test_textfile_is_replaced_by_rename_and_leaves_no_temporary(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["fdbhook.prom"]
 
 
-def test_exporter_writes_the_configured_file_and_complains_once_when_it_cannot(tmp_path, caplog):
+def test_exporter_writes_the_configured_file_and_complains_once_when_it_cannot(tmp_path):
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("fdbhook.metrics").addHandler(handler)
     kernel, store = managed(tmp_path)
     prom = tmp_path / "node-exporter" / "fdbhook.prom"
     cfg = parse_config("[manage]\nbridges = br0\n[metrics]\ntextfile = %s\n" % prom)
     exporter = Exporter(Metrics(), lambda: cfg, lambda k: (store.all(), k.links()), threading.Event())
-    exporter.write_once(kernel)
-    exporter.write_once(kernel)
-    assert len([r for r in caplog.records if "cannot write" in r.getMessage()]) == 1
+    try:
+        exporter.write_once(kernel)
+        exporter.write_once(kernel)
+    finally:
+        logging.getLogger("fdbhook.metrics").removeHandler(handler)
+    assert len([r for r in seen if "cannot write" in r.getMessage()]) == 1
     prom.parent.mkdir()
     exporter.write_once(kernel)
     assert 'fdbhook_managed_ports{bridge="br0"} 2.0' in prom.read_text()
