@@ -55,7 +55,7 @@ HOOKS=1
 DEMO=auto
 MARKER="fdbhook-hook"
 DRIVERS="qemu lxc network"
-APT_PACKAGES="python3 python3-venv python3-pip python3-setuptools python3-wheel python3-lxml python3-pyroute2 python3-libvirt iproute2"
+APT_PACKAGES="python3 python3-venv python3-pip python3-setuptools python3-wheel python3-lxml python3-pyroute2 python3-libvirt iproute2 python3-systemd python3-prometheus-client"
 # What the package is built from (hashed to skip a reinstall of the same source).
 SRC_FILES="fdbhook setup.cfg pyproject.toml README.md"
 DAEMON_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -129,7 +129,7 @@ fi
 
 # --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------
 # KIND: file (a hook), link (BINDIR/fdbhook), unit (fdbhookd.service),
-# dir (a directory we created),
+# doc (the man page, the bash completion), dir (a directory we created),
 # pkg (a Debian package we installed; listed, never removed). A bare path
 # (older manifests) is a file.
 manifest_add() { # KIND PATH
@@ -158,6 +158,7 @@ mkdir_recorded() { # FINAL_DIR
 }
 
 is_our_unit() { [ -f "$1" ] && grep -q "^ExecStart=.*/bin/fdbhook daemon" "$1"; }
+is_our_doc() { [ -f "$1" ] && head -n 1 "$1" | grep -q "FDBHOOK 8\|completion for fdbhook(8)"; }
 is_ours() { # FILE: one of our hook scripts?
     [ -f "$1" ] && head -n 5 "$1" 2>/dev/null | grep -q "$MARKER"
 }
@@ -357,6 +358,12 @@ if [ "$UNINSTALL" = 1 ]; then
                     [ "$STAGED" = 0 ] && [ -d /run/systemd/system ] && run systemctl daemon-reload
                 elif [ -e "$target" ]; then
                     say "kept $path: not fdbhook's unit any more"
+                fi ;;
+            doc)
+                if is_our_doc "$target"; then
+                    remove "$path" rm -f -- "$target"
+                elif [ -e "$target" ]; then
+                    say "kept $path: not fdbhook's any more"
                 fi ;;
             dir) dirs=("$path" "${dirs[@]}") ;;
             pkg) pkgs="$pkgs $path" ;;
@@ -615,6 +622,36 @@ elif [ "$STAGED" = 0 ] && [ -f "$UNIT_SRC" ]; then
         say "optional: start '$PREFIX/bin/fdbhook daemon' before libvirtd (hotplug, pause/resume, drift repair; see README)"
     fi
 fi
+
+# --- man page and bash completion (generated from the installed parser) -----
+# Next to BINDIR: /usr/local/share/man/man8 is on man's path for
+# /usr/local/bin, /usr/local/share/bash-completion/completions on
+# bash-completion's.
+DOC_ROOT=$(dirname "$BIN_DIR")/share
+install_doc() { # FINAL_PATH COMMAND: write `fdbhook COMMAND`'s output there, recorded as kind doc
+    local path=$1 text
+    if { [ -e "$DESTDIR$path" ] || [ -L "$DESTDIR$path" ]; } && ! is_our_doc "$DESTDIR$path"; then
+        warn "kept $path: not fdbhook's"
+        return 0
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        [ -f "$DESTDIR$path" ] || echo "would install $path (fdbhook $2)"
+        return 0
+    fi
+    # The page's date: the parser's source, so the same tree renders the same page.
+    text=$(SOURCE_DATE_EPOCH=$(stat -c %Y "$SRC/fdbhook/cli.py") "$VENV/bin/python3" -I -B -m fdbhook "$2") \
+        || die "fdbhook $2 failed"
+    if [ "$(cat "$DESTDIR$path" 2>/dev/null)" != "$text" ]; then
+        mkdir_recorded "$(dirname "$path")"
+        printf '%s\n' "$text" >"$DESTDIR$path.fdbhook-tmp"
+        chmod 0644 "$DESTDIR$path.fdbhook-tmp"
+        mv -f "$DESTDIR$path.fdbhook-tmp" "$DESTDIR$path"
+        say "installed $path"
+    fi
+    manifest_add doc "$path"
+}
+install_doc "$DOC_ROOT/man/man8/fdbhook.8" manpage
+install_doc "$DOC_ROOT/bash-completion/completions/fdbhook" completion
 
 # --- libvirt hooks -----------------------------------------------------------
 hook_text() { # DRIVER: the hook as installed: the virtualenv's interpreter, the source's flags

@@ -157,10 +157,16 @@ def cmd_demo(args):
 
 
 def cmd_manpage(args):
+    import datetime
+    import os
+
     from fdbhook import __version__
     from fdbhook.manpage import render_manpage
 
-    sys.stdout.write(render_manpage(build_parser(), version=__version__))
+    # SOURCE_DATE_EPOCH (reproducible builds): the same source renders the same page.
+    stamp = os.environ.get("SOURCE_DATE_EPOCH")
+    date = datetime.datetime.utcfromtimestamp(int(stamp)).date().isoformat() if stamp and stamp.isdigit() else None
+    sys.stdout.write(render_manpage(build_parser(), version=__version__, date=date))
     return 0
 
 
