@@ -459,3 +459,23 @@ def test_beside_a_foreign_hook(guests, lv, tmp_path):
     assert "removed %s.d/50-fdbhook" % main in proc.stdout, proc.stdout
     assert E.hook_targets()["qemu"] == main
     assert os.path.exists(main + ".d") == had_dir
+
+
+def test_extra_macs_and_lock_mode_from_the_domains_metadata(guests, driver):
+    """A real guest whose metadata lists extra MACs and asks for lock mode: entries, lock, teardown."""
+    uri = E.URIS[driver]
+    name = "%s-%s-extra" % (E.PFX, driver)
+    own, vrrp, inner = mac(9, 1), "00:00:5e:00:01:0a", "02:00:00:e2:09:02"
+    meta = ("<metadata><fdb:fdb xmlns:fdb='%s'><fdb:interface mac='%s' extra-macs='%s %s' locked='yes'/>"
+            "</fdb:fdb></metadata>" % (E.FDBNS, own, vrrp, inner))
+    guests.define(driver, name, [E.nic_bridge(own, E.BR, driver)], meta)
+    guests.start(driver, name)
+    dev = E.dev_of(uri, name, own)
+    for addr in (own, vrrp, inner):
+        assert_managed(dev, E.BR, addr)
+    assert E.link(dev)["linkinfo"]["info_slave_data"]["locked"] is True
+    rec = E.record(driver, name)["nics"][0]
+    assert rec["extra_macs"] == [vrrp, inner] and rec["locked"] is True
+    guests.destroy(driver, name)
+    assert E.record(driver, name) is None
+    assert_no_entries(own, vrrp, inner)
