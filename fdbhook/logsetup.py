@@ -51,7 +51,7 @@ def journal_entry(record, message):
         "SYSLOG_IDENTIFIER": IDENTIFIER,
         "SYSLOG_PID": str(record.process),
         "CODE_FILE": record.pathname,
-        "CODE_LINE": str(record.lineno),
+        "CODE_LINE": record.lineno,  # journal.send formats it with {:d}
         "CODE_FUNC": record.funcName,
         "LOGGER": record.name,
     }

@@ -102,6 +102,9 @@ class Metrics:
     """fdbhookd's metrics. Thread-safe; every method is cheap and never raises."""
 
     def __init__(self):
+        # No *_created series (a timestamp per counter): noise in a textfile
+        # that node_exporter re-reads. The library reads this at import.
+        os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "true")
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)

@@ -20,7 +20,15 @@ class Capture(logsetup.JournalHandler):
     def __init__(self):
         super().__init__()
         self.sent = []
-        self._send = lambda message, **fields: self.sent.append((message, fields))
+        self._send = self.send
+
+    def send(self, MESSAGE, MESSAGE_ID=None, CODE_FILE=None, CODE_LINE=None, CODE_FUNC=None, **kwargs):
+        """systemd.journal.send's signature; it formats CODE_LINE with {:d}."""
+        assert CODE_LINE is None or isinstance(CODE_LINE, int)
+        fields = dict(kwargs, CODE_FILE=CODE_FILE, CODE_LINE=CODE_LINE, CODE_FUNC=CODE_FUNC)
+        if MESSAGE_ID is not None:
+            fields["MESSAGE_ID"] = MESSAGE_ID
+        self.sent.append((MESSAGE, fields))
 
 
 def _capturing(name="fdbhook.engine"):
