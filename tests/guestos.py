@@ -46,6 +46,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import socket
 import stat
@@ -134,7 +135,8 @@ def _kernel_release():
                 found.append(release)
     if not found:
         return None
-    return sorted(found, key=lambda r: [int(p) if p.isdigit() else p for p in r.replace("-", ".").split(".")])[-1]
+    return sorted(found, key=lambda r: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                        for p in re.split(r"[.+-]", r)])[-1]
 
 
 def _ensure_packages():
@@ -165,7 +167,8 @@ def _module_files(release):
             order.append(path)
 
     for name in MODULES:
-        visit(by_name[name])
+        if name in by_name:  # else built in (Debian 13's kernel has virtio_pci built in)
+            visit(by_name[name])
     return [(_mod_name(p), os.path.join(base, p)) for p in order]
 
 
