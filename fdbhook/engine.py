@@ -194,16 +194,18 @@ def rollback(kernel, want, before):
             LOG.error("rollback of %s failed: %s", want.port, exc)
 
 
-def converge(kernel, want, link=None, flush=False, dry_run=False):
+def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozenset()):
     """Bring one port to ``want``: (ops sent, state before). Raises ApplyError, port restored.
 
-    Verification is the plan again over a fresh read: it must be empty.
+    ``reserve``: keys that are not wanted now but must be free for later (the
+    entries of an incoming migration, added at RESUMED when refusing is too
+    late). Verification is the plan again over a fresh read: it must be empty.
     Nothing sent means what was just read is the verification.
     """
     before = read_port(kernel, want, link)
     if not before.exists:
         raise ApplyError(domain="?", nic=want.port, reason="port %s vanished" % want.port)
-    problems = planner.conflicts(want, before)
+    problems = planner.conflicts(replace(want, entries=want.entries | reserve) if reserve else want, before)
     if problems:
         raise ApplyError(domain="?", nic=want.port, reason=problems[0])
     ops = planner.plan_port(want, before, flush=flush)
@@ -264,7 +266,10 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
         security = nic_security(d.nic, config, d.bridge, d.network)
         want, vids = desire(d, config, filtering, have_membership, paused, prev,
                             sticky=config.sticky and kernel.sticky_supported, security=security)
-        ops, before = converge(kernel, want, link, flush=prev is None, dry_run=dry_run)
+        # A port seen for the first time while paused (the destination of a live migration):
+        # refuse now what the resume could not add, while the source still runs the guest.
+        reserve = want.watch if paused and prev is None else frozenset()
+        ops, before = converge(kernel, want, link, flush=prev is None, dry_run=dry_run, reserve=reserve)
     except ApplyError as exc:
         return NicResult(d, "failed", exc.kwargs["reason"]), None, None
     except KernelError as exc:
@@ -630,13 +635,19 @@ def reconcile(domain, live_paused, config, kernel, store, alias=None, port=None,
     only that NIC is applied: a hotplug must not cost more with every NIC
     the guest already has. A domain with a record keeps its recorded pause
     state (only SUSPENDED/RESUMED change it, so a start's brief ``-S`` pause
-    never removes an entry the start hook just added) unless ``trust_live``
-    (a full sync after reconnecting, when events may have been missed).
+    never removes an entry the start hook just added, and an incoming
+    migration gets none before it resumes) unless ``trust_live`` (a full sync
+    after reconnecting, when events may have been missed).
     NICs of the record that the live XML no longer has (by MAC or port) are
     torn down. Returns the apply Report or None.
     """
     record = store.load(domain.driver, domain.name)
-    paused = live_paused if record is None or trust_live or live_paused is None else record.paused
+    if live_paused is None:
+        # libvirt's own pause on the way up: a start's -S (the record says running) or an
+        # incoming migration (the record, or the migrate hook's mark, says paused until RESUMED)
+        paused = record.paused if record is not None else store.is_incoming(domain.driver, domain.name)
+    else:
+        paused = live_paused if record is None or trust_live else record.paused
     report = None
     if alias or port:
         only = tuple(n for n in domain.nics if (alias and n.alias == alias) or (port and n.target_dev == port))

@@ -242,6 +242,21 @@ def test_reconcile_keeps_a_known_domain_running_through_a_start_pause(tmp_path):
     assert k.fdb_get("52:54:00:00:00:01", 10) is None and store.load("qemu", "t1").paused
 
 
+def test_reconcile_adds_no_entry_to_an_incoming_migration_before_it_resumes(tmp_path):
+    """Destination of a live migration: the port joins (link event) and libvirt's STARTED event come
+    while the guest is paused for the migration ("starting": None); only RESUMED may add the entry."""
+    k, store, cfg = setup(tmp_path)
+    dom = domxml.parse_domain(XML)
+    store.mark_incoming("qemu", "t1")
+    reconcile(dom, None, cfg, k, store, port="vnet0")  # before the start hook wrote a record
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None and store.load("qemu", "t1").paused
+    apply_domain(dom, cfg, k, store, paused=True)  # the start hook
+    reconcile(dom, None, cfg, k, store)  # STARTED event, domain still paused (migration)
+    reconcile(dom, None, cfg, k, store, trust_live=True)  # a sync at that moment
+    assert k.fdb_get("52:54:00:00:00:01", 10) is None
+    assert k.by_name("vnet0").learning is False and k.by_name("vnet0").flood is False
+
+
 def test_reconcile_tears_down_a_nic_the_live_xml_lost(tmp_path):
     k, store, cfg = setup(tmp_path)
     apply_domain(domxml.parse_domain(XML), cfg, k, store)

@@ -107,6 +107,25 @@ def test_incoming_migration_waits_for_resume_with_the_daemon(env):
     assert store.load("qemu", "t1").paused is False
 
 
+def test_incoming_migration_refuses_at_start_what_resume_could_not_add(env):
+    """Somebody else's static entry for the guest's MAC on the destination: the start hook fails
+    (libvirt aborts the migration, the source keeps the guest), not the RESUMED handler later."""
+    from fdbhook.model import FdbEntry
+
+    _, store, cfg = env
+    kernel = FakeKernel.bridge_with_ports("br0", ("vnet0", "eth0"))
+    eth0 = kernel.by_name("eth0")
+    kernel.add_entry(kernel.by_name("br0").ifindex, FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
+                                                             static=True, local=False))
+    assert run_hook("qemu", ["t1", "migrate", "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                    daemon=True).code == 0
+    result = run_hook("qemu", ["t1", "start", "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                      daemon=True)
+    assert result.code == 1 and "not ours" in result.stderr
+    assert kernel.by_name("vnet0").learning is True and store.load("qemu", "t1") is None
+    assert kernel.fdb_get("52:54:00:00:00:01", kernel.by_name("br0").ifindex).ifindex == eth0.ifindex
+
+
 def test_incoming_migration_without_the_daemon_adds_entries_at_start(env):
     kernel, store, cfg = env
     store.mark_incoming("qemu", "t1")  # left by a daemon that has died since
