@@ -117,7 +117,9 @@ class KernelPool:
 
     def take(self):
         with self._lock:
-            return self._free.pop() if self._free else Kernel()
+            kernel = self._free.pop() if self._free else Kernel()
+        kernel.forget()  # the reads of its last hook are old news
+        return kernel
 
     def give(self, kernel, broken=False):
         if broken:
@@ -199,6 +201,7 @@ class Daemon:
         self._known_ports = set()
         self._known_lock = threading.Lock()
         self.watchers = {}  # uri -> virt.Watcher
+        self._connected = set()  # URIs connected at least once
         self.kernels = KernelPool()
         self._server = None
         self.metrics = self.exporter = None  # fdbhook.metrics, when python3-prometheus-client is there
@@ -332,6 +335,11 @@ class Daemon:
     # --- libvirt events (called on the event thread: queue only) ----------------------------
     def connected(self, uri):
         self.put(Sync(uri))
+        first = uri not in self._connected
+        self._connected.add(uri)
+        for other in list(self.watchers.values()) if not first else ():
+            if other.uri != uri:
+                other.kick()  # reconnected: libvirtd restarted, a driver it lacked may be there now
 
     def lifecycle(self, uri, name, event):
         if event in ("suspended", "resumed"):
@@ -372,6 +380,7 @@ class Daemon:
         kernel.close()
 
     def run_job(self, kernel, job):
+        kernel.forget()  # a job reads the kernel afresh (the engine's operations forget too)
         config = self.config()
         store = self.store(config)
         if isinstance(job, Resync):

@@ -99,9 +99,17 @@ class Watcher:
         self.handler = handler
         self.stopping = stopping
         self.conn = None
+        self.finished = threading.Event()
+        self.kicked = threading.Event()  # another URI (re)connected: libvirtd may have restarted
 
     def run(self):
         """Connect, register, wait for the connection to close; again until stopping."""
+        try:
+            self._run()
+        finally:
+            self.finished.set()
+
+    def _run(self):
         libvirt = _libvirt()
         delay = 1.0
         while not self.stopping.is_set():
@@ -115,6 +123,14 @@ class Watcher:
             except libvirt.libvirtError as exc:
                 if conn is not None:
                     _close(conn, ())
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_CONNECT:
+                    # The running libvirtd has no such driver (installed
+                    # after it started): every attempt would leave error
+                    # lines in its log. Try again only after a restart.
+                    LOG.info("libvirt %s: libvirtd has no driver for it; retrying after libvirtd restarts",
+                             self.uri)
+                    self._wait_kick()
+                    continue
                 LOG.debug("libvirt %s: %s; retrying", self.uri, exc.get_error_message())
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
@@ -129,6 +145,15 @@ class Watcher:
             if not self.stopping.is_set():
                 LOG.info("libvirt %s: connection closed; reconnecting", self.uri)
             _close(conn, ids)
+
+    def _wait_kick(self):
+        self.kicked.clear()
+        while not self.stopping.is_set() and not self.kicked.wait(1.0):
+            pass
+
+    def kick(self):
+        """Another connection to libvirtd was (re)established: worth trying this URI again."""
+        self.kicked.set()
 
     def _register(self, libvirt, conn):
         uri, h = self.uri, self.handler
@@ -209,21 +234,28 @@ class Watcher:
                 continue
         return None
 
-    def close(self):
-        conn = self.conn
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+    def close(self, timeout=5.0):
+        """After ``stopping`` is set: wait until run() has closed its connection itself.
+
+        Only a connection whose callbacks are all gone really closes; one
+        left to the process exit makes libvirtd log "End of file while
+        reading data" as an error.
+        """
+        if not self.finished.wait(timeout):
+            LOG.warning("libvirt %s: connection not closed within %.0f s", self.uri, timeout)
 
 
 def _close(conn, ids):
+    """Deregister every callback (each holds a reference on the connection), then close."""
     for cb in ids:
         try:
             conn.domainEventDeregisterAny(cb)
         except Exception:
             pass
+    try:
+        conn.unregisterCloseCallback()
+    except Exception:
+        pass
     try:
         conn.close()
     except Exception:
