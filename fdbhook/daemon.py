@@ -117,9 +117,7 @@ class KernelPool:
 
     def take(self):
         with self._lock:
-            kernel = self._free.pop() if self._free else Kernel()
-        kernel.forget()  # the reads of its last hook are old news
-        return kernel
+            return self._free.pop() if self._free else Kernel()
 
     def give(self, kernel, broken=False):
         if broken:
@@ -380,7 +378,6 @@ class Daemon:
         kernel.close()
 
     def run_job(self, kernel, job):
-        kernel.forget()  # a job reads the kernel afresh (the engine's operations forget too)
         config = self.config()
         store = self.store(config)
         if isinstance(job, Resync):
