@@ -30,7 +30,7 @@ KNOWN = {
 
 
 SECTION_KEYS = {"vlan_filtering", "restore_vlan_filtering", "vlan", "trunk", "extra_macs", "floating_macs",
-                "locked", "mab"}
+                "locked", "mab", "sticky"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Policy:
     floating_macs: Tuple[str, ...] = ()  # move between guests (VRRP): left to learning, never static
     locked: Optional[bool] = None  # lock mode; None: [manage] locked decides
     mab: Optional[bool] = None  # report dropped source MACs (learning stays on); None: [manage] mab
+    sticky: Optional[str] = None  # yes | no | auto; None: [manage] sticky
 
 
 DEFAULT_POLICY = Policy()
@@ -56,7 +57,7 @@ class Config:
     exists: bool = False
     bridges: Tuple[str, ...] = ()
     networks: Tuple[str, ...] = ()
-    sticky: bool = True
+    sticky: str = "auto"  # yes | no | auto (off on bridges with a VXLAN port: EVPN must move MACs); see sticky_for
     locked: bool = False  # lock mode: guest ports locked to their own MACs
     mab: bool = False  # locked ports also report the source MACs they dropped (keeps learning on)
     on_error: str = "fail"  # fail | continue
@@ -77,6 +78,31 @@ class Config:
 
     def network_policy(self, network):
         return _policy(self.network_policies, network)
+
+    def sticky_setting(self, bridge, network=None):
+        """(yes | no | auto, the section that says so): [network NAME], then [bridge NAME], then [manage]."""
+        for kind, name, policy in (("network", network, self.network_policy(network) if network else None),
+                                   ("bridge", bridge, self.bridge_policy(bridge))):
+            if policy is not None and policy.sticky is not None:
+                return policy.sticky, "[%s %s]" % (kind, name)
+        return self.sticky, "[manage]"
+
+    def sticky_for(self, bridge, network, vxlan_ports):
+        """(sticky?, why) for guest entries on ``bridge``; ``vxlan_ports``: names of its VXLAN ports. Pure.
+
+        ``auto`` (the default): off where the bridge has a VXLAN port, on
+        elsewhere. FRR's zebra advertises a sticky FDB entry as a sticky EVPN
+        MAC, which wins every best-path selection (RFC 7432 section 15.2): a
+        migrated guest's MAC could never move to its new host.
+        """
+        setting, where = self.sticky_setting(bridge, network)
+        if setting != "auto":
+            return setting == "yes", "sticky = %s in %s" % (setting, where)
+        if vxlan_ports:
+            return False, ("sticky = auto (%s): off, %s has VXLAN port %s: EVPN must be able to move a migrated "
+                           "guest's MAC, and a sticky MAC never moves" % (where, bridge, ", ".join(vxlan_ports)))
+        return True, "sticky = auto (%s): on, %s has no VXLAN port: no other port can take a guest's MAC" % (
+            where, bridge)
 
     def bridge_managed(self, bridge):
         """The glob that makes this bridge managed, or None."""
@@ -121,7 +147,19 @@ def _section_policy(path, parser, section, kind):
         except ValueError as exc:
             raise ConfigError(path=path, reason="[%s] %s: %s" % (section, key, exc)) from None
     flags = {key: _bool(path, section, key, items[key]) if key in items else None for key in ("locked", "mab")}
-    return Policy(vlan_filtering=mode, restore_vlan_filtering=restore, vlan=vlan, trunk=trunk, **macs, **flags)
+    sticky = _sticky(path, section, items["sticky"]) if "sticky" in items else None
+    return Policy(vlan_filtering=mode, restore_vlan_filtering=restore, vlan=vlan, trunk=trunk, sticky=sticky,
+                  **macs, **flags)
+
+
+def _sticky(path, section, value):
+    """'auto', or a boolean spelled any way _BOOL knows, as 'yes' / 'no'."""
+    value = value.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value not in _BOOL:
+        raise ConfigError(path=path, reason="[%s] sticky = %r is neither a boolean nor auto" % (section, value))
+    return "yes" if _BOOL[value] else "no"
 
 
 def parse_mac_list(text):
@@ -191,7 +229,7 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         exists=True,
         bridges=tuple((get("manage", "bridges", "") or "").split()),
         networks=tuple((get("manage", "networks", "") or "").split()),
-        sticky=_bool(path, "manage", "sticky", get("manage", "sticky", "yes")),
+        sticky=_sticky(path, "manage", get("manage", "sticky", "auto")),
         locked=_bool(path, "manage", "locked", get("manage", "locked", "no")),
         mab=_bool(path, "manage", "mab", get("manage", "mab", "no")),
         on_error=on_error,

@@ -6,6 +6,8 @@ Everything that compares (apply, verify, rollback, teardown, drift repair,
 ``kernel`` is fdbhook.kernel.Kernel or a fake with the same methods.
 """
 
+from dataclasses import replace
+
 from fdbhook.model import CurrentPort
 
 
@@ -17,17 +19,33 @@ def read_port(kernel, want, link=None, membership=None):
     The port counts as existing only with the same name and ifindex, still
     enslaved to ``want.bridge_ifindex``.
     """
+    # One round trip for the link and every entry (what was read already is not asked again).
+    fdb = [(mac, want.bridge_ifindex, vid) for mac, vid in sorted(want.keys)]
     if link is None or link.ifindex != want.ifindex:
+        kernel.prefetch(indexes=[want.ifindex], fdb=fdb)
         link = kernel.by_index(want.ifindex)
+    else:
+        kernel.prefetch(fdb=fdb)
     exists = (link is not None and link.name == want.port and link.is_bridge_port
               and link.master == want.bridge_ifindex)
     if not exists:
         return CurrentPort(port=want.port, ifindex=want.ifindex, exists=False)
-    entries = tuple((key, kernel.fdb_get(key[0], want.bridge_ifindex, key[1])) for key in want.keys)
+    entries = tuple((key, _mark_vxlan(kernel, kernel.fdb_get(key[0], want.bridge_ifindex, key[1]), want))
+                    for key in want.keys)
     read_vlans = want.membership is not None if membership is None else membership
     return CurrentPort(port=want.port, ifindex=want.ifindex, exists=True, learning=bool(link.learning),
                        flood=bool(link.flood), locked=link.locked, mab=link.mab, entries=entries,
                        membership=kernel.port_vlans(want.ifindex) if read_vlans else None)
+
+
+def _mark_vxlan(kernel, entry, want):
+    """An extern_learn entry on another port: is that port a VXLAN device of our bridge (a remote EVPN MAC)?"""
+    if entry is None or not entry.extern_learn or entry.ifindex == want.ifindex:
+        return entry
+    port = kernel.by_index(entry.ifindex)
+    if port is not None and port.kind == "vxlan" and port.master == want.bridge_ifindex:
+        return replace(entry, on_vxlan=True)
+    return entry
 
 
 def locate(kernel, rec, bridges=None):

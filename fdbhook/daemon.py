@@ -117,7 +117,9 @@ class KernelPool:
 
     def take(self):
         with self._lock:
-            return self._free.pop() if self._free else Kernel()
+            kernel = self._free.pop() if self._free else Kernel()
+        kernel.forget()  # the reads of its last hook are old news
+        return kernel
 
     def give(self, kernel, broken=False):
         if broken:
@@ -378,6 +380,7 @@ class Daemon:
         kernel.close()
 
     def run_job(self, kernel, job):
+        kernel.forget()  # a job reads the kernel afresh (the engine's operations forget too)
         config = self.config()
         store = self.store(config)
         if isinstance(job, Resync):

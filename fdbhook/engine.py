@@ -80,6 +80,16 @@ class BridgeFacts:
             self._filtering[ifindex] = self.kernel.bridge_vlan_filtering(ifindex)
         return self._filtering[ifindex]
 
+    def sticky(self, config, bridge, ifindex, network=None):
+        """(sticky?, why) for guest entries on this bridge: config.sticky_for over its VXLAN ports, read once."""
+        key = ("sticky", ifindex, network)
+        if key not in self._filtering:
+            # Only "auto" depends on the ports: yes/no cost no kernel read.
+            auto = config.sticky_setting(bridge, network)[0] == "auto"
+            vxlan = tuple(link.name for link in self.kernel.vxlan_ports(ifindex)) if auto else ()
+            self._filtering[key] = config.sticky_for(bridge, network, vxlan)
+        return self._filtering[key]
+
 
 # --- desired state ---------------------------------------------------------------
 
@@ -175,8 +185,27 @@ def released(rec, bridge_ifindex):
 # --- one port: plan, execute, verify, roll back ----------------------------------------
 
 def _execute(kernel, ops):
-    for op in ops:
-        kernel.execute(op)
+    kernel.execute_many(ops)
+
+
+def _prefetch_domain(kernel, domain, record):
+    """Everything a start or reconnect of ``domain`` will read, asked in one round trip.
+
+    The ports by name, their bridges by name (the XML names them) and the
+    entries of the NICs' MACs without a VLAN on bridges seen before (their
+    ifindex is a guess the replies check); the recorded ports by ifindex.
+    """
+    names, fdb = [], []
+    for nic in domain.nics:
+        names.append(nic.target_dev)
+        if nic.source_bridge:
+            names.append(nic.source_bridge)
+            bridge_ifindex = kernel.bridge_for(nic.source_bridge)
+            if bridge_ifindex and nic.mac:
+                fdb.extend((mac, bridge_ifindex, 0) for mac in (nic.mac,) + tuple(nic.extra_macs))
+    indexes = [rec.ifindex for rec in record.nics] if record is not None else []
+    vxlan = [kernel.bridge_for(nic.source_bridge) for nic in domain.nics if nic.source_bridge]
+    kernel.prefetch(names=[n for n in names if n], indexes=indexes, fdb=fdb, vxlan=[b for b in vxlan if b])
 
 
 def rollback(kernel, want, before):
@@ -264,8 +293,9 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
         filtering = facts.filtering(d.bridge_ifindex)
         have_membership = kernel.port_vlans(d.ifindex) if filtering else ()
         security = nic_security(d.nic, config, d.bridge, d.network)
+        sticky, _ = facts.sticky(config, d.bridge, d.bridge_ifindex, d.network)
         want, vids = desire(d, config, filtering, have_membership, paused, prev,
-                            sticky=config.sticky and kernel.sticky_supported, security=security)
+                            sticky=sticky and kernel.sticky_supported, security=security)
         # A port seen for the first time while paused (the destination of a live migration):
         # refuse now what the resume could not add, while the source still runs the guest.
         reserve = want.watch if paused and prev is None else frozenset()
@@ -467,7 +497,9 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
     networks = load_networks([n.source_network for n in domain.nics if n.type == "network"],
                              config.network_dirs)
     with store.lock():
+        kernel.forget()
         record = store.load(domain.driver, domain.name)
+        _prefetch_domain(kernel, domain, record)
         if paused is None:
             paused = record.paused if record is not None else False
         decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
@@ -543,9 +575,13 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     some NICs (device detach).
     """
     with store.lock():
+        kernel.forget()
         record = store.load(driver, name)
         if record is None:
             return Report(driver, name, ())
+        fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
+        kernel.prefetch(names=sorted({rec.bridge for rec in record.nics}), indexes=[rec.ifindex for rec in record.nics],
+                        fdb=[key for key in fdb if key[1]])
         results, left = [], []
         for rec in record.nics:
             if macs is not None and rec.mac not in macs:
@@ -590,9 +626,12 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None)
     bridge facts across calls (a full resync). Returns the Report.
     """
     with store.lock():
+        kernel.forget()
         record = store.load(driver, name)
         if record is None:
             return Report(driver, name, ())
+        fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
+        kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]])
         paused = record.paused if paused is None else paused
         facts = facts or BridgeFacts(kernel)
         results, kept = [], []

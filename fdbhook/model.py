@@ -100,10 +100,13 @@ class FdbEntry:
     sticky: bool = False
     vlan: int = 0
     locked: bool = False  # NTF_EXT_LOCKED: a MAB entry, a source MAC a locked port dropped
+    extern_learn: bool = False  # NTF_EXT_LEARNED: put there by a control plane (FRR's zebra: a remote EVPN MAC)
+    on_vxlan: bool = False  # it points at a VXLAN port of the same bridge (filled in by current.read_port)
 
     @property
     def dynamic(self):
-        return not (self.static or self.local)
+        """Learned by the bridge itself (an extern_learn entry is somebody's, not the kernel's guess)."""
+        return not (self.static or self.local or self.extern_learn)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,16 @@ def entry_conflict(port, ifindex, mac, entry, owned):
     """Why we must not take over ``entry`` for ``mac``, or None if we may.
 
     A learned (dynamic) entry on another port is the kernel's guess and may be
-    replaced; a static or local entry elsewhere belongs to someone else.
+    replaced. So may a remote EVPN MAC: an extern_learn entry on a VXLAN port
+    of the same bridge is how FRR's zebra says "this MAC lives on another
+    host", and when our guest has moved here (migration) that is out of date.
+    Any other static, local or externally learned entry belongs to someone else.
     """
     if entry is None or entry.ifindex == ifindex or entry.dynamic or owned:
         return None
-    kind = "local" if entry.local else "static"
+    if entry.extern_learn and entry.on_vxlan:
+        return None
+    kind = "local" if entry.local else ("externally learned" if entry.extern_learn else "static")
     where = " on VLAN %d" % entry.vlan if entry.vlan else ""
     return "MAC %s already has a %s FDB entry%s on another port (ifindex %d), not ours; refusing to move it to %s" % (
         mac, kind, where, entry.ifindex, port)

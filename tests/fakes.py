@@ -55,6 +55,10 @@ class FakeKernel:
     def fdb_get(self, mac, bridge_ifindex, vlan=0):
         return self.entries.get((bridge_ifindex, mac, vlan))
 
+    def vxlan_ports(self, bridge_ifindex):
+        return tuple(link for link in self.links_by_index.values()
+                     if link.master == bridge_ifindex and link.kind == "vxlan")
+
     def locked_entries(self, port_ifindex):
         return sorted((e.mac, e.vlan) for e in self.entries.values() if e.ifindex == port_ifindex and e.locked)
 
@@ -73,6 +77,21 @@ class FakeKernel:
         if enabled and not self.vlan_supported:
             raise KernelError(what="vlan_filtering", reason="Operation not supported", errno=95)
         self.filtering[ifindex] = enabled
+
+    def forget(self):
+        self.forgets = getattr(self, "forgets", 0) + 1
+
+    def prefetch(self, names=(), indexes=(), fdb=(), vxlan=()):
+        """The real adapter batches these reads; the fake answers every read directly."""
+        self.prefetched = getattr(self, "prefetched", []) + [(tuple(names), tuple(indexes), tuple(fdb))]
+
+    def bridge_for(self, name):
+        link = next((l for l in self.links_by_index.values() if l.name == name and l.kind == "bridge"), None)
+        return link.ifindex if link is not None else None
+
+    def execute_many(self, ops):
+        for op in ops:
+            self.execute(op)
 
     def close(self):
         pass

@@ -15,7 +15,7 @@ def test_globs_and_defaults():
     assert cfg.bridge_managed("br-lan") == "br-*"
     assert cfg.bridge_managed("br1") is None
     assert cfg.network_managed("default") == "def*"
-    assert cfg.on_error == "fail" and cfg.sticky is True
+    assert cfg.on_error == "fail" and cfg.sticky == "auto"
     assert cfg.state_dir == "/run/fdbhook"
     assert cfg.network_dirs == ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
 

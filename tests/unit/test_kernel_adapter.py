@@ -95,3 +95,47 @@ def test_wire_format_round_trip():
         unpack(b"XXXX" + raw[4:], 3)
     with pytest.raises(ValueError):
         unpack(raw[:-3], 3)
+
+
+# --- the batched path's own encoder, byte for byte what pyroute2 would send -------------
+
+def pyroute2_bytes(build):
+    """What pyroute2's request compiler (IPBatch: encodes, never sends) makes of one request."""
+    K._teach_pyroute2()
+    from pyroute2 import IPBatch
+
+    batch = IPBatch()
+    build(batch)
+    raw = bytes(batch.batch)
+    return raw[:8] + b"\0" * 8 + raw[16:]  # sequence number and pid are set when sent
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (K.msg_link_get(name="vnet0"), lambda b: b.link("get", ifname="vnet0")),
+    (K.msg_link_get(ifindex=5), lambda b: b.link("get", index=5)),
+    (K.msg_fdb_get("52:54:00:00:00:01", 3), lambda b: b.fdb("get", ifindex=0, lladdr="52:54:00:00:00:01", master=3)),
+    (K.msg_fdb_get("52:54:00:00:00:01", 3, 10),
+     lambda b: b.fdb("get", ifindex=0, lladdr="52:54:00:00:00:01", master=3, vlan=10)),
+    (K.msg_fdb_write("replace", 4, "52:54:00:00:00:01", 0, K.NTF_MASTER | K.NTF_STICKY),
+     lambda b: b.fdb("replace", ifindex=4, lladdr="52:54:00:00:00:01", state=K.NUD_NOARP, flags=0x44)),
+    (K.msg_fdb_write("replace", 4, "52:54:00:00:00:01", 42, K.NTF_MASTER),
+     lambda b: b.fdb("replace", ifindex=4, lladdr="52:54:00:00:00:01", state=K.NUD_NOARP, flags=0x04, vlan=42)),
+    (K.msg_fdb_write("del", 4, "52:54:00:00:00:01", 0, K.NTF_MASTER),
+     lambda b: b.fdb("del", ifindex=4, lladdr="52:54:00:00:00:01", state=K.NUD_NOARP, flags=0x04)),
+    (K.msg_brport_set(4, [(K.IFLA_BRPORT_LEARNING, 0), (K.IFLA_BRPORT_UNICAST_FLOOD, 0)]),
+     lambda b: b.brport("set", index=4, learning=0, unicast_flood=0)),
+    (K.msg_brport_set(4, [(K.IFLA_BRPORT_LOCKED, 1), (K.IFLA_BRPORT_MAB, 1), (K.IFLA_BRPORT_LEARNING, 1)]),
+     lambda b: b.brport("set", index=4, locked=1, mab=1, learning=1)),
+    (K.msg_brport_set(4, [(K.IFLA_BRPORT_FLUSH, None)]), lambda b: b.brport("set", index=4, flush=True)),
+], ids=["link-name", "link-index", "fdb-get", "fdb-get-vlan", "fdb-replace-sticky", "fdb-replace-vlan",
+        "fdb-del", "brport-flags", "brport-lock-mab", "brport-flush"])
+def test_batched_requests_are_what_pyroute2_would_send(ours, theirs):
+    assert ours == pyroute2_bytes(theirs)
+
+
+def test_an_ops_batch_request_matches_its_one_by_one_twin():
+    k = K.Kernel()
+    op = Op(kind="set_flags", learning=False, flood=False, locked=True, **COMMON)
+    assert k._request(op) == K.msg_brport_set(7, [(K.IFLA_BRPORT_LEARNING, 0), (K.IFLA_BRPORT_UNICAST_FLOOD, 0),
+                                                  (K.IFLA_BRPORT_LOCKED, 1)])
+    assert run(op) == [("brport", "set", {"index": 7, "learning": 0, "unicast_flood": 0, "locked": 1})]

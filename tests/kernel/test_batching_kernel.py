@@ -1,0 +1,78 @@
+"""Kernel tier: the engine's netlink round trips per NIC (issue 14), counted on a real bridge.
+
+A round trip is one send followed by waiting for its answers: one request of
+pyroute2's (``nlm_request``) or one batch of the adapter's (``_round_trip``).
+A long-lived adapter (as in fdbhookd) that has seen the bridge before needs
+at most 3 for a NIC that needs changes (read, write, verify) and 1 for a whole
+domain that is already right. The results are checked with iproute2.
+"""
+
+import pytest
+
+from fdbhook import domxml
+from fdbhook.config import parse_config
+from fdbhook.engine import apply_domain, teardown_domain
+from fdbhook.kernel import Kernel
+from fdbhook.lab import in_netns
+from fdbhook.state import Store
+
+pytestmark = pytest.mark.root
+
+
+def domain(n):
+    nics = "".join("<interface type='bridge'><mac address='52:54:00:00:0b:%02x'/><source bridge='br0'/>"
+                   "<target dev='vnet%d'/><alias name='net%d'/></interface>" % (i + 1, i, i) for i in range(n))
+    return domxml.parse_domain(("<domain type='kvm'><name>rt%d</name><devices>%s</devices></domain>"
+                                % (n, nics)).encode())
+
+
+class Counted:
+    """Counts the adapter's round trips."""
+
+    def __init__(self, kernel):
+        self.trips = 0
+        ipr = kernel.ipr
+        plain, batch = ipr.nlm_request, kernel._round_trip
+
+        def one(*args, **kw):
+            self.trips += 1
+            return plain(*args, **kw)
+
+        def many(requests):
+            self.trips += 1
+            return batch(requests)
+
+        ipr.nlm_request = one
+        kernel._round_trip = many
+
+
+@pytest.mark.parametrize("nics", [1, 16])
+def test_round_trips_per_nic(lab, tmp_path, nics):
+    lab.add_bridge("br0")
+    for i in range(nics):
+        lab.ip("tuntap", "add", "vnet%d" % i, "mode", "tap")
+        lab.ip("link", "set", "vnet%d" % i, "master", "br0")
+    config = parse_config("[manage]\nbridges = br0\n", env={})
+    store = Store(str(tmp_path))
+    dom = domain(nics)
+    with in_netns(lab.ns):
+        kernel = Kernel()
+        try:
+            kernel.bridge_for("br0") or kernel.by_name("br0")  # fdbhookd has seen the bridge before
+            count = Counted(kernel)
+            report = apply_domain(dom, config, kernel, store)
+            assert [r.status for r in report.results] == ["changed"] * nics, report.one_line()
+            assert count.trips <= 3 * nics + 1, count.trips  # + 1: the domain's first read, shared
+            count.trips = 0
+            again = apply_domain(dom, config, kernel, store)
+            assert [r.status for r in again.results] == ["unchanged"] * nics
+            assert count.trips == 1
+            count.trips = 0
+            teardown_domain("qemu", dom.name, kernel, store)
+            assert count.trips <= 2 * nics + 1, count.trips  # no verify read at teardown
+        finally:
+            kernel.close()
+    for i in range(nics):
+        flags = lab.port_flags("vnet%d" % i)
+        assert (flags["learning"], flags["flood"]) == (True, True)
+    assert not [e for e in lab.fdb(br="br0") if e["state"] == "static"]
