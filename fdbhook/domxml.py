@@ -226,6 +226,20 @@ def parse_domain(data, driver=None, what="?"):
     return domain_from_element(parse_document(data, what), driver, what)
 
 
+def guest_mac_trust(data, what="?"):
+    """{configured MAC: trustGuestRxFilters is 'yes'} for each NIC of a domain's XML.
+
+    Only with 'yes' does libvirt (>= 11.2) report a MAC the guest sets
+    itself; with 'no' (the default) it reports nothing at all.
+    """
+    out = {}
+    for elem in parse_document(data, what).findall("devices/interface"):
+        mac = normalize_mac(_attr(elem, "mac", "address"))
+        if mac:
+            out[mac] = (elem.get("trustGuestRxFilters") or "no").strip() == "yes"
+    return out
+
+
 def network_from_element(root):
     """Build a Network from <network>, <networkstatus> or <hookData>."""
     if root.tag in ("networkstatus", "hookData"):

@@ -61,6 +61,52 @@ def _security_dict(kernel, link, rec):
     return out
 
 
+GUEST_MAC_WORDS = {
+    "followed": "guest MAC change: followed (trustGuestRxFilters='yes': libvirt reports the guest's MAC, "
+                "fdbhookd moves the entry)",
+    "not trusted": "guest MAC change: NOT followed (trustGuestRxFilters='no'): if the guest sets another MAC "
+                   "it gets no unicast for it (no entry, its port does not flood), and libvirt reports nothing "
+                   "(no event, no log line, the live XML keeps the configured MAC)",
+    "no event": "guest MAC change: NOT followed: this libvirt has no NIC_MAC_CHANGE event (needs >= 11.2); "
+                "a guest that sets another MAC gets no unicast for it",
+    "no daemon": "guest MAC change: reported by libvirt, but fdbhookd is not running: followed only at the "
+                 "next start or reconnect; until then the guest gets no unicast for its new MAC",
+}
+
+
+def guest_mac_trust_of(driver, name):
+    """{configured MAC: trustGuestRxFilters='yes'} from the running domain's XML, or None if unknown."""
+    if driver != "qemu":
+        return None  # libvirt reports guest MAC changes for QEMU NICs only
+    try:
+        from fdbhook.domxml import guest_mac_trust
+        from fdbhook.virt import domain_xml
+        return guest_mac_trust(domain_xml("qemu:///system", name), name)
+    except Exception:  # libvirt absent or unreachable, domain gone: say nothing rather than guess
+        return None
+
+
+def _guest_mac_change(ports, daemon):
+    """Per managed QEMU port: is a MAC the guest sets itself followed, and if not, why (one key of GUEST_MAC_WORDS)."""
+    trust = {}
+    for port in ports:
+        if not port.get("domain"):
+            continue
+        driver, _, name = port["domain"].partition("/")
+        if port["domain"] not in trust:
+            trust[port["domain"]] = guest_mac_trust_of(driver, name)
+        known = trust[port["domain"]]
+        configured = port.get("configured_mac") or port["mac"]
+        if known is None or configured not in known:
+            continue
+        if not known[configured]:
+            port["guest_mac_change"] = "not trusted"
+        elif not daemon["nic_mac_change_event"]:
+            port["guest_mac_change"] = "no event"
+        else:
+            port["guest_mac_change"] = "followed" if daemon["answering"] else "no daemon"
+
+
 def daemon_info():
     """Is fdbhookd answering, and can this libvirt report guest MAC changes?"""
     from fdbhook.client import offer, socket_path
@@ -152,6 +198,9 @@ def collect(config, kernel, store):
                 missing.append({"domain": "%s/%s" % (record.driver, record.domain), "mac": rec.mac,
                                 "port": rec.port, "bridge": rec.bridge, "drift": ["port gone"]})
     drift = any(p["drift"] for b in out for p in b["ports"]) or bool(missing)
+    daemon = daemon_info()
+    for bridge in out:
+        _guest_mac_change(bridge["ports"], daemon)
     return {
         "config": config.path,
         "config_exists": config.exists,
@@ -160,7 +209,7 @@ def collect(config, kernel, store):
         "bridges": out,
         "stale_records": missing,
         "drift": drift,
-        "daemon": daemon_info(),
+        "daemon": daemon,
     }
 
 
@@ -216,6 +265,8 @@ def render_text(data):
                 port["name"], port["kind"] or "-", "on" if port["learning"] else "off",
                 "on" if port["flood"] else "off", port["promiscuity"],
                 port["domain"] or "(not ours)", port["mac"] or "", _entry_word(port)))
+            if port.get("guest_mac_change"):
+                lines.append("  %-15s %s" % ("", GUEST_MAC_WORDS[port["guest_mac_change"]]))
             if port.get("configured_mac"):
                 lines.append("  %-15s guest uses %s instead of its configured MAC %s (followed)" % (
                     "", port["mac"], port["configured_mac"]))

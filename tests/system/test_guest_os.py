@@ -369,6 +369,19 @@ def test_trusted_mac_change_followed_on_the_same_port(env):
                            if n["port"] == dev] == [(MAC0, None)], timeout=5), E.record("qemu", NAME)
 
 
+def test_status_says_what_a_guest_mac_change_does(env):
+    """Per NIC: followed (trust 'yes', libvirt >= 11.2, fdbhookd) or why not, in plain words."""
+    from fdbhook import virt
+    code, data = status_json()
+    assert code == 0
+    events = libvirt_version() >= (11, 2, 0) and virt.version_facts()["nic_mac_change_event"]
+    assert status_port(data, env["devs"][MAC0])["guest_mac_change"] == ("followed" if events else "no event")
+    assert status_port(data, env["devs"][MAC1])["guest_mac_change"] == "not trusted"
+    text = E.run(FDBHOOK, "status").stdout
+    assert "NOT followed (trustGuestRxFilters='no'): if the guest sets another MAC it gets no unicast" in text
+    assert "libvirt reports nothing" in text
+
+
 def test_detach_completes_and_daemon_removes_the_nic(env):
     """The guest OS acknowledges the unplug (acpiphp); fdbhookd drops the NIC's record, port and entry go."""
     guest, dev = env["control"], env["devs"][MAC1]
