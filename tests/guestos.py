@@ -145,8 +145,15 @@ def _ensure_packages():
     if _kernel_release() is None and "linux-image-amd64" not in missing:
         missing.append("linux-image-amd64")
     if missing:
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=900", "install", "-y", "--no-install-recommends"]
-                       + missing, check=True, capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        argv = ["apt-get", "-o", "DPkg::Lock::Timeout=900", "install", "-y", "-q", "--no-install-recommends"]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        proc = subprocess.run(argv + missing, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:  # lists too old or absent on a fresh machine
+            subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=900", "update", "-q"], capture_output=True, env=env)
+            proc = subprocess.run(argv + missing, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError("guest image: apt-get install %s failed: %s" % (" ".join(missing),
+                                                                              proc.stderr.strip()[-500:]))
 
 
 def _module_files(release):
@@ -249,6 +256,7 @@ def image():
     img = Image(kernel=os.path.join(out, "vmlinuz"), initrd=os.path.join(out, "initrd.gz"))
     if os.path.exists(os.path.join(out, "done")):
         return img
+    _ensure_packages()  # gcc and libc6-dev for fxpkt (a no-op when all are there)
     tmp = out + ".tmp%d" % os.getpid()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
