@@ -63,8 +63,11 @@ class Station:
         E.run("ip", "netns", "add", ST_NS)
         E.run("ip", "link", "add", ST_PORT, "type", "veth", "peer", "name", ST_PEER, "netns", ST_NS)
         E.run("ip", "-n", ST_NS, "link", "set", ST_PEER, "address", ST_MAC)
-        E.run("sysctl", "-qw", "net.ipv6.conf.%s.disable_ipv6=1" % ST_PORT)
-        E.run("ip", "netns", "exec", ST_NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        # No IPv6 on either end (no DAD, MLD or router solicitations on the bridge); /proc, not
+        # sysctl(8): minimal systems have no procps.
+        with open(E.sysctl_path("net.ipv6.conf.%s.disable_ipv6" % ST_PORT), "w") as handle:
+            handle.write("1")
+        E.run("ip", "netns", "exec", ST_NS, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
         E.run("ip", "link", "set", ST_PORT, "master", E.BR)
         E.run("ip", "link", "set", ST_PORT, "up")
         E.run("ip", "-n", ST_NS, "link", "set", ST_PEER, "up")
