@@ -99,9 +99,11 @@ def cmd_status(args):
     from fdbhook.state import Store
     from fdbhook.status import collect, render_text
 
+    from fdbhook.evpn import read_macs
+
     config = load_config(args.config)
     with Kernel() as kernel:
-        data = collect(config, kernel, Store(config.state_dir))
+        data = collect(config, kernel, Store(config.state_dir), frr=read_macs)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:

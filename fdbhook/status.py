@@ -117,9 +117,13 @@ def daemon_info():
     return info
 
 
-def bridge_report(config, kernel, br, links, by_ifindex):
-    """One bridge: its ports, who owns them, drift, and the promiscuity explanation."""
-    ports = []
+def bridge_report(config, kernel, br, links, by_ifindex, frr=None):
+    """One bridge: its ports, who owns them, drift, and the promiscuity explanation.
+
+    ``frr``: a function returning fdbhook.evpn's FrrView, called only for a
+    bridge with a VXLAN port (status: which managed MACs EVPN advertises).
+    """
+    ports, recs = [], {}
     for link in links:
         if link.master != br.ifindex or not link.is_bridge_port:
             continue
@@ -127,6 +131,9 @@ def bridge_report(config, kernel, br, links, by_ifindex):
         if rec is not None and (rec.port != link.name or rec.bridge != br.name):
             rec, owner, paused = None, None, False
         ports.append(_port_dict(kernel, link, rec, owner, br.ifindex, paused))
+        recs[link.name] = (rec, paused)
+    vxlan = [p["name"] for p in ports if p["kind"] == "vxlan"]
+    sticky, why = config.sticky_for(br.name, None, vxlan)
     bridge = {
         "name": br.name,
         "promiscuity": br.promiscuity,
@@ -135,9 +142,28 @@ def bridge_report(config, kernel, br, links, by_ifindex):
         "managed_by": config.bridge_managed(br.name),
         "ports": ports,
         "auto_ports": [p["name"] for p in ports if p["learning"] or p["flood"]],
+        "vxlan_ports": vxlan,
+        "sticky": {"on": sticky, "why": why},
     }
     bridge["explain"] = explain_bridge(bridge)
+    if vxlan and frr is not None and any(rec is not None for rec, _ in recs.values()):
+        _evpn(bridge, frr(), recs)
     return bridge
+
+
+def _evpn(bridge, view, recs):
+    """Per managed port: has EVPN (FRR's zebra) advertised its MACs? Nothing at all where FRR is absent."""
+    from fdbhook.evpn import port_view
+
+    if not view.installed:
+        return
+    if not view.ok:
+        bridge["evpn_error"] = view.error
+        return
+    for port in bridge["ports"]:
+        rec, paused = recs.get(port["name"], (None, False))
+        if rec is not None:
+            port["evpn"] = {mac: port_view(view, mac, port["name"], paused) for mac in rec.macs}
 
 
 def _records_by_ifindex(store):
@@ -169,11 +195,32 @@ def render_explain(bridge):
         lines.extend("  %-15s %s" % ("", line) for line in _security_lines(port))
     lines.append("still learning or flooding: %s" % (", ".join(bridge["auto_ports"]) or "none"))
     lines.extend(bridge["explain"])
+    lines.append("guest entries %s: %s" % ("sticky" if bridge["sticky"]["on"] else "not sticky", bridge["sticky"]["why"]))
+    for port in bridge["ports"]:
+        if port["domain"] and port.get("static_entry") and port.get("sticky") != bridge["sticky"]["on"]:
+            lines.append("  %s: its entries are %s, as applied before; the next start, reconnect or `fdbhook "
+                         "apply` follows the rule" % (port["name"], "sticky" if port.get("sticky") else "not sticky"))
     return "\n".join(lines)
 
 
-def collect(config, kernel, store):
-    """Everything status shows, as JSON-ready dicts."""
+def _once(func):
+    answers = []
+
+    def call():
+        if not answers:
+            answers.append(func())
+        return answers[0]
+    return call
+
+
+def collect(config, kernel, store, frr=None):
+    """Everything status shows, as JSON-ready dicts.
+
+    ``frr``: fdbhook.evpn.read_macs (the CLI), asked at most once and only if
+    a bridge has a VXLAN port; None: no EVPN view.
+    """
+    if frr is not None:
+        frr = _once(frr)
     records = store.all()
     by_ifindex = _records_by_ifindex(store)
     missing = []
@@ -189,7 +236,7 @@ def collect(config, kernel, store):
         for link in links:
             if link.kind == "bridge" and link.name == net.bridge:
                 bridges[link.ifindex] = link
-    out = [bridge_report(config, kernel, br, links, by_ifindex)
+    out = [bridge_report(config, kernel, br, links, by_ifindex, frr)
            for br in sorted(bridges.values(), key=lambda b: b.name)]
     for record in records:
         for rec in record.nics:
@@ -271,10 +318,13 @@ def render_text(data):
                 lines.append("  %-15s guest uses %s instead of its configured MAC %s (followed)" % (
                     "", port["mac"], port["configured_mac"]))
             lines.extend("  %-15s %s" % ("", line) for line in _security_lines(port))
+            lines.extend("  %-15s %s" % ("", line) for line in _evpn_lines(port))
             if port["drift"]:
                 lines.append("  %-15s DRIFT: %s" % ("", ", ".join(port["drift"])))
         for sentence in br["explain"]:
             lines.append("  " + sentence)
+        if br.get("evpn_error"):
+            lines.append("  EVPN: FRR did not answer (%s)" % br["evpn_error"])
     for stale in data["stale_records"]:
         lines.append("record %s %s on %s: port %s is gone" % (stale["domain"], stale["mac"], stale["bridge"],
                                                               stale["port"]))
@@ -299,6 +349,23 @@ def _security_lines(port):
     if port.get("dropped_macs"):
         lines.append("dropped source MACs (MAB): %s - add them to extra-macs if the guest needs them"
                      % " ".join(port["dropped_macs"]))
+    return lines
+
+
+def _evpn_lines(port):
+    lines = []
+    for mac, view in sorted((port.get("evpn") or {}).items()):
+        if view is None:
+            continue
+        if view["advertised"]:
+            text = "EVPN: %s advertised (VNI %s, sequence %s)" % (mac, ",".join(map(str, view["vni"])), view["seq"])
+        elif view["problem"] is None:
+            text = "EVPN: %s not advertised (guest paused)" % mac
+        else:
+            text = "EVPN: %s NOT advertised" % mac
+        if view["problem"]:
+            text += ": " + view["problem"]
+        lines.append(text)
     return lines
 
 
