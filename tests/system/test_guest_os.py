@@ -96,11 +96,17 @@ class Station:
 class Fdbhookd:
     """fdbhookd from the installed virtualenv, logging to a file."""
 
+    CONNECTED = "libvirt qemu:///system: connected"
+
     def __init__(self, log):
         self.log = log
-        self.proc = subprocess.Popen([FDBHOOK, "daemon"], env=dict(E.CLEAN_ENV, FDBHOOK_LOG=log),
+        self.start()
+
+    def start(self):
+        before = self.text().count(self.CONNECTED)
+        self.proc = subprocess.Popen([FDBHOOK, "daemon"], env=dict(E.CLEAN_ENV, FDBHOOK_LOG=self.log),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert E.poll(lambda: "libvirt qemu:///system: connected" in self.text(), timeout=20), self.text()
+        assert E.poll(lambda: self.text().count(self.CONNECTED) > before, timeout=20), self.text()
 
     def text(self):
         try:
@@ -375,6 +381,33 @@ def test_trusted_mac_change_followed_on_the_same_port(env):
     assert E.poll(lambda: entries_on(dev, MAC0) and not E.static_entries(E.BR, NEW0), timeout=5)
     assert E.poll(lambda: [(n["mac"], n.get("config_mac")) for n in E.record("qemu", NAME)["nics"]
                            if n["port"] == dev] == [(MAC0, None)], timeout=5), E.record("qemu", NAME)
+
+
+def test_mac_change_while_fdbhookd_is_down_followed_by_the_hooks_and_its_sync(env):
+    """currentAddress in the live XML is the truth wherever it is read: a reconnect hook, the daemon's first sync."""
+    need_mac_events()
+    guest, dev, daemon = env["control"], env["devs"][MAC0], env["daemon"]
+    daemon.stop()
+    try:
+        guest.set_mac("eth0", NEW0)
+        assert E.poll(lambda: "currentAddress='%s'" % NEW0 in E.virsh(E.QEMU, "dumpxml", NAME).stdout, timeout=5)
+        time.sleep(0.5)
+        assert entries_on(dev, MAC0) and not E.static_entries(E.BR, NEW0)  # nobody follows it now
+        assert status_port(status_json()[1], dev)["guest_mac_change"] == "no daemon"
+        xml = E.virsh(E.QEMU, "dumpxml", NAME).stdout
+        proc = subprocess.run([E.hook_targets()["qemu"], NAME, "reconnect", "begin", "-"], input=xml,
+                              capture_output=True, text=True, env=E.CLEAN_ENV, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert entries_on(dev, NEW0) and not E.static_entries(E.BR, MAC0), E.fdb(E.BR)
+        assert E.port(dev)["learning"] is False and E.port(dev)["flood"] is False
+        guest.set_mac("eth0", MAC0)
+        time.sleep(0.5)
+        assert entries_on(dev, NEW0)  # still nobody follows
+    finally:
+        daemon.start()
+    # The daemon's sync after connecting reads the live XML: back to the configured MAC.
+    assert E.poll(lambda: entries_on(dev, MAC0) and not E.static_entries(E.BR, NEW0), timeout=10), E.fdb(E.BR)
+    assert managed(dev, MAC0)
 
 
 def test_status_says_what_a_guest_mac_change_does(env):
