@@ -8,7 +8,9 @@ alternately to a second MAC and back, ``--changes`` times, with fdbhookd
 (from /opt/fdbhook) following the NIC_MAC_CHANGE events. For each change:
 
 * guest time: the guest's CLOCK_REALTIME just before it ran ``ip`` (its
-  console timestamp; the change itself happens inside ``ip``, whose own
+  console timestamp: the init prints ``FXB mac eth0 MAC T0 T1`` on the
+  console and returns the same on the command channel, which is what is
+  read here; the change itself happens inside ``ip``, whose own
   duration is printed too, so figures from it are upper bounds), mapped
   onto the host clock with the offset of the fastest of a few command round
   trips (its uncertainty is half that round trip, printed);
@@ -174,8 +176,9 @@ def one_change(control, watch, events, dev, ifindex, old, new):
         time.sleep(0.005)
     sampler.stop.set()
     sampler.join()
-    return {"sent": sent, "guest_t0": t0 - offset, "guest_t1": t1 - offset, "clock_uncertainty": uncertainty, "event": events.first(new, sent),
-            "entry": watch.first("added", new, ifindex, sent), "old_gone": watch.first("deleted", old, ifindex, sent),
+    return {"sent": sent, "guest_t0": t0 - offset, "guest_t1": t1 - offset, "clock_uncertainty": uncertainty,
+            "event": events.first(new, sent), "entry": watch.first("added", new, ifindex, sent),
+            "old_gone": watch.first("deleted", old, ifindex, sent),
             "samples": sampler.samples, "learn_or_flood_samples": sampler.bad}
 
 

@@ -333,7 +333,7 @@ def test_trusted_mac_change_followed_on_the_same_port(env):
     st, guest, dev, daemon = env["station"], env["control"], env["devs"][MAC0], env["daemon"]
     monitor = FdbMonitor()
     sampler = FlagSampler(dev)
-    guest.set_mac("eth0", NEW0)
+    t0, t1 = guest.set_mac("eth0", NEW0)
     moved = E.poll(lambda: entries_on(dev, NEW0) and not E.static_entries(E.BR, MAC0), timeout=5, interval=0.01)
     samples, bad = sampler.stop()
     fdb_lines = monitor.stop()
@@ -343,6 +343,11 @@ def test_trusted_mac_change_followed_on_the_same_port(env):
     old_gone = [i for i, (_, line) in enumerate(fdb_lines) if MAC0 in line and line.startswith("Deleted")]
     assert new_at and old_gone and new_at[0] < old_gone[0], fdb_lines  # new entry first, then the old one out
     assert E.port(dev)["learning"] is False and E.port(dev)["flood"] is False
+    # The guest's console timestamps the change (what bench/guest_mac.py measures from).
+    def console_stamp():
+        m = re.search(r"FXB mac eth0 %s ([0-9.]+) ([0-9.]+)" % NEW0, guestos.console_text(env["console"]))
+        return m and abs(float(m.group(1)) - t0) < 1e-5
+    assert E.poll(console_stamp, timeout=5), guestos.console_text(env["console"])[-1000:]
     rec = E.record("qemu", NAME)
     nic = next(n for n in rec["nics"] if n["port"] == dev)
     assert nic["mac"] == NEW0 and nic.get("config_mac") == MAC0, rec
