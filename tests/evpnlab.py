@@ -56,6 +56,7 @@ LAST_LOGS = "/tmp/fxe-evpnlab-last"
 # What hooks/qemu runs, minus -IS (the tests pass the checkout on PYTHONPATH).
 HOOK_ENTRY = "import sys; from fdbhook.client import main; sys.exit(main(sys.argv.pop(1)))"
 VXLAN_PORT = 4789
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF beyond rmem_max (root)
 
 
 def frr_installed():
@@ -338,6 +339,8 @@ class Fabric:
         with in_netns(self.switch.ns):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         sock.setblocking(False)
+        # Room for a burst of a few thousand frames (the default buffer holds about 300).
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 * 1024 * 1024)
         sock.bind((port, ETH_P_ALL))
         return sock
 
