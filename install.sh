@@ -176,7 +176,23 @@ libvirt_version() {
 }
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 
-running() { pgrep -x "$1" >/dev/null 2>&1; }
+# The pid of DAEMON as this system runs it, without procps: the process named
+# in its pid file /run/DAEMON.pid (libvirt's daemons write one as root), if
+# that process is DAEMON (/proc/PID/exe) and sees that very pid file at the
+# same path (through /proc/PID/root: the same /run, so not a namesake in a
+# container or chroot sharing this PID namespace, and not a stale pid reused).
+daemon_pid() { # DAEMON
+    local f=/run/$1.pid pid exe
+    [ -f "$f" ] || return 1
+    pid=$(head -n 1 "$f" 2>/dev/null) # libvirt writes no newline
+    case "$pid" in ''|*[!0-9]*) return 1 ;; esac
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+    exe=${exe% (deleted)} # the binary was upgraded under it
+    [ "${exe##*/}" = "$1" ] || return 1
+    [ "$(stat -L -c %d:%i "$f" 2>/dev/null)" = "$(stat -L -c %d:%i "/proc/$pid/root$f" 2>/dev/null)" ] || return 1
+    echo "$pid"
+}
+running() { daemon_pid "$1" >/dev/null; }
 
 # The daemon(s) that read /etc/libvirt/hooks: modular ones if any runs,
 # else libvirtd; when nothing runs, what is installed.
@@ -213,17 +229,25 @@ wait_for() { # SECS CMD... : poll CMD until true or the deadline
     done
 }
 
-pids_gone() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 1; done; return 0; }
+# Gone: no such process, or a zombie (exited, its parent has not reaped it yet).
+pids_gone() {
+    local p st
+    for p in "$@"; do
+        st=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+        [ "${st%% *}" = Z ] || return 1
+    done
+    return 0
+}
 
 # Restart a daemon that was started by hand (no systemd, no init script):
 # same arguments, a clean service-like environment (hooks inherit PATH and
 # HOME from the daemon), and - as the old one had it - a private mount
 # namespace without the hybrid-cgroup cgroup2 mount (libvirt_lxc 9.0 cannot
 # start containers with it; see tests/system/libvirtd-up.sh).
-restart_by_hand() { # DAEMON
+restart_by_hand() { # DAEMON: the one daemon_pid names, nothing else of that name
     local d=$1 pids pid args=() hide_cgroup2=0 a
-    pids=$(pgrep -x "$d" | tr "\n" " " | sed "s/ $//")
-    pid=${pids%% *}
+    pid=$(daemon_pid "$d") || { say "$d is not running: it picks the hooks up when it starts"; return 0; }
+    pids=$pid
     while IFS= read -r -d '' a; do args+=("$a"); done <"/proc/$pid/cmdline"
     args=("${args[@]:1}")
     case " ${args[*]} " in
@@ -250,7 +274,28 @@ restart_by_hand() { # DAEMON
         (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "$d" "${args[@]}")
     fi
     wait_for "$WAIT_SECS" daemon_answers "$d" || die "$d did not come back within ${WAIT_SECS}s (see /var/log/libvirt/)"
-    say "$d restarted (pid $(pgrep -x "$d" | tr '\n' ' ' | sed 's/ $//'))"
+    say "$d restarted (pid $(daemon_pid "$d" || echo '?'))"
+}
+
+# An init script starts its daemon in the root mount namespace: one that runs
+# in ours is restarted through it (the admin's /etc/default/DAEMON), one
+# elsewhere was started otherwise (by hand, see restart_by_hand). stop, wait
+# until it is gone, start: Debian's libvirtd "restart" starts the new daemon
+# before the old one has let go of its pid file ("Unable to obtain pidfile").
+restart_by_init_script() { # DAEMON
+    local d=$1 pid
+    pid=$(daemon_pid "$d")
+    say "restarting $d (pid $pid) with /etc/init.d/$d"
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "would run: /etc/init.d/$d stop; /etc/init.d/$d start"
+        return 0
+    fi
+    (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "/etc/init.d/$d" stop) || true
+    wait_for "$WAIT_SECS" pids_gone "$pid" || die "$d (pid $pid) did not exit within ${WAIT_SECS}s"
+    (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "/etc/init.d/$d" start) \
+        || die "/etc/init.d/$d start failed"
+    wait_for "$WAIT_SECS" daemon_answers "$d" || die "$d did not come back within ${WAIT_SECS}s (see /var/log/libvirt/)"
+    say "$d restarted (pid $(daemon_pid "$d" || echo '?'))"
 }
 
 restart_daemon() { # DAEMON
@@ -264,10 +309,9 @@ restart_daemon() { # DAEMON
         fi
     elif ! running "$d"; then
         say "$d is not running: it picks the hooks up when it starts"
-    elif [ -x "/etc/init.d/$d" ] && [ "$(head -c 2 "/etc/init.d/$d")" = "#!" ] && [ -f "/run/$d.pid" ] \
-        && grep -qx "$(pgrep -x "$d" | head -n1)" "/run/$d.pid"; then
-        say "restarting $d with /etc/init.d/$d"
-        run "/etc/init.d/$d" restart 9>&-
+    elif [ -x "/etc/init.d/$d" ] && [ "$(head -c 2 "/etc/init.d/$d")" = "#!" ] \
+        && [ "$(readlink "/proc/$(daemon_pid "$d")/ns/mnt")" = "$(readlink /proc/self/ns/mnt)" ]; then
+        restart_by_init_script "$d"
     else
         restart_by_hand "$d"
     fi
@@ -277,7 +321,7 @@ restart_daemon() { # DAEMON
 # (clock ticks: 10 ms, not the whole seconds of /proc/stat's btime).
 daemon_started() { # DAEMON
     local pid
-    pid=$(pgrep -o -x "$1") || return 1
+    pid=$(daemon_pid "$1") || return 1
     sed 's/^.*) //' "/proc/$pid/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f\n", $20 / hz}'
 }
 

@@ -110,7 +110,11 @@ def lxc_init_pid(name):
             controller = int(handle.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    children = run("pgrep", "-P", str(controller), check=False).stdout.split()
+    try:  # no procps on minimal systems: the kernel's list of children
+        with open("/proc/%d/task/%d/children" % (controller, controller)) as handle:
+            children = handle.read().split()
+    except OSError:
+        return None
     return int(children[0]) if children else None
 
 
@@ -283,5 +287,17 @@ def mtime_since_boot(path):
 
 
 def pids_of(exe_name):
-    proc = run("pgrep", "-x", exe_name, check=False)
-    return [int(p) for p in proc.stdout.split()]
+    """This system's daemon EXE_NAME: the pid in /run/EXE_NAME.pid if that process is
+    EXE_NAME and sees the same pid file (not a namesake in another container or
+    chroot sharing the PID namespace; no procps needed). [] or [pid]."""
+    path = "/run/%s.pid" % exe_name
+    try:
+        with open(path) as handle:
+            pid = int(handle.read().split()[0])
+        exe = os.readlink("/proc/%d/exe" % pid)
+        ours, theirs = os.stat(path), os.stat("/proc/%d/root%s" % (pid, path))
+    except (OSError, ValueError, IndexError):
+        return []
+    if os.path.basename(exe.replace(" (deleted)", "")) != exe_name:
+        return []
+    return [pid] if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino) else []

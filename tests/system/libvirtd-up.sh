@@ -1,6 +1,7 @@
 #!/bin/bash
-# Bring up a real libvirtd (qemu + lxc drivers) on a Debian 12 machine
-# without systemd, as root. Idempotent: safe to run again.
+# Bring up a real libvirtd (qemu + lxc drivers) on a Debian 12 or 13 machine
+# without systemd (procps not needed either), as root. Idempotent: safe to
+# run again.
 #
 #   libvirtd-up.sh            install if needed, start virtlogd + libvirtd
 #   libvirtd-up.sh restart    the same, then restart libvirtd (hooks in
@@ -26,8 +27,21 @@ die() { printf 'libvirtd-up: ERROR: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 case "$ACTION" in up|restart|stop) ;; *) die "usage: $0 [up|restart|stop]";; esac
 
-# Exact pid of a daemon binary, not a pattern over command lines.
-daemon_pids() { pgrep -x "$1" || true; }
+# The pid of this system's DAEMON (no procps needed), as install.sh finds it:
+# the process in /run/DAEMON.pid, if it is DAEMON (/proc/PID/exe) and sees
+# that same pid file through /proc/PID/root (the same /run: not a namesake
+# in another container or chroot that shares the PID namespace).
+daemon_pids() {
+    local f=/run/$1.pid pid exe
+    [ -f "$f" ] || return 0
+    pid=$(head -n 1 "$f" 2>/dev/null) # libvirt writes no newline
+    case "$pid" in ''|*[!0-9]*) return 0 ;; esac
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
+    exe=${exe% (deleted)}
+    [ "${exe##*/}" = "$1" ] || return 0
+    [ "$(stat -L -c %d:%i "$f" 2>/dev/null)" = "$(stat -L -c %d:%i "/proc/$pid/root$f" 2>/dev/null)" ] || return 0
+    echo "$pid"
+}
 
 virsh_answers() {
     if [ -z "$(daemon_pids libvirtd)" ]; then
