@@ -122,6 +122,8 @@ STACKS = {
 
 # Names a forwarding host resolves to a loopback relay (apt, pip).
 FORWARD = (("deb.debian.org", 80), ("pypi.org", 443), ("files.pythonhosted.org", 443))
+HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
+STACK_CA = "/etc/ssl/fdbhook-stack-ca.crt"  # given to pip as PIP_CERT
 
 
 def say(msg):
@@ -376,6 +378,11 @@ class Host:
             handle.write(self.token)
         if self.tree:
             self._copy_tree(os.path.join(upper, "src"))
+        if self.forward and os.path.exists(HOST_CA):
+            # TLS through this workplace's egress is signed by the CA this
+            # machine trusts: a fresh machine here has it, the tree does not.
+            os.makedirs(os.path.join(upper, os.path.dirname(STACK_CA.lstrip("/"))), exist_ok=True)
+            shutil.copyfile(HOST_CA, os.path.join(upper, STACK_CA.lstrip("/")))
         persist = []
         for path in self.stack.persist:
             src = os.path.join(CACHE, "%s-persist" % self.stack.name, path.strip("/").replace("/", "-"))
@@ -482,6 +489,8 @@ class Host:
         """The argv that runs ARGV inside the host (as root, in CWD, clean environment)."""
         base = {"PATH": SERVICE_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")}
         base.update({k: v for k, v in os.environ.items() if k.startswith("FDBHOOK_") or k == "CI"})
+        if self.forward:
+            base.update(PIP_CERT=STACK_CA, SSL_CERT_FILE=STACK_CA)
         base.update(env or {})
         ns = ["nsenter", "--target", str(self.anchor), "--mount", "--uts", "--ipc", "--net"]
         if not self.share_pid:
