@@ -331,6 +331,7 @@ def test_untrusted_mac_change_keeps_configured_mac(env):
 def test_trusted_mac_change_followed_on_the_same_port(env):
     need_mac_events()
     st, guest, dev, daemon = env["station"], env["control"], env["devs"][MAC0], env["daemon"]
+    sticky = ["sticky" in e.get("flags", []) for e in entries_on(dev, MAC0)]
     monitor = FdbMonitor()
     sampler = FlagSampler(dev)
     t0, t1 = guest.set_mac("eth0", NEW0)
@@ -343,6 +344,7 @@ def test_trusted_mac_change_followed_on_the_same_port(env):
     old_gone = [i for i, (_, line) in enumerate(fdb_lines) if MAC0 in line and line.startswith("Deleted")]
     assert new_at and old_gone and new_at[0] < old_gone[0], fdb_lines  # new entry first, then the old one out
     assert E.port(dev)["learning"] is False and E.port(dev)["flood"] is False
+    assert ["sticky" in e.get("flags", []) for e in entries_on(dev, NEW0)] == sticky == [True]  # as configured
     # The guest's console timestamps the change (what bench/guest_mac.py measures from).
     def console_stamp():
         m = re.search(r"FXB mac eth0 %s ([0-9.]+) ([0-9.]+)" % NEW0, guestos.console_text(env["console"]))
