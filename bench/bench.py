@@ -323,6 +323,18 @@ def bench_fullkernel():
     return json.loads(line.split(": ", 1)[1])
 
 
+def bench_storm():
+    """Unknown-unicast storm CPU and a busy guest's legitimate traffic, on Debian's kernel (bench/storm.py)."""
+    runner = os.path.join(REPO, "tests", "fullkernel", "vng-run.sh")
+    proc = subprocess.run([runner, "run", "cd %s && /usr/bin/python3 bench/storm.py" % REPO],
+                          capture_output=True, text=True, timeout=1500, env=dict(os.environ, VNG_RUN_TIMEOUT="1400"))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("STORM_JSON: ")), None)
+    if line is None:
+        return {"skipped": "full kernel not available (exit %d): %s" % (proc.returncode,
+                                                                         (proc.stdout + proc.stderr)[-300:])}
+    return json.loads(line.split(": ", 1)[1])
+
+
 def machine():
     with open("/proc/cpuinfo") as handle:
         model = next((ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), "?")
@@ -387,6 +399,21 @@ def print_table(result):
             b["guests"], "/".join(BOOT_OPS), b["hook_calls"]))
         for name, seconds in b["seconds"].items():
             print("  %-28s %8.2f  (%4.2fx the bare interpreter)" % (name, seconds, seconds / floor))
+    if "storm" in result:
+        st = result["storm"]
+        if "skipped" in st:
+            print("\nstorm: skipped: %s" % st["skipped"])
+        else:
+            print("\nunknown-unicast storm into the uplink (pktgen, %d frames), Debian kernel %s under TCG"
+                  % (st["rows"][0]["frames"], st["kernel"]))
+            print("%8s %-10s %22s %28s" % ("guests", "bridge", "kernel CPU s / 1M frames",
+                                          "busy guest: legit frames got"))
+            for row in st["rows"]:
+                busy = ("%d of %d (%.0f/s)" % (row["legit_received"], row["legit_sent"], row["legit_received_per_s"])
+                        if "legit_sent" in row else "-")
+                kind = "fdbhook" if row["managed"] else ("no guests" if not row["guests"] else "unmanaged")
+                print("%8d %-10s %22.1f %28s" % (row["guests"], kind, row["cpu_s_per_million"], busy))
+            print("  (no guests = the per-frame cost of a frame the bridge drops at ingress: the floor)")
     if "targets" in result:
         print("\ntargets")
         for name, (value, target, ok) in result["targets"].items():
@@ -431,6 +458,10 @@ def judge(result):
             a["uplink_promiscuity"], "0", a["uplink_promiscuity"] == 0)
         checks["full kernel, %d guests: unknown unicast to guests" % row["guests"]] = (
             a["unknown_unicast_to_guests"], "0", a["unknown_unicast_to_guests"] == 0)
+    storm = {(r["guests"], r["managed"]): r for r in (result.get("storm") or {}).get("rows", ())}
+    if (32, True) in storm and (32, False) in storm:
+        ratio = round(storm[(32, True)]["cpu_s_per_million"] / storm[(32, False)]["cpu_s_per_million"], 3)
+        checks["storm CPU, 32 guests: fdbhook / unmanaged"] = (ratio, "<= 0.125", ratio <= 0.125)
     boot = result.get("boot")
     if boot:
         ratio = round(boot["seconds"]["fdbhook + daemon"] / boot["seconds"]["floor (python3 -IS -c pass)"], 2)
@@ -441,7 +472,7 @@ def judge(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller setups (smoke test)")
-    parser.add_argument("--only", default="hooks,boot,scale,daemon,hotplug,dataplane,fullkernel")
+    parser.add_argument("--only", default="hooks,boot,scale,daemon,hotplug,dataplane,fullkernel,storm")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -463,6 +494,8 @@ def main():
         result["hotplug"] = bench_hotplug(cycles=30 if args.quick else 100)
     if "fullkernel" in only:
         result["fullkernel"] = bench_fullkernel()
+    if "storm" in only:
+        result["storm"] = bench_storm()
     if "dataplane" in only:
         result["dataplane"] = [bench_dataplane(n, 10 if args.quick else 20) for n in ((2, 4) if args.quick else (4, 16))]
     judge(result)
