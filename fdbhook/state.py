@@ -204,8 +204,28 @@ class Store:
             if not name.endswith(".json") or name.startswith("."):
                 continue
             try:
-                with open(os.path.join(self.domain_dir, name), encoding="utf-8") as handle:
-                    out.append(record_from_json(json.load(handle)))
+                out.append(_parsed(os.path.join(self.domain_dir, name)))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return out
+
+
+# Parsed records by path: a record is written whole under a new inode
+# (_atomic_write renames), so an unchanged (inode, mtime, size) is an unchanged
+# record. fdbhookd reads every record at each start (MAC claims) and resync:
+# a stat per file instead of a parse.
+_PARSED = {}
+
+
+def _parsed(path):
+    st = os.stat(path)
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _PARSED.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with open(path, encoding="utf-8") as handle:
+        record = record_from_json(json.load(handle))
+    if len(_PARSED) > 100000:
+        _PARSED.clear()
+    _PARSED[path] = (key, record)
+    return record
