@@ -531,22 +531,23 @@ def diskless_xml(name, mac, bridge=BRIDGE, tap="fxd-t1"):
             "</devices></domain>" % (name, mac, bridge, tap))
 
 
-if __name__ == "__main__":  # manual smoke run: bring the lab up, migrate A -> B -> A, tear down
-    import sys
-
-    with two_hosts() as lab:
-        print("lab up", lab.timings)
-        lab.a.create(diskless_xml("fxd-g1", "52:54:00:fd:00:01"))
-        for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
-            t = time.monotonic()
-            lab.migrate("fxd-g1", src, dst)
-            print("migrated %s -> %s in %.2f s; entries A %s B %s" % (
-                src.name, dst.name, time.monotonic() - t,
-                lab.a.static_entries("52:54:00:fd:00:01"), lab.b.static_entries("52:54:00:fd:00:01")))
-        sys.stdout.flush()
-
-
 # --- a real guest OS (tests/guestos.py: Debian kernel + busybox initramfs, answers PING with PONG) ---
+
+def guest_image():
+    """guestos.image(), copied into the lab (a rebuild of the shared cache must not pull the kernel
+    file from under a guest that migrates: the destination opens it again)."""
+    from tests import guestos
+
+    img = guestos.image()
+    out = os.path.join(BASE, "image")
+    if not os.path.exists(os.path.join(out, "initrd.gz")):
+        os.makedirs(out, exist_ok=True)
+        shutil.copyfile(img.kernel, os.path.join(out, "vmlinuz"))
+        shutil.copyfile(img.initrd, os.path.join(out, "initrd.gz.tmp"))
+        os.rename(os.path.join(out, "initrd.gz.tmp"), os.path.join(out, "initrd.gz"))
+    return guestos.Image(kernel=os.path.join(out, "vmlinuz"), initrd=os.path.join(out, "initrd.gz"),
+                         cmdline=img.cmdline)
+
 
 def os_guest_xml(name, mac, bridge=BRIDGE, tap="fxd-t1", memory_mib=128):
     """The guestos guest with one NIC; its console log and control socket are host-private paths
@@ -555,7 +556,8 @@ def os_guest_xml(name, mac, bridge=BRIDGE, tap="fxd-t1", memory_mib=128):
 
     nic = guestos.nic_xml(mac, bridge=bridge).replace("<model", "<target dev='%s'/><model" % tap, 1)
     return guestos.domain_xml(name, [nic], console_log="/var/log/libvirt/%s.console" % name,
-                              control_sock="/var/lib/libvirt/%s.ctl" % name, memory_mib=memory_mib)
+                              control_sock="/var/lib/libvirt/%s.ctl" % name, img=guest_image(),
+                              memory_mib=memory_mib)
 
 
 def guest_control(host, name):
@@ -826,6 +828,9 @@ class Traffic:
         gap, a, b = max(gaps)
         out["gap_ms"] = round(gap * 1000.0, 1)
         out["lost_in_gap"] = b - a - 1
+        if t_resumed is not None:
+            # > 0: PINGs sent after the resume still went unanswered for that long
+            out["resume_to_answered_ms"] = round((self.sent[b] - t_resumed) * 1000.0, 1)
         out["lost_runs"] = len(self.runs_lost())
         if t_resumed is not None and old is not None:
             out["stale_after_resume"] = sum(1 for t, _, _ in self.delivered[old] if t > t_resumed)
@@ -841,11 +846,11 @@ class Observed:
 
     @property
     def suspended(self):
-        return self.src_events.when("Suspended")
+        return self.src_events.when("Suspended", self.name)
 
     @property
     def resumed(self):
-        return self.dst_events.when("Resumed")
+        return self.dst_events.when("Resumed", self.name)
 
     def summary(self):
         out = self.traffic.summary(self.resumed)
@@ -874,5 +879,20 @@ def observed_migration(lab, name, mac, src, dst, bridge=BRIDGE, settle=0.5, chec
         if helper:
             helper.join(timeout=120)
         time.sleep(settle)
-    return Observed(result=result, timeline=timeline, traffic=traffic, src_events=src_events,
+    return Observed(name=name, result=result, timeline=timeline, traffic=traffic, src_events=src_events,
                     dst_events=dst_events, seconds=seconds, src=src, dst=dst)
+
+
+if __name__ == "__main__":  # manual smoke run: bring the lab up, migrate A -> B -> A, tear down
+    import sys
+
+    with two_hosts() as lab:
+        print("lab up", lab.timings)
+        lab.a.create(diskless_xml("fxd-g1", "52:54:00:fd:00:01"))
+        for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
+            t = time.monotonic()
+            lab.migrate("fxd-g1", src, dst)
+            print("migrated %s -> %s in %.2f s; entries A %s B %s" % (
+                src.name, dst.name, time.monotonic() - t,
+                lab.a.static_entries("52:54:00:fd:00:01"), lab.b.static_entries("52:54:00:fd:00:01")))
+        sys.stdout.flush()

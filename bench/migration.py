@@ -1,0 +1,178 @@
+"""Unicast gap at live migration: fdbhook (with fdbhookd on both hosts) vs an unmanaged bridge.
+
+    sudo python3 bench/migration.py [--migrations N] [--interval S] [--out DIR]
+
+Two hosts on this machine (tests/hostlab.py: libvirtd 9.0 + fdbhookd + the
+installed hooks per host, a learning switch between the uplinks) and two
+real guests (tests/guestos.py, answering PING with PONG): one on the managed
+bridge, one on the unmanaged bridge (learning and flood on, QEMU's announce
+frames do the move). Migrations alternate between the two guests, each
+going A->B, B->A, ..., so both see the same machine conditions. During each
+one a probe on the wire sends a PING every ``interval`` seconds.
+
+Per migration:
+
+* gap: the longest stretch of PINGs none of which the guest answered (send
+  time of the answered PING after it minus that of the one before) - what a
+  sender sees;
+* paused: the guest's pause (SUSPENDED on the source to RESUMED on the
+  destination, libvirt's event times as virsh prints them);
+* gap - paused: what the FDB change-over adds on top of the pause;
+* resume->answered: send time of the first PING answered after the gap minus
+  the RESUMED event's time (negative: PINGs queued before the resume were
+  answered after it);
+* stale: PINGs the old host still delivered to a guest port after the resume.
+
+A second half does the same with fdbhookd stopped on both hosts
+("standalone": the hooks alone; the destination adds the entry at
+`started`, while the guest is still paused), unmanaged interleaved again.
+
+Prints a table (p50/p99, nearest rank) and writes JSON to
+bench/results/migration-latest.json (and a dated copy).
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from tests import hostlab  # noqa: E402
+
+GUESTS = {  # mode -> (name, MAC, bridge, tap)
+    "fdbhook": ("fxd-bm1", "52:54:00:fd:01:01", hostlab.BRIDGE, "fxd-t1"),
+    "unmanaged": ("fxd-bm2", "52:54:00:fd:01:02", hostlab.UNMANAGED, "fxd-t2"),
+}
+TARGET = "fdbhook gap p50/p99 <= unmanaged gap p50/p99"
+
+
+def pct(values, p):
+    """Nearest-rank percentile (p99 of 12 values is the largest)."""
+    values = sorted(values)
+    if not values:
+        return None
+    rank = max(1, -(-len(values) * p // 100))
+    return values[int(rank) - 1]
+
+
+def machine():
+    with open("/proc/cpuinfo") as handle:
+        model = next((ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), "?")
+    virsh = hostlab.run(["virsh", "--version"], check=False).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cpu": model, "cores": os.cpu_count(),
+            "libvirt": virsh}
+
+
+def one(lab, mode, src, dst, interval):
+    name, mac, bridge, _ = GUESTS[mode]
+    with hostlab.Events(src) as src_events, hostlab.Events(dst) as dst_events, \
+            hostlab.Traffic(lab, mac, interval=interval) as traffic:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        lab.migrate(name, src, dst)
+        seconds = time.monotonic() - t0
+        time.sleep(0.5)
+    obs = hostlab.Observed(name=name, traffic=traffic, src_events=src_events, dst_events=dst_events, seconds=seconds,
+                           src=src, dst=dst, result=None)
+    row = obs.summary()
+    row.update(mode=mode, src=src.name, dst=dst.name)
+    if "gap_ms" in row and "paused_ms" in row:
+        row["over_pause_ms"] = round(row["gap_ms"] - row["paused_ms"], 1)
+    return row
+
+
+def stats(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return {"p50": pct(values, 50), "p99": pct(values, 99), "max": max(values) if values else None,
+            "n": len(values)}
+
+
+def run(migrations, interval, standalone):
+    from tests import guestos
+
+    guestos.image()
+    rows = []
+    with hostlab.two_hosts() as lab:
+        where = {}
+        for mode, (name, mac, bridge, tap) in GUESTS.items():
+            lab.a.create(hostlab.os_guest_xml(name, mac, bridge=bridge, tap=tap))
+            where[mode] = lab.a
+        for mode, (name, _, _, _) in GUESTS.items():
+            control = hostlab.guest_control(lab.a, name)
+            control.wait_ready(120)
+            control.close()
+        plan = [("fdbhook", "fdbhook"), ("unmanaged", "unmanaged")] * migrations
+        if standalone:  # then without fdbhookd: the hooks alone (entry at `started` on the destination)
+            plan += [("standalone", "fdbhook"), ("unmanaged", "unmanaged")] * migrations
+        for i, (label, mode) in enumerate(plan):
+            if label == "standalone" and lab.a.fdbhookd is not None:
+                for host in lab.hosts:
+                    host.stop_fdbhookd()
+            src = where[mode]
+            dst = lab.other(src)
+            row = one(lab, mode, src, dst, interval)
+            row["mode"] = label
+            where[mode] = dst
+            rows.append(row)
+            print("  %2d %-10s %s->%s gap %6s ms  paused %6s ms  resume->answered %6s ms  lost %3s  stale %s" % (
+                i // 2 + 1, label, src.name, dst.name, row.get("gap_ms"), row.get("paused_ms"),
+                row.get("resume_to_answered_ms"), row.get("lost"), row.get("stale_after_resume")), flush=True)
+    result = {"machine": machine(), "interval_ms": interval * 1000, "migrations_per_mode": migrations,
+              "rows": rows, "modes": {}}
+    for mode in ("fdbhook", "unmanaged") + (("standalone",) if standalone else ()):
+        mine = [r for r in rows if r["mode"] == mode]
+        result["modes"][mode] = {key: stats(mine, key) for key in
+                                 ("gap_ms", "paused_ms", "over_pause_ms", "resume_to_answered_ms", "lost", "stale_after_resume", "migrate_s")}
+    f, u = result["modes"]["fdbhook"]["gap_ms"], result["modes"]["unmanaged"]["gap_ms"]
+    result["target"] = {"what": TARGET, "met": f["p50"] is not None and u["p50"] is not None
+                        and f["p50"] <= u["p50"] and f["p99"] <= u["p99"]}
+    return result
+
+
+def print_table(result):
+    m = result["machine"]
+    print("\nunicast gap at live migration, %s, %s, %d cores, kernel %s, %s" % (
+        m["date"], m["cpu"], m["cores"], m["kernel"], m["libvirt"]))
+    print("%d migrations per mode (A->B and back alternately), one PING every %.0f ms\n" % (
+        result["migrations_per_mode"], result["interval_ms"]))
+    print("%-10s %17s %17s %19s %19s %13s %9s" % ("", "gap ms p50/p99", "paused ms p50/p99", "gap-paused p50/p99",
+                                                  "resume->answered", "lost p50/p99", "stale max"))
+    for mode, s in result["modes"].items():
+        print("%-10s %17s %17s %19s %19s %13s %9s" % (
+            mode, "%s / %s" % (s["gap_ms"]["p50"], s["gap_ms"]["p99"]),
+            "%s / %s" % (s["paused_ms"]["p50"], s["paused_ms"]["p99"]),
+            "%s / %s" % (s["over_pause_ms"]["p50"], s["over_pause_ms"]["p99"]),
+            "%s / %s" % (s["resume_to_answered_ms"]["p50"], s["resume_to_answered_ms"]["p99"]),
+            "%s / %s" % (s["lost"]["p50"], s["lost"]["p99"]), s["stale_after_resume"]["max"]))
+    print("\ntarget: %s: %s" % (result["target"]["what"], "met" if result["target"]["met"] else "MISSED"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--migrations", type=int, default=12, help="per mode (default 12)")
+    parser.add_argument("--interval", type=float, default=0.005,
+                        help="seconds between PINGs (default 0.005; a TCG guest answering more often drops frames)")
+    parser.add_argument("--no-standalone", action="store_true",
+                        help="skip the second half (the managed guest migrated without fdbhookd on either host)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/migration.py: needs root (namespaces, libvirtd)", file=sys.stderr)
+        return 2
+    result = run(args.migrations, args.interval, not args.no_standalone)
+    print_table(result)
+    os.makedirs(args.out, exist_ok=True)
+    for name in ("migration-latest.json", "migration-%s.json" % time.strftime("%Y%m%d-%H%M%S")):
+        with open(os.path.join(args.out, name), "w") as handle:
+            json.dump(result, handle, indent=2, sort_keys=True)
+    print("JSON: %s" % os.path.join(args.out, "migration-latest.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
