@@ -141,6 +141,7 @@ class Kernel:
     def __init__(self):
         self._ipr = None
         self._encoder = None
+        self._seq = 0x10000000
         self.sticky_supported = True
         # One operation's reads (prefetch, by_name, by_index, fdb_get,
         # bridge_vlan_filtering), answered from here until the next write or
@@ -193,11 +194,15 @@ class Kernel:
         return link_from_msg(msgs[0])
 
     def _remember_link(self, msg):
-        link = link_from_msg(msg)
+        """Keep a link read with pyroute2 (a message object) or in a batch (raw bytes)."""
+        if isinstance(msg, (bytes, bytearray)):
+            link, filtering = link_from_raw(msg)
+        else:
+            link, filtering = link_from_msg(msg), _vlan_filtering(msg)
         self._seen[("index", link.ifindex)] = link
         self._seen[("name", link.name)] = link
         if link.kind == "bridge":
-            self._seen[("filtering", link.ifindex)] = _vlan_filtering(msg)
+            self._seen[("filtering", link.ifindex)] = filtering
             self._bridges[link.name] = link.ifindex
         return link
 
@@ -270,7 +275,7 @@ class Kernel:
             if code and code not in (errno.ENODEV, errno.ENOENT):
                 continue  # not cached: the plain read raises it properly
             if key[0] == "fdb":
-                self._seen[key] = None if code else _master_entry(msgs)
+                self._seen[key] = None if code else _master_entry_raw(msgs)
             elif key[0] == "vxlan":
                 if not code:
                     self._seen[key] = _vxlan_links(msgs, key[1])
@@ -289,39 +294,41 @@ class Kernel:
         return bytes(self._encoder.batch)
 
     def _round_trip(self, requests):
-        """Send every request (encoded messages) at once, collect every answer: [(replies, errno or 0)].
+        """Send every request (encoded messages) at once, collect every answer: [(raw replies, errno or 0)].
 
         Each request asks for an acknowledgement, so every one ends with an
         NLMSG_ERROR (0 = done); the kernel handles them in order.
         """
         ipr = self.ipr
-        seqs = ipr.addr_pool.alloc_multi(len(requests))
-        try:
-            data = bytearray()
-            for seq, request in zip(seqs, requests):
-                raw = bytearray(request)
-                flags = struct.unpack_from("=H", raw, 6)[0] | NLM_F_ACK
-                struct.pack_into("=HI", raw, 6, flags, seq)
-                data += raw
-            ipr.sendto(bytes(data), (0, 0))
-            where = {seq: i for i, seq in enumerate(seqs)}
-            out = [([], None) for _ in seqs]
-            left = len(seqs)
-            while left:
-                for msg in ipr.marshal.parse(ipr.recv(1 << 20)):
-                    i = where.get(msg["header"]["sequence_number"])
-                    if i is None or out[i][1] is not None:
-                        continue  # a notification or somebody else's answer
-                    if msg["header"]["type"] in (NLMSG_ERROR, NLMSG_DONE):  # a dump ends with DONE, no ack
-                        error = msg["header"].get("error")
-                        out[i] = (out[i][0], _nl_errno(error) or 0 if error is not None else 0)
-                        left -= 1
-                    else:
-                        out[i][0].append(msg)
-            return out
-        finally:
-            for seq in seqs:
-                ipr.addr_pool.free(seq, ban=0xFF)
+        # Our own sequence numbers, above pyroute2's pool (0xff-0xffff): its
+        # allocator costs 50 us a number, and every answer is read here.
+        first = self._seq
+        self._seq = first + len(requests) if first + 2 * len(requests) < 0x7FFFFFFF else 0x10000000
+        seqs = range(first, first + len(requests))
+        data = bytearray()
+        for seq, request in zip(seqs, requests):
+            raw = bytearray(request)
+            flags = struct.unpack_from("=H", raw, 6)[0] | NLM_F_ACK
+            struct.pack_into("=HI", raw, 6, flags, seq)
+            data += raw
+        ipr.sendto(bytes(data), (0, 0))
+        where = {seq: i for i, seq in enumerate(seqs)}
+        out = [([], None) for _ in seqs]
+        left = len(seqs)
+        while left:
+            for msg_type, seq, raw in _split(ipr.recv(1 << 20)):
+                i = where.get(seq)
+                if i is None or out[i][1] is not None:
+                    continue  # a notification or somebody else's answer
+                if msg_type == NLMSG_ERROR:
+                    out[i] = (out[i][0], -struct.unpack_from("=i", raw, 16)[0])
+                    left -= 1
+                elif msg_type == NLMSG_DONE:  # a dump ends here (no acknowledgement follows)
+                    out[i] = (out[i][0], 0)
+                    left -= 1
+                else:
+                    out[i][0].append(raw)
+        return out
 
     # --- status helpers (O(bridge), never used by the hook path) ----------
     def links(self):
@@ -695,7 +702,7 @@ def msg_vxlan_ports(bridge_ifindex):
 
 def _vxlan_links(msgs, bridge_ifindex):
     # Kernels before 4.8 ignore the dump filter: check again here.
-    links = [link_from_msg(m) for m in msgs]
+    links = [link_from_raw(m)[0] for m in msgs]
     return tuple(link for link in links if link.master == bridge_ifindex and link.kind == "vxlan")
 
 
@@ -720,6 +727,94 @@ def _fdb_get_args(mac, bridge_ifindex, vlan):
     if vlan:
         kw["vlan"] = vlan
     return kw
+
+
+# --- answers, decoded: the few attributes fdbhook reads, straight from the
+# bytes (pyroute2 0.7 builds an object per attribute: 0.5 ms a link message).
+# The kernel tier checks them against link_from_msg/entry_from_msg.
+IFLA_ADDRESS, IFLA_LINK, IFLA_PROMISCUITY, IFLA_LINK_NETNSID = 1, 5, 30, 37
+IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_BR_VLAN_FILTERING = 2, 4, 7
+NDA_FLAGS_EXT = 15
+
+
+def _split(data):
+    """(type, sequence number, message bytes) of each netlink message in one receive."""
+    pos = 0
+    while pos + 16 <= len(data):
+        size, msg_type, _, seq = struct.unpack_from("=IHHI", data, pos)
+        if size < 16:
+            return
+        yield msg_type, seq, data[pos:pos + size]
+        pos += (size + 3) & ~3
+
+
+def _attrs(data, start=0, end=None):
+    """{attribute type: payload} of the attributes in data[start:end]."""
+    out = {}
+    end = len(data) if end is None else end
+    while start + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, start)
+        if size < 4:
+            break
+        out[kind & 0x3FFF] = data[start + 4:start + size]  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+        start += (size + 3) & ~3
+    return out
+
+
+def _u32(payload):
+    return struct.unpack_from("=I", payload)[0] if payload is not None and len(payload) >= 4 else None
+
+
+def _text(payload):
+    return payload.split(b"\0", 1)[0].decode() if payload is not None else None
+
+
+def _flag(attrs, kind):
+    return bool(attrs[kind][0]) if kind in attrs and attrs[kind] else None
+
+
+def link_from_raw(data):
+    """(Link, bridge vlan_filtering or None) from an RTM_NEWLINK message's bytes: link_from_msg's twin."""
+    ifindex = struct.unpack_from("=i", data, 20)[0]
+    a = _attrs(data, 32)
+    info = _attrs(a[IFLA_LINKINFO]) if IFLA_LINKINFO in a else {}
+    kind, slave_kind = _text(info.get(IFLA_INFO_KIND)), _text(info.get(IFLA_INFO_SLAVE_KIND))
+    peer = _u32(a.get(IFLA_LINK))
+    if IFLA_LINK_NETNSID in a or peer == ifindex:
+        peer = None
+    is_port = slave_kind == "bridge"
+    slave = _attrs(info[IFLA_INFO_SLAVE_DATA]) if is_port and IFLA_INFO_SLAVE_DATA in info else {}
+    filtering = None
+    if kind == "bridge":
+        data_attrs = _attrs(info[IFLA_INFO_DATA]) if IFLA_INFO_DATA in info else {}
+        filtering = bool(_flag(data_attrs, IFLA_BR_VLAN_FILTERING))
+    mac = a.get(IFLA_ADDRESS)
+    link = Link(name=_text(a.get(IFLA_IFNAME)), ifindex=ifindex, kind=kind, master=_u32(a.get(IFLA_MASTER)) or None,
+                peer=peer or None, mac=":".join("%02x" % b for b in mac) if mac is not None else None,
+                promiscuity=_u32(a.get(IFLA_PROMISCUITY)) or 0, is_bridge_port=is_port,
+                learning=_flag(slave, IFLA_BRPORT_LEARNING), flood=_flag(slave, IFLA_BRPORT_UNICAST_FLOOD),
+                locked=_flag(slave, IFLA_BRPORT_LOCKED), mab=_flag(slave, IFLA_BRPORT_MAB))
+    return link, filtering
+
+
+def entry_from_raw(data):
+    """FdbEntry from an RTM_NEWNEIGH (AF_BRIDGE) message's bytes: entry_from_msg's twin."""
+    ifindex, state, flags = struct.unpack_from("=iHB", data, 20)
+    a = _attrs(data, 28)
+    mac = a.get(NDA_LLADDR)
+    vlan = struct.unpack_from("=H", a[NDA_VLAN])[0] if NDA_VLAN in a else 0
+    return FdbEntry(mac=":".join("%02x" % b for b in mac) if mac is not None else None, ifindex=ifindex,
+                    static=bool(state & NUD_NOARP) and not state & NUD_PERMANENT, local=bool(state & NUD_PERMANENT),
+                    sticky=bool(flags & NTF_STICKY), vlan=vlan,
+                    locked=bool((_u32(a.get(NDA_FLAGS_EXT)) or 0) & NTF_EXT_LOCKED),
+                    extern_learn=bool(flags & NTF_EXT_LEARNED))
+
+
+def _master_entry_raw(msgs):
+    for raw in msgs:
+        if not struct.unpack_from("=B", raw, 26)[0] & NTF_SELF:
+            return entry_from_raw(raw)
+    return None
 
 
 def _master_entry(msgs):

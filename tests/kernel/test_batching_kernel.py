@@ -76,3 +76,34 @@ def test_round_trips_per_nic(lab, tmp_path, nics):
         flags = lab.port_flags("vnet%d" % i)
         assert (flags["learning"], flags["flood"]) == (True, True)
     assert not [e for e in lab.fdb(br="br0") if e["state"] == "static"]
+
+
+def test_batched_answers_decode_as_pyroute2_decodes_them(lab):
+    """link_from_raw / entry_from_raw against pyroute2's own decoding, on real links and entries."""
+    from fdbhook import kernel as K
+
+    lab.add_bridge("br0")
+    lab.add_veth("uplink", "wan", bridge="br0")
+    lab.add_tap("vnet0", bridge="br0", mac="52:54:00:00:0c:01")
+    lab.ip("link", "add", "lone0", "type", "veth", "peer", "name", "lone1")
+    lab.bridge("link", "set", "dev", "vnet0", "learning", "off", "flood", "off", "locked", "on")
+    lab.bridge("fdb", "replace", "52:54:00:00:0c:01", "dev", "vnet0", "master", "static", "sticky")
+    with in_netns(lab.ns):
+        kernel = Kernel()
+        try:
+            names = ["br0", "uplink", "wan", "vnet0", "lone0", "lone1"]
+            raw = kernel._round_trip([K.msg_link_get(name=n) for n in names])
+            for name, (msgs, code) in zip(names, raw):
+                assert code == 0 and len(msgs) == 1, name
+                theirs = kernel.ipr.link("get", ifname=name)[0]
+                assert K.link_from_raw(msgs[0]) == (K.link_from_msg(theirs),
+                                                    K._vlan_filtering(theirs) if name == "br0" else None), name
+            br0 = kernel.by_name("br0").ifindex
+            (msgs, code), = kernel._round_trip([K.msg_fdb_get("52:54:00:00:0c:01", br0)])
+            theirs = [m for m in kernel.ipr.fdb("get", ifindex=0, lladdr="52:54:00:00:0c:01", master=br0)]
+            assert code == 0 and K._master_entry_raw(msgs) == K._master_entry(theirs)
+            assert K._master_entry_raw(msgs).sticky and K._master_entry_raw(msgs).static
+            (msgs, code), = kernel._round_trip([K.msg_fdb_get("52:54:00:00:0c:99", br0)])
+            assert code == 2 and msgs == []  # ENOENT
+        finally:
+            kernel.close()
