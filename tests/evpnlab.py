@@ -121,19 +121,7 @@ class Host:
         ip("link", "set", VXLAN, "up")
 
     def frr_configs(self, peers):
-        zebra = "hostname %s\nlog file %s/zebra.log\n" % (self.name, self.dir)
-        lines = ["frr defaults datacenter", "hostname %s" % self.name, "log file %s/bgpd.log" % self.dir,
-                 "router bgp %d" % ASN, " bgp router-id %s" % self.vtep, " no bgp default ipv4-unicast"]
-        for peer in peers:
-            lines += [" neighbor %s remote-as %d" % (peer, ASN), " neighbor %s timers 3 9" % peer,
-                      " neighbor %s timers connect 1" % peer]
-        lines.append(" address-family l2vpn evpn")
-        lines += ["  neighbor %s activate" % peer for peer in peers]
-        lines.append("  advertise-all-vni")
-        if self.dad:
-            lines.append("  dup-addr-detection %s" % self.dad)
-        lines.append(" exit-address-family")
-        return zebra, "\n".join(lines) + "\n"
+        return frr_configs(self.name, self.vtep, self.dir, peers, self.dad)
 
     def start_frr(self, peers):
         """zebra, then bgpd, in the namespace, as user frr, with -N NS (their own pid and socket paths)."""
@@ -416,6 +404,206 @@ class Fabric:
                     if decoded is not None:
                         out.append((names[fd],) + decoded)
                         quiet_until = time.monotonic() + quiet
+
+
+class LibvirtFabric:
+    """Two libvirt hosts (tests/hostlab.py's Host: own mount/UTS/network namespace, libvirtd, fdbhookd,
+    fdbhook installed by install.sh) joined by VXLAN + FRR EVPN instead of an L2 uplink.
+
+    Names and paths are this lab's own (``fxe-l*`` namespaces, bridge
+    ``fxe-br``, /tmp/fxe-hostlab, /var/cache/fxe-hostlab): hostlab's path
+    constants are pointed there only while this lab is open, and hostlab's
+    own cleanup (which removes its fixed ``fxd-*`` namespaces) is never
+    called. FRR runs inside each host (its private /run), so a plain
+    ``vtysh`` there is that host's FRR, as on a real machine.
+    """
+
+    BRIDGE = "fxe-br"
+    TAP = "fxe-t1"
+    SWITCH_NS = "fxe-lw"
+    PATHS = {"BASE": "/tmp/fxe-hostlab", "CACHE": "/var/cache/fxe-hostlab",
+             "VENV_CACHE": "/var/cache/fxe-hostlab/opt-fdbhook", "PIDS": "/tmp/fxe-hostlab/pids",
+             "MIG_DIR": "/tmp/fxe-hostlab/mig", "LAST_LOGS": "/tmp/fxe-hostlab-last"}
+
+    def __init__(self):
+        self.hosts = []
+        self.saved = None
+        self.hostlab = None
+
+    def __enter__(self):
+        from tests import hostlab
+
+        self.hostlab = hostlab
+        self.saved = {k: getattr(hostlab, k) for k in self.PATHS}
+        for key, value in self.PATHS.items():
+            setattr(hostlab, key, value)
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def open(self):
+        import uuid
+
+        hl = self.hostlab
+        hl.ensure_packages()
+        shutil.rmtree(hl.BASE, ignore_errors=True)
+        os.makedirs(hl.MIG_DIR)
+        os.makedirs(hl.VENV_CACHE, exist_ok=True)
+        for i, name in enumerate("ab"):
+            host = hl.Host(name)
+            host.ns = host.hostname = "fxe-l" + name
+            host.root = os.path.join(hl.BASE, name)
+            host.uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS, "fxe-hostlab-" + name))
+            host.vtep = "198.18.1.%d" % (i + 1)
+            host.frr_pids = []
+            self.hosts.append(host)
+        self._network()
+        for host in self.hosts:
+            host.make_tree()
+            host.start_holder()
+            host.install_fdbhook(bridges=self.BRIDGE)
+            with open(host.path("/etc/fdbhook/fdbhook.conf"), "a") as fh:
+                fh.write("\n[metrics]\ntextfile =\n")  # not the machine's node_exporter directory
+            self._start_frr(host)
+            host.start_fdbhookd()
+            host.start_libvirtd()
+        for host in self.hosts:
+            if not poll(host.daemon_watching, timeout=30, interval=0.1):
+                raise LabError("host %s: fdbhookd did not connect to libvirtd" % host.name)
+        for host in self.hosts:
+            if not poll(lambda: self.established(host), timeout=60, interval=0.2):
+                raise LabError("host %s: BGP EVPN session not established" % host.name)
+        return self
+
+    def _network(self):
+        run = self.hostlab.run
+        for ns in [self.SWITCH_NS] + [h.ns for h in self.hosts]:
+            self.hostlab._netns(ns)
+        run(["ip", "-n", self.SWITCH_NS, "link", "add", "fxe-sw", "type", "bridge"])
+        run(["ip", "-n", self.SWITCH_NS, "link", "set", "fxe-sw", "up"])
+        for host in self.hosts:
+            peer = "fxe-w" + host.name
+            self.hostlab._veth("fxe-up", host.ns, peer, self.SWITCH_NS)
+            run(["ip", "-n", self.SWITCH_NS, "link", "set", peer, "master", "fxe-sw"])
+            run(["ip", "-n", self.SWITCH_NS, "link", "set", peer, "up"])
+            ip = ["ip", "-n", host.ns]
+            run(ip + ["addr", "add", host.vtep + "/24", "dev", "fxe-up"])
+            run(ip + ["link", "set", "fxe-up", "up"])
+            run(ip + ["link", "add", self.BRIDGE, "type", "bridge"])
+            run(ip + ["link", "set", self.BRIDGE, "up"])
+            run(ip + ["link", "add", VXLAN, "type", "vxlan", "id", str(VNI), "local", host.vtep, "dstport",
+                      str(VXLAN_PORT), "nolearning"])
+            run(ip + ["link", "set", VXLAN, "master", self.BRIDGE])
+            run(["bridge", "-n", host.ns, "link", "set", "dev", VXLAN, "learning", "off"])
+            run(ip + ["link", "set", VXLAN, "up"])
+
+    def _start_frr(self, host):
+        import grp
+        import pwd
+
+        uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
+        peer = next(h.vtep for h in self.hosts if h is not host)
+        inside = "/var/lib/libvirt/fxe-frr"  # a host-private directory
+        zebra, bgpd = frr_configs(host.hostname, host.vtep, inside, [peer])
+        outside = host.path(inside)
+        os.makedirs(outside, exist_ok=True)
+        for daemon, text in (("zebra", zebra), ("bgpd", bgpd)):
+            with open(os.path.join(outside, daemon + ".conf"), "w") as fh:
+                fh.write(text)
+        run_dir = host.path("/run/frr")
+        os.makedirs(run_dir, exist_ok=True)
+        for path in (run_dir, outside) + tuple(os.path.join(outside, f) for f in os.listdir(outside)):
+            os.chown(path, uid, gid)
+        for daemon in ("zebra", "bgpd"):
+            host.run([os.path.join(FRR_BIN, daemon), "-d", "-f", "%s/%s.conf" % (inside, daemon)], timeout=30)
+            pidfile = os.path.join(run_dir, daemon + ".pid")
+            if not poll(lambda: _read_pid(pidfile) is not None, timeout=10):
+                raise LabError("%s on %s wrote no pid file" % (daemon, host.name))
+            host.frr_pids.append(_read_pid(pidfile))
+            if daemon == "zebra":
+                poll(lambda: os.path.exists(os.path.join(run_dir, "zserv.api")), timeout=10)
+
+    def vtysh(self, host, command):
+        proc = host.run([VTYSH, "-c", command], check=False, timeout=30)
+        if proc.returncode != 0:
+            raise LabError("vtysh on %s: %s" % (host.name, proc.stderr.strip()))
+        return json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+    def established(self, host):
+        peers = self.vtysh(host, "show bgp l2vpn evpn summary json").get("peers", {})
+        return bool(peers) and all(p.get("state") == "Established" for p in peers.values())
+
+    def evpn_mac(self, host, mac):
+        return self.vtysh(host, "show evpn mac vni all json").get(str(VNI), {}).get("macs", {}).get(mac)
+
+    def points_at(self, host, mac):
+        entries = self.hostlab.ns_json("bridge", host.ns, "fdb", "show", "br", self.BRIDGE) or []
+        master = [e for e in entries if e.get("mac") == mac and "self" not in e.get("flags", [])]
+        if not master:
+            return None
+        if master[0].get("ifname") != VXLAN:
+            return master[0].get("ifname")
+        own = [e for e in self.hostlab.ns_json("bridge", host.ns, "fdb", "show", "dev", VXLAN) or []
+               if e.get("mac") == mac and "self" in e.get("flags", [])]
+        return (VXLAN, own[0].get("dst") if own else None)
+
+    def migrate(self, name, src, dst):
+        sock = os.path.join(self.hostlab.MIG_DIR, "%s-%s.sock" % (name, dst.name))
+        return src.virsh("migrate", "--live", name, dst.uri, "--migrateuri", "unix://" + sock, timeout=300)
+
+    def close(self):
+        for host in self.hosts:
+            try:
+                host.stop()
+            except Exception:  # cleanup goes on
+                pass
+            for pid in host.frr_pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                if not poll(lambda: not _alive(pid), timeout=5):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            host.frr_pids = []
+        for ns in [h.ns for h in self.hosts] + [self.SWITCH_NS]:
+            if os.path.exists("/run/netns/" + ns):
+                subprocess.run(["ip", "netns", "del", ns], check=False)
+        if self.hostlab is not None and self.saved is not None:
+            base = self.hostlab.BASE
+            shutil.rmtree(self.PATHS["LAST_LOGS"], ignore_errors=True)
+            for host in self.hosts:
+                logs = os.path.join(host.root, "var", "log", "libvirt")
+                if os.path.isdir(logs):
+                    shutil.copytree(logs, os.path.join(self.PATHS["LAST_LOGS"], host.name),
+                                    ignore_dangling_symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(base, ignore_errors=True)
+            for key, value in self.saved.items():
+                setattr(self.hostlab, key, value)
+            self.saved = None
+        self.hosts = []
+
+
+def frr_configs(name, vtep, logdir, peers, dad=None):
+    """(zebra.conf, bgpd.conf): iBGP AS 65000 with ``peers``, l2vpn evpn, advertise-all-vni."""
+    zebra = "hostname %s\nlog file %s/zebra.log\n" % (name, logdir)
+    lines = ["frr defaults datacenter", "hostname %s" % name, "log file %s/bgpd.log" % logdir,
+             "router bgp %d" % ASN, " bgp router-id %s" % vtep, " no bgp default ipv4-unicast"]
+    for peer in peers:
+        lines += [" neighbor %s remote-as %d" % (peer, ASN), " neighbor %s timers 3 9" % peer,
+                  " neighbor %s timers connect 1" % peer]
+    lines.append(" address-family l2vpn evpn")
+    lines += ["  neighbor %s activate" % peer for peer in peers]
+    lines.append("  advertise-all-vni")
+    if dad:
+        lines.append("  dup-addr-detection %s" % dad)
+    lines.append(" exit-address-family")
+    return zebra, "\n".join(lines) + "\n"
 
 
 def decode_vxlan(frame):
