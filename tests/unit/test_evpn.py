@@ -193,3 +193,19 @@ def test_explain_names_the_sticky_rule_and_why(tmp_path):
     k = FakeKernel.bridge_with_ports("br0", ("vnet0",))
     assert "guest entries sticky: sticky = auto ([manage]): on" in render_explain(
         explain(config(), k, Store(str(tmp_path)), "br0"))
+
+
+def test_explain_says_when_a_port_still_has_entries_applied_under_the_old_rule(tmp_path):
+    """A VXLAN port added after the guest started: its entries stay sticky until the next apply."""
+    from fdbhook.status import explain
+
+    k = FakeKernel.bridge_with_ports("br0", ("vnet0",))
+    store = Store(str(tmp_path))
+    apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), config(), k, store)
+    with_vxlan(k)
+    text = render_explain(explain(config(), k, store, "br0"))
+    assert "vnet0: its entries are sticky, as applied before; the next start, reconnect or `fdbhook apply` " \
+           "follows the rule" in text
+    apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), config(), k, store)
+    assert not k.entries[(10, MAC, 0)].sticky
+    assert "as applied before" not in render_explain(explain(config(), k, store, "br0"))
