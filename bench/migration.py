@@ -12,7 +12,7 @@ one a probe on the wire sends a PING every ``interval`` seconds.
 
 Per migration:
 
-* gap: the longest stretch of PINGs none of which the guest answered (send
+* gap: the stretch of PINGs around the resume none of which the guest answered (send
   time of the answered PING after it minus that of the one before) - what a
   sender sees;
 * paused: the guest's pause (SUSPENDED on the source to RESUMED on the

@@ -812,8 +812,9 @@ class Traffic:
     def summary(self, t_resumed=None):
         """Counts over the run and the unicast gap of the move from one host to the other.
 
-        gap_ms: the longest stretch of sent PINGs none of which was answered (send time of the
-        answered PING after it minus that of the one before it): the outage a sender sees.
+        gap_ms: the stretch of sent PINGs none of which was answered (send time of the answered
+        PING after it minus that of the one before it) around the resume, else the longest:
+        the outage a sender sees.
         stale_after_resume: PINGs the old host's bridge still delivered to a guest port after
         the guest resumed on the new host (T_RESUMED, wall clock).
         """
@@ -824,7 +825,23 @@ class Traffic:
             return out
         old, new = self.via(answered[0]), self.via(answered[-1])
         out["from"], out["to"] = old, new
-        gaps = [(self.sent[b] - self.sent[a], a, b) for a, b in zip(answered, answered[1:])]
+        out["lost_runs"] = len(self.runs_lost())
+        if t_resumed is not None and old is not None:
+            out["stale_after_resume"] = sum(1 for t, _, _ in self.delivered[old] if t > t_resumed)
+        # only stretches with lost PINGs (a sender that was not scheduled for a while lost nothing);
+        # the one around the resume if there is one (a busy guest drops a few frames of its own)
+        gaps = [(self.sent[b] - self.sent[a], a, b) for a, b in zip(answered, answered[1:]) if b - a > 1]
+        around = [g for g in gaps if t_resumed is not None and self.sent[g[1]] <= t_resumed <= self.sent[g[2]]]
+        if not gaps:
+            out.update(gap_ms=0.0, lost_in_gap=0)
+            return out
+        gap, a, b = max(around or gaps)
+        out["gap_ms"] = round(gap * 1000.0, 1)
+        out["lost_in_gap"] = b - a - 1
+        if t_resumed is not None:
+            # > 0: PINGs sent after the resume still went unanswered for that long
+            out["resume_to_answered_ms"] = round((self.sent[b] - t_resumed) * 1000.0, 1)
+        return out
         gap, a, b = max(gaps)
         out["gap_ms"] = round(gap * 1000.0, 1)
         out["lost_in_gap"] = b - a - 1
