@@ -34,6 +34,9 @@ NTF_SELF = 0x02
 NLM_F_ACK = 0x04
 NLMSG_ERROR = 0x02
 NLMSG_DONE = 0x03
+SO_RCVBUFFORCE = 33
+RCVBUF = 4 << 20  # bytes
+BATCH = 256  # requests in one round trip (256 link answers: about 1 MiB of buffer)
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
 # NTF_EXT_LEARNED: an entry a control plane added (FRR's zebra puts remote
@@ -142,6 +145,7 @@ class Kernel:
         self._ipr = None
         self._encoder = None
         self._seq = 0x10000000
+        self._sock = None
         self.sticky_supported = True
         # One operation's reads (prefetch, by_name, by_index, fdb_get,
         # bridge_vlan_filtering), answered from here until the next write or
@@ -165,10 +169,33 @@ class Kernel:
                 raise KernelError(what="netlink socket", reason=exc.strerror or str(exc)) from None
         return self._ipr
 
+    def _netlink(self):
+        """The batched path's own rtnetlink socket: plain SOCK_RAW (AppArmor's libvirtd profile allows
+        it), no pyroute2, so a hook that needs nothing else never imports it."""
+        if self._sock is None:
+            import socket
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)  # NETLINK_ROUTE
+                # A batch's answers arrive at once (a link message takes about
+                # 4 KiB of buffer): past the default 208 KiB the kernel drops
+                # them (ENOBUFS). Root may raise the limit, others get rmem_max.
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                sock.bind((0, 0))
+            except OSError as exc:
+                raise KernelError(what="netlink socket", reason=exc.strerror or str(exc)) from None
+            self._sock = sock
+        return self._sock
+
     def close(self):
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def __enter__(self):
         return self
@@ -209,6 +236,8 @@ class Kernel:
     def by_name(self, name):
         if not name or len(name) > 15 or "/" in name:
             return None
+        if ("name", name) not in self._seen:
+            self.prefetch(names=[name])
         if ("name", name) in self._seen:
             return self._seen[("name", name)]
         link = self._get_link(ifname=name)
@@ -218,6 +247,8 @@ class Kernel:
     def by_index(self, ifindex):
         if not ifindex:
             return None
+        if ("index", ifindex) not in self._seen:
+            self.prefetch(indexes=[ifindex])
         if ("index", ifindex) in self._seen:
             return self._seen[("index", ifindex)]
         link = self._get_link(index=ifindex)
@@ -227,6 +258,8 @@ class Kernel:
     def fdb_get(self, mac, bridge_ifindex, vlan=0):
         """The bridge's entry for ``mac`` on ``vlan`` (0 = no VLAN), or None."""
         key = ("fdb", mac, bridge_ifindex, vlan or 0)
+        if key not in self._seen:
+            self.prefetch(fdb=[(mac, bridge_ifindex, vlan)])
         if key in self._seen:
             return self._seen[key]
         try:
@@ -297,9 +330,14 @@ class Kernel:
         """Send every request (encoded messages) at once, collect every answer: [(raw replies, errno or 0)].
 
         Each request asks for an acknowledgement, so every one ends with an
-        NLMSG_ERROR (0 = done); the kernel handles them in order.
+        NLMSG_ERROR (0 = done); the kernel handles them in order. More than
+        BATCH requests go in several round trips (the answers must fit the
+        socket's buffer).
         """
-        ipr = self.ipr
+        if len(requests) > BATCH:
+            return [answer for i in range(0, len(requests), BATCH)
+                    for answer in self._round_trip(requests[i:i + BATCH])]
+        sock = self._netlink()
         # Our own sequence numbers, above pyroute2's pool (0xff-0xffff): its
         # allocator costs 50 us a number, and every answer is read here.
         first = self._seq
@@ -311,12 +349,12 @@ class Kernel:
             flags = struct.unpack_from("=H", raw, 6)[0] | NLM_F_ACK
             struct.pack_into("=HI", raw, 6, flags, seq)
             data += raw
-        ipr.sendto(bytes(data), (0, 0))
+        sock.sendto(bytes(data), (0, 0))
         where = {seq: i for i, seq in enumerate(seqs)}
         out = [([], None) for _ in seqs]
         left = len(seqs)
         while left:
-            for msg_type, seq, raw in _split(ipr.recv(1 << 20)):
+            for msg_type, seq, raw in _split(sock.recv(1 << 20)):
                 i = where.get(seq)
                 if i is None or out[i][1] is not None:
                     continue  # a notification or somebody else's answer
@@ -372,6 +410,8 @@ class Kernel:
 
     def bridge_vlan_filtering(self, ifindex):
         """Is VLAN filtering on for this bridge?"""
+        if ("filtering", ifindex) not in self._seen:
+            self.prefetch(indexes=[ifindex])
         if ("filtering", ifindex) in self._seen:
             return self._seen[("filtering", ifindex)]
         try:
@@ -423,9 +463,7 @@ class Kernel:
         answer is in, and the caller rolls the port back from what it read.
         """
         ops = list(ops)
-        if len(ops) < 2:
-            for op in ops:
-                self.execute(op)
+        if not ops:
             return
         for op in ops:
             self._written(op)
