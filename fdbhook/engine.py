@@ -254,7 +254,17 @@ def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozen
         rollback(kernel, want, before)
         reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
         raise ApplyError(domain="?", nic=want.port, reason="%s; port restored" % reason) from None
+    _log_takeovers(want, before)
     return ops, before
+
+
+def _log_takeovers(want, before):
+    """Say so when a wanted entry replaced EVPN's remote entry (plan.entry_conflict allows only that one)."""
+    for (mac, vid), entry in before.entries:
+        if (mac, vid) in want.entries and entry is not None and entry.extern_learn and entry.on_vxlan \
+                and entry.ifindex != want.ifindex:
+            LOG.info("%s on %s: %s taken over from EVPN's remote entry on the VXLAN port (ifindex %d): "
+                     "the guest has moved here", want.port, want.bridge, mac, entry.ifindex)
 
 
 # --- domains -------------------------------------------------------------------------

@@ -97,8 +97,11 @@ def test_every_other_foreign_entry_is_still_refused(entry, word):
     assert reason and "already has a %s FDB entry" % word in reason
 
 
-def test_resume_takes_the_mac_over_from_the_remote_entry_zebra_installed(tmp_path):
+def test_resume_takes_the_mac_over_from_the_remote_entry_zebra_installed(tmp_path, caplog):
     """The migration target: the MAC is still remote on the VXLAN port when the guest resumes here."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fdbhook.engine")
     k = with_vxlan(FakeKernel.bridge_with_ports("br0", ("vnet0",)))
     store = Store(str(tmp_path))
     domain = domxml.parse_domain(domain_xml([bridge_nic()]))
@@ -107,6 +110,7 @@ def test_resume_takes_the_mac_over_from_the_remote_entry_zebra_installed(tmp_pat
     report = reapply_record("qemu", "t1", k, store, config(), paused=False)
     assert [r.status for r in report.results] == ["changed"]
     assert k.entries[(10, MAC, 0)].ifindex == 11 and k.entries[(10, MAC, 0)].static
+    assert "vnet0 on br0: %s taken over from EVPN's remote entry on the VXLAN port (ifindex 30)" % MAC in caplog.text
 
 
 def test_a_remote_entry_on_a_vxlan_port_of_another_bridge_is_refused(tmp_path):
