@@ -311,28 +311,27 @@ def bench_dataplane(nguests, frames):
     return {"guests": nguests, "frames_per_kind": frames, "before": before, "after": after}
 
 
-def bench_fullkernel():
-    """Uplink promiscuity and unknown unicast on Debian's kernel (bench/fullkernel.py under virtme-ng)."""
+def _in_full_kernel(script, marker, timeout):
+    """Run bench/SCRIPT under Debian's kernel (virtme-ng) and return the JSON it prints after MARKER."""
     runner = os.path.join(REPO, "tests", "fullkernel", "vng-run.sh")
-    proc = subprocess.run([runner, "run", "cd %s && /usr/bin/python3 bench/fullkernel.py" % REPO],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, VNG_RUN_TIMEOUT="600"))
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FULLKERNEL_JSON: ")), None)
+    proc = subprocess.run([runner, "run", "cd %s && /usr/bin/python3 bench/%s" % (REPO, script)],
+                          capture_output=True, text=True, timeout=timeout + 100,
+                          env=dict(os.environ, VNG_RUN_TIMEOUT=str(timeout)))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(marker)), None)
     if line is None:
         return {"skipped": "full kernel not available (exit %d): %s" % (proc.returncode,
                                                                          (proc.stdout + proc.stderr)[-300:])}
-    return json.loads(line.split(": ", 1)[1])
+    return json.loads(line[len(marker):])
+
+
+def bench_fullkernel():
+    """Uplink promiscuity and unknown unicast on Debian's kernel (bench/fullkernel.py under virtme-ng)."""
+    return _in_full_kernel("fullkernel.py", "FULLKERNEL_JSON: ", 600)
 
 
 def bench_storm():
     """Unknown-unicast storm CPU and a busy guest's legitimate traffic, on Debian's kernel (bench/storm.py)."""
-    runner = os.path.join(REPO, "tests", "fullkernel", "vng-run.sh")
-    proc = subprocess.run([runner, "run", "cd %s && /usr/bin/python3 bench/storm.py" % REPO],
-                          capture_output=True, text=True, timeout=1500, env=dict(os.environ, VNG_RUN_TIMEOUT="1400"))
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("STORM_JSON: ")), None)
-    if line is None:
-        return {"skipped": "full kernel not available (exit %d): %s" % (proc.returncode,
-                                                                         (proc.stdout + proc.stderr)[-300:])}
-    return json.loads(line.split(": ", 1)[1])
+    return _in_full_kernel("storm.py", "STORM_JSON: ", 1400)
 
 
 def machine():
