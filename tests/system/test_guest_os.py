@@ -10,6 +10,7 @@ resume, the MAC changes (libvirt >= 11.2 only: NIC_MAC_CHANGE), detach, and
 what fdbhookd left in libvirtd's log.
 """
 
+import glob
 import json
 import os
 import re
@@ -446,6 +447,30 @@ def test_detach_completes_and_daemon_removes_the_nic(env):
     assert managed(env["devs"][MAC0], MAC0)  # the other NIC untouched
 
 
+def run_without_lxc_driver(log, seconds=3.0):
+    """fdbhookd for a few seconds where the LXC driver is not installed, as it sees it.
+
+    Its own mount namespace gets a connection-driver directory with the QEMU
+    driver only (libvirtd itself is untouched): what a host without
+    libvirt-daemon-driver-lxc looks like to fdbhookd.
+    """
+    from fdbhook import virt
+    drivers = sorted({os.path.dirname(p) for pattern in virt.DRIVER_GLOBS for p in glob.glob(pattern % "*")})
+    assert drivers, "no libvirt connection drivers found"
+    script = "".join("mount -t tmpfs fxb %s && touch %s/libvirt_driver_qemu.so && " % (d, d) for d in drivers)
+    env = dict(E.CLEAN_ENV, FDBHOOK_LOG=log, FDBHOOK_SOCKET=os.path.join(RUN_DIR, "nolxc.sock"))
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             script + "exec %s daemon" % FDBHOOK], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert E.poll(lambda: Fdbhookd.CONNECTED in guestos.console_text(log), timeout=20), guestos.console_text(log)
+        time.sleep(seconds)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return guestos.console_text(log)
+
+
 def test_no_libvirtd_errors_from_fdbhookd(env):
     """fdbhookd's connections leave no error lines in libvirtd's log, also when it stops.
 
@@ -454,13 +479,12 @@ def test_no_libvirtd_errors_from_fdbhookd(env):
     connection really closes instead of dropping at exit ("End of file
     while reading data").
     """
-    from fdbhook import virt
     start = env["libvirtd_log_start"]
     if start is None:
         pytest.skip("libvirtd logs nowhere we can read (%s missing)" % LIBVIRTD_LOG)
     env["daemon"].stop()
-    if not virt.driver_installed(E.LXC):
-        assert "lxc:///system: its driver is not installed here; not watched" in env["daemon"].text()
+    text = run_without_lxc_driver(os.path.join(RUN_DIR, "nolxc.log"))
+    assert "lxc:///system: its driver is not installed here; not watched" in text
     time.sleep(0.5)
     with open(LIBVIRTD_LOG, encoding="utf-8", errors="replace") as handle:
         handle.seek(start)
