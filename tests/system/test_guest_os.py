@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -457,17 +458,24 @@ def run_without_lxc_driver(log, seconds=3.0):
     from fdbhook import virt
     drivers = sorted({os.path.dirname(p) for pattern in virt.DRIVER_GLOBS for p in glob.glob(pattern % "*")})
     assert drivers, "no libvirt connection drivers found"
-    script = "".join("mount -t tmpfs fxb %s && touch %s/libvirt_driver_qemu.so && " % (d, d) for d in drivers)
+    # mount(2) from Python: minimal systems have no mount(8) (package mount is not essential).
+    script = ("import ctypes, os, sys\n"
+              "libc = ctypes.CDLL(None, use_errno=True)\n"
+              "for d in sys.argv[1:]:\n"
+              "    if libc.mount(b'fxb', d.encode(), b'tmpfs', 0, None) != 0:\n"
+              "        raise OSError(ctypes.get_errno(), 'mount tmpfs on ' + d)\n"
+              "    open(os.path.join(d, 'libvirt_driver_qemu.so'), 'w').close()\n"
+              "os.execv(%r, [%r, 'daemon'])\n" % (FDBHOOK, FDBHOOK))
     env = dict(E.CLEAN_ENV, FDBHOOK_LOG=log, FDBHOOK_SOCKET=os.path.join(RUN_DIR, "nolxc.sock"))
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                             script + "exec %s daemon" % FDBHOOK], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", script] + drivers,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert E.poll(lambda: Fdbhookd.CONNECTED in guestos.console_text(log), timeout=20), guestos.console_text(log)
+        up = E.poll(lambda: Fdbhookd.CONNECTED in guestos.console_text(log) or proc.poll() is not None, timeout=20)
+        assert up and proc.poll() is None, (guestos.console_text(log), proc.poll())
         time.sleep(seconds)
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        proc.communicate(timeout=20)
     return guestos.console_text(log)
 
 
