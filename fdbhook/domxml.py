@@ -230,13 +230,16 @@ def guest_mac_trust(data, what="?"):
     """{configured MAC: trustGuestRxFilters is 'yes'} for each NIC of a domain's XML.
 
     Only with 'yes' does libvirt (>= 11.2) report a MAC the guest sets
-    itself; with 'no' (the default) it reports nothing at all.
+    itself; with 'no' (the default) it reports nothing at all. A
+    type='network' NIC without the attribute takes its network's (or
+    portgroup's) setting, which the domain XML does not show: None.
     """
     out = {}
     for elem in parse_document(data, what).findall("devices/interface"):
         mac = normalize_mac(_attr(elem, "mac", "address"))
+        trust = (elem.get("trustGuestRxFilters") or "").strip()
         if mac:
-            out[mac] = (elem.get("trustGuestRxFilters") or "no").strip() == "yes"
+            out[mac] = trust == "yes" if trust or elem.get("type") != "network" else None
     return out
 
 

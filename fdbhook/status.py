@@ -97,8 +97,8 @@ def _guest_mac_change(ports, daemon):
             trust[port["domain"]] = guest_mac_trust_of(driver, name)
         known = trust[port["domain"]]
         configured = port.get("configured_mac") or port["mac"]
-        if known is None or configured not in known:
-            continue
+        if known is None or known.get(configured) is None:
+            continue  # unknown: libvirt unreachable, or a network NIC that takes its network's setting
         if not known[configured]:
             port["guest_mac_change"] = "not trusted"
         elif not daemon["nic_mac_change_event"]:
