@@ -235,8 +235,10 @@ def _compile_fxpkt(dest):
 
 
 def _digest(release, modules):
+    """Cache key: the packaged files by path, size and mtime; our own sources by content
+    (a fresh checkout or copy of the tree must hit the same cache)."""
     h = hashlib.sha256()
-    for path in [BUSYBOX, FXPKT_SRC, "/boot/vmlinuz-%s" % release] + [p for _, p in modules]:
+    for path in [BUSYBOX, "/boot/vmlinuz-%s" % release] + [p for _, p in modules]:
         st = os.stat(path)
         h.update(("%s %d %d\n" % (path, st.st_size, st.st_mtime_ns)).encode())
     with open(FXPKT_SRC, "rb") as handle:
