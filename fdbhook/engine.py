@@ -355,32 +355,66 @@ def refuse_claimed(domain, decisions, config, store, kernel):
     The kernel would let the second NIC take the entry over; the first guest
     would silently lose its traffic. Both NICs are named. A record whose
     port is gone (a guest that died without its release hook) claims nothing.
+    A MAC the guest set itself (``currentAddress``) that another NIC holds is
+    not taken: configured MACs claim first, and the NIC keeps its configured
+    MAC (said once), so the owner keeps its traffic and a reconnect hook never
+    fails over the guest's choice (libvirt would kill the guest).
     """
     others = claims(store.all(), skip=(domain.driver, domain.name))
     mine = {}
-    out = []
-    for d in decisions:
+    out = {}
+    order = sorted(range(len(decisions)), key=lambda i: decisions[i].nic.config_mac is not None)
+    for i in order:
+        d = decisions[i]
         if not d.managed:
-            out.append(d)
+            out[i] = d
             continue
-        security = nic_security(d.nic, config, d.bridge, d.network)
-        problem = None
-        for mac in (d.nic.mac,) + security.extra_macs:
-            kind = "MAC" if mac == d.nic.mac else "extra MAC"
-            if mac in others and locate(kernel, others[mac][1]) is not None:
-                owner, rec = others[mac]
-                problem = "%s %s is already in use by domain %s NIC %s (%s on %s), refused" % (
-                    kind, mac, owner, rec.alias or rec.port, rec.mac, rec.port)
-            elif mac in mine and mine[mac] is not d:
-                other = mine[mac]
-                problem = "%s %s is already in use by NIC %s of this domain (%s), refused" % (
-                    kind, mac, other.nic.label, other.port)
-            if problem:
-                break
-        for mac in (d.nic.mac,) + security.extra_macs:
+        problem = _claim_problem(d, config, others, mine, kernel)
+        if d.nic.config_mac and (problem or _taken_in_kernel(d, kernel)):
+            _guest_mac_refused(domain, d, problem or _taken_in_kernel(d, kernel))
+            d = replace(d, nic=replace(d.nic, mac=d.nic.config_mac, config_mac=None))
+            problem = _claim_problem(d, config, others, mine, kernel)
+        for mac in (d.nic.mac,) + nic_security(d.nic, config, d.bridge, d.network).extra_macs:
             mine.setdefault(mac, d)
-        out.append(replace(d, action="error", reason=problem, link=None) if problem else d)
-    return tuple(out)
+        out[i] = replace(d, action="error", reason=problem, link=None) if problem else d
+    return tuple(out[i] for i in range(len(decisions)))
+
+
+def _claim_problem(d, config, others, mine, kernel):
+    """Why ``d`` may not have its MACs (held by a live NIC of another domain, or of this one), or None."""
+    security = nic_security(d.nic, config, d.bridge, d.network)
+    for mac in (d.nic.mac,) + security.extra_macs:
+        kind = "MAC" if mac == d.nic.mac else "extra MAC"
+        if mac in others and locate(kernel, others[mac][1]) is not None:
+            owner, rec = others[mac]
+            return "%s %s is already in use by domain %s NIC %s (%s on %s), refused" % (
+                kind, mac, owner, rec.alias or rec.port, rec.mac, rec.port)
+        if mac in mine and mine[mac] is not d:
+            other = mine[mac]
+            return "%s %s is already in use by NIC %s of this domain (%s), refused" % (
+                kind, mac, other.nic.label, other.port)
+    return None
+
+
+def _taken_in_kernel(d, kernel):
+    """Why the bridge will not give ``d``'s MAC to its port (someone's static entry elsewhere), or None."""
+    for vid in sorted({0, d.nic.vlan or 0}):
+        entry = kernel.fdb_get(d.nic.mac, d.bridge_ifindex, vid)
+        reason = planner.entry_conflict(d.port, d.ifindex, d.nic.mac, entry, False)
+        if reason:
+            return reason
+    return None
+
+
+_GUEST_MAC_WARNED = set()
+
+
+def _guest_mac_refused(domain, d, problem):
+    key = (domain.driver, domain.name, d.nic.alias, d.nic.mac)
+    if key not in _GUEST_MAC_WARNED:
+        _GUEST_MAC_WARNED.add(key)
+        LOG.warning("%s/%s: %s: the MAC the guest set itself is not followed: %s; its port keeps the "
+                    "configured MAC %s", domain.driver, domain.name, d.nic.label, problem, d.nic.config_mac)
 
 
 def _policy_for(config, bridge, network):

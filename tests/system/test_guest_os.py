@@ -419,6 +419,39 @@ def test_mac_change_while_fdbhookd_is_down_followed_by_the_hooks_and_its_sync(en
     assert managed(dev, MAC0)
 
 
+def test_trusted_guest_cannot_take_another_nics_mac(env):
+    """A guest that sets a MAC another managed NIC holds gets nothing, and nothing fails over it.
+
+    The owner (here the guest's own net1) keeps its entry; net0's port keeps
+    its configured MAC. A reconnect hook must still exit 0: libvirt kills a
+    guest whose reconnect hook fails.
+    """
+    need_mac_events()
+    guest, dev0, dev1, daemon = env["control"], env["devs"][MAC0], env["devs"][MAC1], env["daemon"]
+    before = daemon.text()
+    guest.set_mac("eth0", MAC1)
+    try:
+        assert E.poll(lambda: "guest changed net0 MAC %s -> %s" % (MAC0, MAC1) in daemon.text()[len(before):],
+                      timeout=5)
+        time.sleep(2.0)  # the MAC change job, resyncs and syncs
+        assert [e["ifname"] for e in E.static_entries(E.BR, MAC1)] == [dev1], E.fdb(E.BR)
+        assert managed(dev0, MAC0) and managed(dev1, MAC1)
+        log = daemon.text()[len(before):]
+        assert "FAILED" not in log, log
+        assert log.count("the MAC the guest set itself is not followed") == 1, log  # said once
+        xml = E.virsh(E.QEMU, "dumpxml", NAME).stdout
+        assert "currentAddress='%s'" % MAC1 in xml
+        for extra in ({}, {"FDBHOOK_NO_DAEMON": "1"}):
+            proc = subprocess.run([E.hook_targets()["qemu"], NAME, "reconnect", "begin", "-"], input=xml,
+                                  capture_output=True, text=True, env=dict(E.CLEAN_ENV, **extra), timeout=60)
+            assert proc.returncode == 0, (extra, proc.stderr)
+        assert [e["ifname"] for e in E.static_entries(E.BR, MAC1)] == [dev1], E.fdb(E.BR)
+        assert status_json()[0] == 0
+    finally:
+        guest.set_mac("eth0", MAC0)
+    assert E.poll(lambda: managed(dev0, MAC0) and managed(dev1, MAC1), timeout=10), E.fdb(E.BR)
+
+
 def test_status_says_what_a_guest_mac_change_does(env):
     """Per NIC: followed (trust 'yes', libvirt >= 11.2, fdbhookd) or why not, in plain words."""
     from fdbhook import virt
