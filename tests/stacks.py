@@ -345,6 +345,13 @@ class _Forwarder:
             sock.close()
 
 
+def _ns(pid, kind):
+    try:
+        return os.readlink("/proc/%s/ns/%s" % (pid, kind))
+    except OSError:
+        return None
+
+
 class Host:
     """One throwaway host on a stack's cached tree; see the module docstring."""
 
@@ -357,7 +364,7 @@ class Host:
         self.keep = keep
         self.dir = self.root = self.anchor = None
         self.token = secrets.token_hex(8)
-        self._proc = self._lock = self._fwd = None
+        self._proc = self._lock = self._fwd = self._netns = None
 
     # --- enter / teardown ---------------------------------------------------
     def enter(self):
@@ -404,6 +411,7 @@ class Host:
                 raise RuntimeError("host %s did not come up: %s %s"
                                    % (self.name, line or "anchor exited", log.read()[-2000:]))
         self.anchor = self._anchor_pid()
+        self._netns = _ns(self.anchor, "net")
         if self.forward:
             self._fwd = _Forwarder(self.anchor, FORWARD)
             self.run(["sh", "-c", "cat >>/etc/hosts"], input=self._fwd.hosts_lines(), cwd="/")
@@ -427,18 +435,32 @@ class Host:
                            check=True)
 
     def processes(self):
-        """PIDs (in our PID namespace) of every process whose root is this host's tree."""
-        out = []
+        """PIDs (in our PID namespace) of every process of this host: its root is the
+        host's tree, or it is in the host's network namespace (a chroot of its own
+        inside), or it descends from one of those (a container started inside)."""
+        ours, parent = set(), {}
+        netns = self._netns
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
+                with open("/proc/%s/stat" % entry) as handle:
+                    parent[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+                if netns is not None and _ns(entry, "net") == netns:
+                    ours.add(int(entry))
+                    continue
                 with open("/proc/%s/root/%s" % (entry, MARKER)) as handle:
                     if handle.read() == self.token:
-                        out.append(int(entry))
-            except OSError:
+                        ours.add(int(entry))
+            except (OSError, ValueError, IndexError):
                 pass
-        return out
+        def inside(pid, seen=0):
+            while pid > 1 and seen < 64:
+                if pid in ours:
+                    return True
+                pid, seen = parent.get(pid, 0), seen + 1
+            return False
+        return sorted(pid for pid in parent if inside(pid))
 
     def teardown(self):
         """Kill what runs in the host, let its namespaces go, delete its directory."""
