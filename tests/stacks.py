@@ -469,16 +469,18 @@ class Host:
             self._fwd = None
         if self._proc is not None:
             deadline = time.monotonic() + 30
+            first = True
             while True:
-                victims = self.processes() + ([self.anchor] if self.anchor else [])
-                if self._proc.poll() is None and not self.share_pid and self.anchor is None:
-                    victims.append(self._proc.pid)
+                victims = self.processes()
+                if first and self._proc.poll() is None:
+                    # Only while it cannot have been reaped (no pid reuse): the
+                    # anchor (PID 1 of its namespace: all of it dies), or
+                    # unshare itself if the anchor never said who it is.
+                    victims.append(self.anchor or self._proc.pid)
+                first = False
                 for pid in victims:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                if self.share_pid and self._proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self._proc.pid, signal.SIGKILL)
                 try:
                     self._proc.wait(timeout=0.5)
                 except subprocess.TimeoutExpired:
