@@ -10,13 +10,13 @@ from tests.helpers import bridge_nic, config, domain_xml
 XML = domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")])
 
 
-def setup(tmp_path):
+def make_lab(tmp_path):
     k = FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1", "eth0"))
     return k, Store(str(tmp_path)), config()
 
 
 def test_apply_then_again_is_idempotent(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domxml.parse_domain(XML)
     report = apply_domain(dom, cfg, k, store)
     assert [r.status for r in report.results] == ["changed", "changed"]
@@ -33,7 +33,7 @@ def test_apply_then_again_is_idempotent(tmp_path):
 
 
 def test_teardown_restores_and_removes_record(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     report = teardown_domain("qemu", "t1", k, store)
     assert [r.status for r in report.results] == ["removed", "removed"]
@@ -44,7 +44,7 @@ def test_teardown_restores_and_removes_record(tmp_path):
 
 
 def test_teardown_after_port_is_gone(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     k.remove_link("vnet0")
     report = teardown_domain("qemu", "t1", k, store)
@@ -53,7 +53,7 @@ def test_teardown_after_port_is_gone(tmp_path):
 
 
 def test_failure_rolls_the_port_back(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     k.fail_on = "flush"
     report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert [r.status for r in report.results] == ["failed", "failed"]
@@ -66,7 +66,7 @@ def test_failure_rolls_the_port_back(tmp_path):
 
 
 def test_one_failing_port_undoes_the_whole_run(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     k.fail_on, k.fail_port = "set_flags", "vnet1"
     report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert [r.status for r in report.results] == ["rolled back", "failed"]
@@ -76,7 +76,7 @@ def test_one_failing_port_undoes_the_whole_run(tmp_path):
 
 
 def test_on_error_continue_keeps_what_worked(tmp_path):
-    k, store, _ = setup(tmp_path)
+    k, store, _ = make_lab(tmp_path)
     cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
     k.fail_on, k.fail_port = "set_flags", "vnet1"
     report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
@@ -85,7 +85,7 @@ def test_on_error_continue_keeps_what_worked(tmp_path):
 
 
 def test_bad_input_changes_nothing(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     xml = domain_xml([bridge_nic(), bridge_nic(mac="01:00:5e:00:00:01", dev="vnet1", alias="net1")])
     report = apply_domain(domxml.parse_domain(xml), cfg, k, store)
     assert [r.status for r in report.results] == ["held", "failed"]
@@ -94,7 +94,7 @@ def test_bad_input_changes_nothing(tmp_path):
 
 
 def test_conflicting_static_entry_is_not_moved(tmp_path):
-    k, store, _ = setup(tmp_path)
+    k, store, _ = make_lab(tmp_path)
     cfg = config("[manage]\nbridges = br0\n[hook]\non_error = continue\n")
     eth0 = k.by_name("eth0")
     k.add_entry(10, FdbEntry(mac="52:54:00:00:00:01", ifindex=eth0.ifindex,
@@ -107,14 +107,14 @@ def test_conflicting_static_entry_is_not_moved(tmp_path):
 
 
 def test_dry_run_changes_nothing(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     report = apply_domain(domxml.parse_domain(XML), cfg, k, store, dry_run=True)
     assert [r.status for r in report.results] == ["planned", "planned"]
     assert k.executed == [] and store.load("qemu", "t1") is None
 
 
 def test_learned_entries_flushed_but_static_kept(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     vnet0 = k.by_name("vnet0").ifindex
     k.add_entry(10, FdbEntry(mac="02:00:00:00:00:99", ifindex=vnet0, static=False,
                                                     local=False))
@@ -127,7 +127,7 @@ META_VLAN = ("<metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'>"
 
 
 def test_vlans_on_a_filtering_bridge(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     k.filtering[10] = True
     dom = domxml.parse_domain(domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1")],
                                          metadata=META_VLAN))
@@ -146,7 +146,7 @@ def test_vlans_on_a_filtering_bridge(tmp_path):
 
 
 def test_vlans_refused_without_filtering(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domxml.parse_domain(domain_xml([bridge_nic()], metadata=META_VLAN))
     report = apply_domain(dom, cfg, k, store)
     assert report.results[0].status == "failed"
@@ -155,7 +155,7 @@ def test_vlans_refused_without_filtering(tmp_path):
 
 
 def test_network_section_gives_vlans(tmp_path):
-    k, store, _ = setup(tmp_path)
+    k, store, _ = make_lab(tmp_path)
     k.filtering[10] = True
     cfg = config("[manage]\nnetworks = lan\n[network lan]\nvlan = 7\n")
     xml = domain_xml(["<interface type='network'><mac address='52:54:00:00:00:03'/>"
@@ -165,7 +165,7 @@ def test_network_section_gives_vlans(tmp_path):
 
 
 def test_vlan_filtering_policy_set_and_restored(tmp_path):
-    k, store, _ = setup(tmp_path)
+    k, store, _ = make_lab(tmp_path)
     cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     assert k.filtering[10] is True
@@ -179,7 +179,7 @@ def test_vlan_filtering_policy_set_and_restored(tmp_path):
 
 
 def test_vlan_filtering_unsupported_said_once(tmp_path, caplog):
-    k, store, _ = setup(tmp_path)
+    k, store, _ = make_lab(tmp_path)
     k.vlan_supported = False
     cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
     with caplog.at_level("WARNING", logger="fdbhook"):
@@ -204,7 +204,7 @@ def test_current_address_is_the_mac_in_use():
 
 
 def test_guest_mac_change_is_one_plan_on_one_port(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     k.executed.clear()
     report = apply_domain(domxml.parse_domain(mac_changed_xml()), cfg, k, store)
@@ -227,7 +227,7 @@ def test_guest_mac_change_is_one_plan_on_one_port(tmp_path):
 
 
 def test_reconcile_keeps_a_known_domain_running_through_a_start_pause(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domxml.parse_domain(XML)
     apply_domain(dom, cfg, k, store)
     k.executed.clear()
@@ -245,7 +245,7 @@ def test_reconcile_keeps_a_known_domain_running_through_a_start_pause(tmp_path):
 def test_reconcile_adds_no_entry_to_an_incoming_migration_before_it_resumes(tmp_path):
     """Destination of a live migration: the port joins (link event) and libvirt's STARTED event come
     while the guest is paused for the migration ("starting": None); only RESUMED may add the entry."""
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domxml.parse_domain(XML)
     store.mark_incoming("qemu", "t1")
     reconcile(dom, None, cfg, k, store, port="vnet0")  # before the start hook wrote a record
@@ -258,7 +258,7 @@ def test_reconcile_adds_no_entry_to_an_incoming_migration_before_it_resumes(tmp_
 
 
 def test_reconcile_tears_down_a_nic_the_live_xml_lost(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(XML), cfg, k, store)
     one = domxml.parse_domain(domain_xml([bridge_nic()]))
     reconcile(one, False, cfg, k, store, alias="-")

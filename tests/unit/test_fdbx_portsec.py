@@ -36,7 +36,7 @@ def xml(extra=None, locked=None, floating=None, nics=None, name="t1"):
     return domain_xml(nics or [bridge_nic()], name=name, metadata=meta(iface(**attrs)) if attrs else "")
 
 
-def setup(tmp_path, text="[manage]\nbridges = br0\n"):
+def make_lab(tmp_path, text="[manage]\nbridges = br0\n"):
     k = FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1", "vnet2", "eth0"))
     return k, Store(str(tmp_path)), config(text)
 
@@ -171,7 +171,7 @@ def test_record_with_extra_macs_stands_for_all_its_entries_and_survives_json():
 # --- the engine over the fake kernel --------------------------------------------------
 
 def test_extra_macs_get_static_entries_on_the_port_and_go_at_teardown(tmp_path):
-    k, store, cfg = setup(tmp_path, "[manage]\nbridges = br0\n[bridge br0]\nextra_macs = %s\n" % INNER)
+    k, store, cfg = make_lab(tmp_path, "[manage]\nbridges = br0\n[bridge br0]\nextra_macs = %s\n" % INNER)
     report = apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store)
     assert [r.status for r in report.results] == ["changed"], report.one_line()
     vnet0 = k.by_name("vnet0").ifindex
@@ -189,7 +189,7 @@ def test_extra_macs_get_static_entries_on_the_port_and_go_at_teardown(tmp_path):
 
 
 def test_drift_repair_and_pause_resume_cover_extra_macs(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(xml(extra=VRRP, locked="yes")), cfg, k, store)
     del k.entries[(10, VRRP, 0)]
     report = reapply_record("qemu", "t1", k, store, cfg)
@@ -202,7 +202,7 @@ def test_drift_repair_and_pause_resume_cover_extra_macs(tmp_path):
 
 
 def test_extra_mac_change_adds_the_new_entry_before_the_old_one_goes(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store)
     k.executed.clear()
     apply_domain(domxml.parse_domain(xml(extra=INNER)), cfg, k, store)
@@ -211,7 +211,7 @@ def test_extra_mac_change_adds_the_new_entry_before_the_old_one_goes(tmp_path):
 
 
 def test_lock_mode_locks_after_entries_and_unlocks_before_they_go(tmp_path):
-    k, store, cfg = setup(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
+    k, store, cfg = make_lab(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
     apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store)
     kinds = [(o.kind, o.locked) for o in k.executed]
     assert kinds.index(("set_flags", True)) > max(i for i, (kind, _) in enumerate(kinds) if kind == "fdb_replace")
@@ -226,7 +226,7 @@ def test_lock_mode_locks_after_entries_and_unlocks_before_they_go(tmp_path):
 
 
 def test_lock_mode_turned_off_in_the_metadata_unlocks(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(xml(locked="yes")), cfg, k, store)
     assert k.by_name("vnet0").locked is True
     apply_domain(domxml.parse_domain(xml(locked="no")), cfg, k, store)
@@ -234,7 +234,7 @@ def test_lock_mode_turned_off_in_the_metadata_unlocks(tmp_path):
 
 
 def test_mab_keeps_learning_on_and_shows_what_was_dropped(tmp_path):
-    k, store, cfg = setup(tmp_path, "[manage]\nbridges = br0\nlocked = yes\nmab = yes\n")
+    k, store, cfg = make_lab(tmp_path, "[manage]\nbridges = br0\nlocked = yes\nmab = yes\n")
     apply_domain(domxml.parse_domain(xml()), cfg, k, store)
     link = k.by_name("vnet0")
     assert (link.locked, link.mab, link.learning, link.flood) == (True, True, True, False)
@@ -247,7 +247,7 @@ def test_mab_keeps_learning_on_and_shows_what_was_dropped(tmp_path):
 
 
 def test_kernel_without_locked_ports_manages_the_port_anyway(tmp_path, caplog):
-    k, store, cfg = setup(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
+    k, store, cfg = make_lab(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
     for name in ("vnet0", "vnet1"):
         from dataclasses import replace
         link = k.by_name(name)
@@ -262,7 +262,7 @@ def test_kernel_without_locked_ports_manages_the_port_anyway(tmp_path, caplog):
 
 
 def test_floating_macs_leave_the_port_learning_and_unlocked(tmp_path):
-    k, store, cfg = setup(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
+    k, store, cfg = make_lab(tmp_path, "[manage]\nbridges = br0\nlocked = yes\n")
     apply_domain(domxml.parse_domain(xml(floating=VRRP)), cfg, k, store)
     link = k.by_name("vnet0")
     assert (link.learning, link.flood, link.locked) == (True, False, False)
@@ -272,7 +272,7 @@ def test_floating_macs_leave_the_port_learning_and_unlocked(tmp_path):
 
 
 def test_same_extra_mac_on_two_running_nics_of_two_domains_is_refused_naming_both(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     assert not apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store).failures
     other = domain_xml([bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")], name="t2",
                        metadata=meta(iface(mac="52:54:00:00:00:02", extra_macs=VRRP)))
@@ -286,7 +286,7 @@ def test_same_extra_mac_on_two_running_nics_of_two_domains_is_refused_naming_bot
 
 
 def test_same_extra_mac_on_two_nics_of_one_domain_is_refused(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")],
                      metadata=meta(iface(extra_macs=VRRP), iface(mac="52:54:00:00:00:02", extra_macs=VRRP)))
     report = apply_domain(domxml.parse_domain(dom), cfg, k, store)
@@ -295,7 +295,7 @@ def test_same_extra_mac_on_two_nics_of_one_domain_is_refused(tmp_path):
 
 
 def test_a_dead_guests_record_claims_nothing(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store)
     k.remove_link("vnet0")
     other = domain_xml([bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")], name="t2",
@@ -304,7 +304,7 @@ def test_a_dead_guests_record_claims_nothing(tmp_path):
 
 
 def test_static_entry_of_someone_else_is_not_taken_over(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     eth0 = k.by_name("eth0").ifindex
     k.add_entry(10, FdbEntry(mac=VRRP, ifindex=eth0, static=True, local=False))
     report = apply_domain(domxml.parse_domain(xml(extra=VRRP)), cfg, k, store)

@@ -15,7 +15,7 @@ def nic(mac, dev, alias, current=None):
             "<target dev='%s'/><alias name='%s'/></interface>" % (mac, cur, dev, alias))
 
 
-def setup(tmp_path):
+def make_lab(tmp_path):
     k = FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1", "vnet2", "eth0"))
     store, cfg = Store(str(tmp_path)), config()
     apply_domain(domxml.parse_domain(domain_xml([nic(MAC0, "vnet0", "net0"), nic(MAC1, "vnet1", "net1")])),
@@ -24,7 +24,7 @@ def setup(tmp_path):
 
 
 def test_guest_taking_its_other_nics_mac_keeps_the_configured_one(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     # net0's guest set net1's MAC; net0 comes first in the XML, net1 still owns it.
     xml = domain_xml([nic(MAC0, "vnet0", "net0", current=MAC1), nic(MAC1, "vnet1", "net1")])
     report = apply_domain(domxml.parse_domain(xml), cfg, k, store)
@@ -36,7 +36,7 @@ def test_guest_taking_its_other_nics_mac_keeps_the_configured_one(tmp_path):
 
 
 def test_guest_taking_another_domains_mac_keeps_the_configured_one(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     other = domain_xml([nic("52:54:00:00:00:09", "vnet2", "net0", current=MAC1)], name="t2")
     report = apply_domain(domxml.parse_domain(other), cfg, k, store)
     assert not report.failures, report.one_line()
@@ -46,7 +46,7 @@ def test_guest_taking_another_domains_mac_keeps_the_configured_one(tmp_path):
 
 def test_one_nic_reconciled_alone_still_leaves_the_owners_entry(tmp_path):
     # fdbhookd's NIC_MAC_CHANGE job applies only that NIC: the bridge's entry for net1 is what says no.
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     dom = domxml.parse_domain(domain_xml([nic(MAC0, "vnet0", "net0", current=MAC1)]))
     report = apply_domain(dom, cfg, k, store, prune=False)
     assert not report.failures, report.one_line()
@@ -54,7 +54,7 @@ def test_one_nic_reconciled_alone_still_leaves_the_owners_entry(tmp_path):
 
 
 def test_a_configured_duplicate_is_still_an_error(tmp_path):
-    k, store, cfg = setup(tmp_path)
+    k, store, cfg = make_lab(tmp_path)
     xml = domain_xml([nic(MAC1, "vnet0", "net0"), nic(MAC1, "vnet1", "net1")])
     report = apply_domain(domxml.parse_domain(xml), cfg, k, store)
     assert [r.failed for r in report.results] == [False, True]
