@@ -884,10 +884,18 @@ def observed_migration(lab, name, mac, src, dst, bridge=BRIDGE, settle=0.5, chec
     mid-way)."""
     import threading
 
+    failed = []
+
+    def helper_body(lab):
+        try:
+            during(lab)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failed.append(exc)
+
     with Events(src) as src_events, Events(dst) as dst_events, Timeline(lab, mac, bridge) as timeline, \
             Traffic(lab, mac) as traffic:
         time.sleep(settle)
-        helper = threading.Thread(target=during, args=(lab,), daemon=True) if during else None
+        helper = threading.Thread(target=helper_body, args=(lab,), daemon=True) if during else None
         t0 = time.monotonic()
         if helper:
             helper.start()
@@ -896,6 +904,8 @@ def observed_migration(lab, name, mac, src, dst, bridge=BRIDGE, settle=0.5, chec
         if helper:
             helper.join(timeout=120)
         time.sleep(settle)
+    if failed:
+        raise failed[0]
     return Observed(name=name, result=result, timeline=timeline, traffic=traffic, src_events=src_events,
                     dst_events=dst_events, seconds=seconds, src=src, dst=dst)
 

@@ -240,10 +240,22 @@ def test_guest_destroyed_on_the_destination_mid_way(lab, home, record_property):
     from tests import hostlab
 
     def destroy_incoming(lab):
-        # wait until the source has paused the guest (its entry is gone), then kill B's side
-        assert poll(lambda: lab.a.state(GUEST) == "paused", timeout=60, interval=0.1)
+        # wait until the source has paused the guest (its entry is gone) and B is receiving it
+        # (--timeout may pause A before B's QEMU is even up), then kill B's side
+        assert poll(lambda: lab.a.state(GUEST) == "paused" and lab.b.state(GUEST) is not None,
+                    timeout=90, interval=0.1), (lab.a.state(GUEST), lab.b.state(GUEST))
         assert poll(lambda: not lab.a.static_entries(MAC), timeout=10)
-        lab.b.virsh("destroy", GUEST, check=False)
+        # libvirt may refuse while it holds the incoming domain's job for a moment: retry
+        tries = []
+
+        def destroyed():
+            proc = lab.b.virsh("destroy", GUEST, check=False)
+            tries.append((proc.returncode, proc.stderr.strip()))
+            # "Domain not found" when QEMU died of it before libvirt answered
+            return proc.returncode == 0 or lab.b.state(GUEST) is None
+
+        assert poll(destroyed, timeout=30, interval=0.2), "cannot destroy the incoming guest on b: %s" % tries[-3:]
+        print("destroyed on b after %d tries: %s" % (len(tries), tries[-1]))
 
     obs = hostlab.observed_migration(lab, GUEST, MAC, lab.a, lab.b, check=False, during=destroy_incoming,
                                      extra=("--bandwidth", "1", "--timeout", "2"))
@@ -272,3 +284,24 @@ def _incoming(host):
     """The migrate hook's marks of incoming migrations still on HOST."""
     path = host.path("/run/fdbhook/incoming")
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def test_guest_destroyed_on_the_source_mid_way(lab, home, record_property):
+    """The guest destroyed on A while B is receiving it: the migration fails and neither host keeps
+    anything (A's stop hooks tear down, B's aborted incoming guest leaves no tap, record or mark)."""
+    from tests import hostlab
+
+    def destroy_source(lab):
+        assert poll(lambda: lab.b.port(TAP) == {**(lab.b.port(TAP) or {}), "learning": False, "flood": False},
+                    timeout=60, interval=0.05), "B never locked the incoming port down"
+        lab.a.virsh("destroy", GUEST)
+
+    obs = hostlab.observed_migration(lab, GUEST, MAC, lab.a, lab.b, check=False, during=destroy_source,
+                                     extra=("--bandwidth", "1"))
+    _report(record_property, "destroyed on a mid-way", obs)
+    assert obs.result.returncode != 0
+    assert all(not e for _, e, _ in obs.timeline.samples["b"]), "B added an entry"
+    for host in lab.hosts:
+        assert poll(lambda: host.state(GUEST) is None and not host.records() and host.port(TAP) is None,
+                    timeout=30), (host.name, host.state(GUEST), host.records())
+        _assert_nothing_left(host)
