@@ -36,6 +36,7 @@ NLMSG_ERROR = 0x02
 NLMSG_DONE = 0x03
 SO_RCVBUFFORCE = 33
 RCVBUF = 4 << 20  # bytes
+RECV = 256 << 10  # bytes of one receive (the kernel's netlink skbs stay under 64 KiB)
 BATCH = 256  # requests in one round trip (256 link answers: about 1 MiB of buffer)
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
@@ -146,6 +147,8 @@ class Kernel:
         self._encoder = None
         self._seq = 0x10000000
         self._sock = None
+        self._buf = bytearray(RECV)  # one receive buffer, reused (no 1 MiB allocation a read)
+        self._view = memoryview(self._buf)
         self.sticky_supported = True
         # One operation's reads (prefetch, by_name, by_index, fdb_get,
         # bridge_vlan_filtering), answered from here until the next write or
@@ -354,7 +357,8 @@ class Kernel:
         out = [([], None) for _ in seqs]
         left = len(seqs)
         while left:
-            for msg_type, seq, raw in _split(sock.recv(1 << 20)):
+            size = sock.recv_into(self._buf)
+            for msg_type, seq, raw in _split(self._view[:size]):
                 i = where.get(seq)
                 if i is None or out[i][1] is not None:
                     continue  # a notification or somebody else's answer
@@ -370,7 +374,11 @@ class Kernel:
 
     # --- status helpers (O(bridge), never used by the hook path) ----------
     def links(self):
-        return [link_from_msg(m) for m in self.ipr.get_links()]
+        """Every link of the namespace: one dump on the batched path, decoded from the bytes."""
+        (msgs, code), = self._round_trip([msg_link_dump()])
+        if code:
+            raise KernelError(what="ip link show", reason="%s (errno %d)" % (os.strerror(code), code))
+        return [link_from_raw(m)[0] for m in msgs]
 
     def vxlan_ports(self, bridge_ifindex):
         """The VXLAN devices enslaved to this bridge: (Link, ...). One link dump the kernel filters.
@@ -731,6 +739,11 @@ def msg_brport_set(ifindex, attrs):
     return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(ifindex) + _nla(IFLA_LINKINFO, info))
 
 
+def msg_link_dump():
+    """RTM_GETLINK dump of every link (``ip link show``)."""
+    return _nlmsg(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, struct.pack("=BxHiII", 0, 0, 0, 0, 0))
+
+
 def msg_vxlan_ports(bridge_ifindex):
     """RTM_GETLINK dump of the VXLAN devices enslaved to a bridge (the kernel filters by master and kind)."""
     info = _nla(IFLA_LINKINFO, _nla(IFLA_INFO_KIND, b"vxlan\0"))
@@ -782,7 +795,7 @@ def _split(data):
         size, msg_type, _, seq = struct.unpack_from("=IHHI", data, pos)
         if size < 16:
             return
-        yield msg_type, seq, data[pos:pos + size]
+        yield msg_type, seq, bytes(data[pos:pos + size])
         pos += (size + 3) & ~3
 
 

@@ -105,5 +105,6 @@ def test_batched_answers_decode_as_pyroute2_decodes_them(lab):
             assert K._master_entry_raw(msgs).sticky and K._master_entry_raw(msgs).static
             (msgs, code), = kernel._round_trip([K.msg_fdb_get("52:54:00:00:0c:99", br0)])
             assert code == 2 and msgs == []  # ENOENT
+            assert kernel.links() == [K.link_from_msg(m) for m in kernel.ipr.get_links()]
         finally:
             kernel.close()
