@@ -393,11 +393,11 @@ def print_table(result):
                     b["unknown_unicast_to_guests"], a["unknown_unicast_to_guests"], row["frames"]))
     if "boot" in result:
         b = result["boot"]
-        floor = b["seconds"]["floor (python3 -IS -c pass)"]
-        print("\nhost boot: %d guests' hooks in sequence (%s: %d hook calls), seconds" % (
-            b["guests"], "/".join(BOOT_OPS), b["hook_calls"]))
+        floor, isolated = b["seconds"]["floor (python3 -c pass)"], b["seconds"]["floor (python3 -IS -c pass)"]
+        print("\nhost boot: %d guests' hooks in sequence (%s: %d hook calls), seconds (x python3 -c pass, x -IS)"
+              % (b["guests"], "/".join(BOOT_OPS), b["hook_calls"]))
         for name, seconds in b["seconds"].items():
-            print("  %-28s %8.2f  (%4.2fx the bare interpreter)" % (name, seconds, seconds / floor))
+            print("  %-28s %8.2f  (%4.2fx, %4.2fx)" % (name, seconds, seconds / floor, seconds / isolated))
     if "storm" in result:
         st = result["storm"]
         if "skipped" in st:
@@ -463,7 +463,8 @@ def judge(result):
         checks["storm CPU, 32 guests: fdbhook / unmanaged"] = (ratio, "<= 0.125", ratio <= 0.125)
     boot = result.get("boot")
     if boot:
-        ratio = round(boot["seconds"]["fdbhook + daemon"] / boot["seconds"]["floor (python3 -IS -c pass)"], 2)
+        # The bare interpreter of issue 14 (and of the hook ratios above): python3 -c pass.
+        ratio = round(boot["seconds"]["fdbhook + daemon"] / boot["seconds"]["floor (python3 -c pass)"], 2)
         checks["boot: %d guests with daemon / bare interpreter" % boot["guests"]] = (ratio, "<= 1.5", ratio <= 1.5)
     result["targets"] = checks
 
