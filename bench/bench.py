@@ -105,22 +105,23 @@ def bench_hooks(repeat):
             lab.ip("link", "set", port, "master", "br0")
         daemon = env.daemon(lab)
         try:
-            for variant, (argv, venv) in hook_variants(lab, env, False).items():
-                row = {}
-                is_floor = variant.startswith("floor")
-                row["prepare"] = median_ms([timed(argv + ([] if is_floor else ["b0", "prepare", "begin", "-"]),
-                                                  venv, domain_xml("b0", ports[:1])) for _ in range(repeat)])
-                for n in (1, 4, 16):
-                    xml = domain_xml("b%d" % n, ports[:n])
-                    starts, stops = [], []
-                    for _ in range(repeat):
-                        extra = [] if is_floor else ["b%d" % n, "start", "begin", "-"]
-                        starts.append(timed(argv + extra, venv, xml))
-                        extra = [] if is_floor else ["b%d" % n, "stopped", "end", "-"]
-                        stops.append(timed(argv + extra, venv, xml))
-                    row["start %d NIC" % n] = median_ms(starts)
-                    row["stopped %d NIC" % n] = median_ms(stops)
-                out[variant] = row
+            variants = hook_variants(lab, env, False)
+            samples = {variant: {} for variant in variants}
+            # Interleaved: every repetition runs every variant, so a change of
+            # load on this shared machine hits all of them alike.
+            for _ in range(repeat):
+                for variant, (argv, venv) in variants.items():
+                    is_floor = variant.startswith("floor")
+                    row = samples[variant]
+                    row.setdefault("prepare", []).append(timed(
+                        argv + ([] if is_floor else ["b0", "prepare", "begin", "-"]), venv, domain_xml("b0", ports[:1])))
+                    for n in (1, 4, 16):
+                        xml = domain_xml("b%d" % n, ports[:n])
+                        for op, sub in (("start", "begin"), ("stopped", "end")):
+                            extra = [] if is_floor else ["b%d" % n, op, sub, "-"]
+                            row.setdefault("%s %d NIC" % (op, n), []).append(timed(argv + extra, venv, xml))
+            for variant, row in samples.items():
+                out[variant] = {op: median_ms(values) for op, values in row.items()}
         finally:
             daemon.terminate()
             daemon.wait(timeout=10)
