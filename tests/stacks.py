@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("FDBHOOK_STACK_CACHE", "/var/cache/fdbhook-tests")
-WORK = "/var/tmp"
+WORK = os.environ.get("FDBHOOK_STACK_WORK", "/var/tmp")  # where a host's upper layer goes
 MIRROR = "http://deb.debian.org/debian"
 MARKER = ".fdbhook-stack"
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -219,9 +219,20 @@ def bind(src, dst, ro=False):
     sh("mount", "--bind", src, dst)
     if ro:
         sh("mount", "-o", "remount,bind,ro", dst)
+def overlay(upper, work):
+    sh("mount", "-t", "overlay", "overlay", "-o", "lowerdir=%s,upperdir=%s,workdir=%s" % (cfg["lower"], upper, work), R)
 try:
-    sh("mount", "-t", "overlay", "overlay", "-o",
-       "lowerdir=%s,upperdir=%s,workdir=%s" % (cfg["lower"], cfg["upper"], cfg["work"]), R)
+    try:
+        overlay(cfg["upper"], cfg["work"])
+    except subprocess.CalledProcessError:
+        # An overlay cannot be the upper layer of another (a host inside a
+        # host): the upper layer goes to a tmpfs of this mount namespace.
+        t = cfg["work"] + "-tmpfs"
+        os.makedirs(t)
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755", "upper", t)
+        sh("cp", "-a", cfg["upper"], t + "/upper")
+        os.makedirs(t + "/work")
+        overlay(t + "/upper", t + "/work")
     sh("mount", "-t", "proc", "proc", R + "/proc")
     sh("mount", "-t", "sysfs", "sysfs", R + "/sys")
     sh("mount", "--rbind", "/sys/fs/cgroup", R + "/sys/fs/cgroup")

@@ -43,10 +43,11 @@ MEMORY=${VNG_RUN_MEMORY:-1G}
 # needed, and no busybox was found". No virtiofsd: Debian 12 has none and
 # virtme-ng falls back to 9p by itself. kmod: modprobe inside the guest is
 # the host's. python3-pyroute2: the inner tests use Debian's interpreter.
-# binutils: virtme-ng reads the kernel's version with `strings` (a minimal
-# Debian has no binutils: "No such file or directory: 'strings'").
+# binutils, file: virtme-ng reads the kernel's version with `strings` and
+# checks busybox with `file` (a minimal Debian has neither: "No such file or
+# directory: 'strings'", "... 'file'").
 APT_PKGS=(linux-image-amd64 qemu-system-x86 busybox-static kmod iproute2
-          python3-venv python3-pyroute2 binutils)
+          python3-venv python3-pyroute2 binutils file)
 
 say() { printf 'vng-run: %s\n' "$*" >&2; }
 step() { printf 'vng-run setup: %s\n' "$*"; }
