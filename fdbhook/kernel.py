@@ -402,17 +402,19 @@ class Kernel:
         return self._seen[key]
 
     def locked_entries(self, port_ifindex):
-        """MACs the bridge saw as sources on a locked MAB port and dropped: [(mac, vid)]. One dump."""
-        try:
-            msgs = self.ipr.fdb("dump", ifindex=port_ifindex)
-        except Exception as exc:
-            raise KernelError(what="bridge fdb show dev %d" % port_ifindex, reason=_reason(exc)) from None
+        """MACs the bridge saw as sources on a locked MAB port and dropped: [(mac, vid)]. One dump.
+
+        Decoded from the bytes: pyroute2's maps differ between 0.7.2 and 0.7.7
+        and not every version knows NDA_FLAGS_EXT, the attribute that says so.
+        """
+        (msgs, code), = self._round_trip([msg_fdb_dump(port_ifindex)])
+        if code:
+            raise KernelError(what="bridge fdb show dev %d" % port_ifindex,
+                              reason="%s (errno %d)" % (os.strerror(code), code))
         out = []
-        for msg in msgs:
-            if msg["ifindex"] != port_ifindex or msg["flags"] & NTF_SELF:
-                continue
-            entry = entry_from_msg(msg)
-            if entry.locked:
+        for raw in msgs:
+            entry = entry_from_raw(raw)
+            if entry.ifindex == port_ifindex and entry.locked and not struct.unpack_from("=B", raw, 26)[0] & NTF_SELF:
                 out.append((entry.mac, entry.vlan))
         return sorted(out)
 
@@ -737,6 +739,11 @@ def msg_brport_set(ifindex, attrs):
     data = b"".join(_nla(kind, b"" if value is None else struct.pack("B", value)) for kind, value in attrs)
     info = _nla(IFLA_INFO_KIND, b"bridge_slave\0") + _nla(IFLA_INFO_SLAVE_DATA, data)
     return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(ifindex) + _nla(IFLA_LINKINFO, info))
+
+
+def msg_fdb_dump(port_ifindex):
+    """RTM_GETNEIGH (AF_BRIDGE) dump of one port's FDB entries (``bridge fdb show dev PORT``)."""
+    return _nlmsg(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, _ndmsg(port_ifindex))
 
 
 def msg_link_dump():
