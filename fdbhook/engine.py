@@ -74,6 +74,7 @@ class BridgeFacts:
         self.kernel = kernel
         self.links = {}
         self._filtering = {}
+        self._sticky = {}
 
     def filtering(self, ifindex):
         if ifindex not in self._filtering:
@@ -82,13 +83,13 @@ class BridgeFacts:
 
     def sticky(self, config, bridge, ifindex, network=None):
         """(sticky?, why) for guest entries on this bridge: config.sticky_for over its VXLAN ports, read once."""
-        key = ("sticky", ifindex, network)
-        if key not in self._filtering:
+        key = (ifindex, network)
+        if key not in self._sticky:
             # Only "auto" depends on the ports: yes/no cost no kernel read.
             auto = config.sticky_setting(bridge, network)[0] == "auto"
             vxlan = tuple(link.name for link in self.kernel.vxlan_ports(ifindex)) if auto else ()
-            self._filtering[key] = config.sticky_for(bridge, network, vxlan)
-        return self._filtering[key]
+            self._sticky[key] = config.sticky_for(bridge, network, vxlan)
+        return self._sticky[key]
 
 
 # --- desired state ---------------------------------------------------------------
@@ -195,17 +196,18 @@ def _prefetch_domain(kernel, domain, record):
     entries of the NICs' MACs without a VLAN on bridges seen before (their
     ifindex is a guess the replies check); the recorded ports by ifindex.
     """
-    names, fdb = [], []
+    names, fdb, vxlan = [], [], []
     for nic in domain.nics:
         names.append(nic.target_dev)
         if nic.source_bridge:
             names.append(nic.source_bridge)
             bridge_ifindex = kernel.bridge_for(nic.source_bridge)
-            if bridge_ifindex and nic.mac:
-                fdb.extend((mac, bridge_ifindex, 0) for mac in (nic.mac,) + tuple(nic.extra_macs))
+            if bridge_ifindex:
+                vxlan.append(bridge_ifindex)
+                if nic.mac:
+                    fdb.extend((mac, bridge_ifindex, 0) for mac in (nic.mac,) + tuple(nic.extra_macs))
     indexes = [rec.ifindex for rec in record.nics] if record is not None else []
-    vxlan = [kernel.bridge_for(nic.source_bridge) for nic in domain.nics if nic.source_bridge]
-    kernel.prefetch(names=[n for n in names if n], indexes=indexes, fdb=fdb, vxlan=[b for b in vxlan if b])
+    kernel.prefetch(names=[n for n in names if n], indexes=indexes, fdb=fdb, vxlan=vxlan)
 
 
 def rollback(kernel, want, before):
@@ -370,8 +372,9 @@ def refuse_claimed(domain, decisions, config, store, kernel):
             out[i] = d
             continue
         problem = _claim_problem(d, config, others, mine, kernel)
-        if d.nic.config_mac and (problem or _taken_in_kernel(d, kernel)):
-            _guest_mac_refused(domain, d, problem or _taken_in_kernel(d, kernel))
+        refused = d.nic.config_mac and (problem or _taken_in_kernel(d, kernel))
+        if refused:
+            _guest_mac_refused(domain, d, refused)
             d = replace(d, nic=replace(d.nic, mac=d.nic.config_mac, config_mac=None))
             problem = _claim_problem(d, config, others, mine, kernel)
         for mac in (d.nic.mac,) + nic_security(d.nic, config, d.bridge, d.network).extra_macs:

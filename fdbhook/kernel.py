@@ -211,24 +211,9 @@ class Kernel:
         """Drop the reads of the last operation: what follows asks the kernel again."""
         self._seen.clear()
 
-    def _get_link(self, **key):
-        try:
-            msgs = self.ipr.link("get", **key)
-        except Exception as exc:  # pyroute2 raises NetlinkError(OSError subclass)
-            if _nl_errno(exc) in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise KernelError(what="link get %s" % key, reason=str(exc)) from None
-        if not msgs:
-            return None
-        self._remember_link(msgs[0])
-        return link_from_msg(msgs[0])
-
-    def _remember_link(self, msg):
-        """Keep a link read with pyroute2 (a message object) or in a batch (raw bytes)."""
-        if isinstance(msg, (bytes, bytearray)):
-            link, filtering = link_from_raw(msg)
-        else:
-            link, filtering = link_from_msg(msg), _vlan_filtering(msg)
+    def _remember_link(self, raw):
+        """Keep a link read in a batch (its message's bytes)."""
+        link, filtering = link_from_raw(raw)
         self._seen[("index", link.ifindex)] = link
         self._seen[("name", link.name)] = link
         if link.kind == "bridge":
@@ -236,80 +221,76 @@ class Kernel:
             self._bridges[link.name] = link.ifindex
         return link
 
+    def _one(self, key, **wanted):
+        """One read (a key of ``_seen``): from what this operation has read, else asked now; KernelError if it fails."""
+        if key not in self._seen:
+            self._fetch(wanted, strict=True)
+        return self._seen.get(key)
+
     def by_name(self, name):
         if not name or len(name) > 15 or "/" in name:
             return None
-        if ("name", name) not in self._seen:
-            self.prefetch(names=[name])
-        if ("name", name) in self._seen:
-            return self._seen[("name", name)]
-        link = self._get_link(ifname=name)
-        self._seen[("name", name)] = link
-        return link
+        return self._one(("name", name), names=[name])
 
     def by_index(self, ifindex):
         if not ifindex:
             return None
-        if ("index", ifindex) not in self._seen:
-            self.prefetch(indexes=[ifindex])
-        if ("index", ifindex) in self._seen:
-            return self._seen[("index", ifindex)]
-        link = self._get_link(index=ifindex)
-        self._seen[("index", ifindex)] = link
-        return link
+        return self._one(("index", ifindex), indexes=[ifindex])
 
     def fdb_get(self, mac, bridge_ifindex, vlan=0):
         """The bridge's entry for ``mac`` on ``vlan`` (0 = no VLAN), or None."""
-        key = ("fdb", mac, bridge_ifindex, vlan or 0)
-        if key not in self._seen:
-            self.prefetch(fdb=[(mac, bridge_ifindex, vlan)])
-        if key in self._seen:
-            return self._seen[key]
-        try:
-            msgs = self.ipr.fdb("get", **_fdb_get_args(mac, bridge_ifindex, vlan))
-        except Exception as exc:
-            if _nl_errno(exc) in (errno.ENOENT, errno.ENODEV):
-                return None
-            raise KernelError(what="fdb get %s" % mac, reason=str(exc)) from None
-        self._seen[key] = _master_entry(msgs)
-        return self._seen[key]
+        return self._one(("fdb", mac, bridge_ifindex, vlan or 0), fdb=[(mac, bridge_ifindex, vlan)])
+
+    def bridge_vlan_filtering(self, ifindex):
+        """Is VLAN filtering on for this bridge?"""
+        return bool(self._one(("filtering", ifindex), indexes=[ifindex]))
 
     def bridge_for(self, name):
         """The ifindex this bridge had when we last saw it (a guess to check), or None."""
         return self._bridges.get(name)
 
     def prefetch(self, names=(), indexes=(), fdb=(), vxlan=()):
-        """Read links (by name, by ifindex) and FDB entries ((mac, bridge_ifindex, vid)) in one round trip.
+        """Read links (by name, by ifindex), FDB entries ((mac, bridge_ifindex, vid)) and bridges' VXLAN ports
+        in one round trip.
 
         Every request goes out in one send and the answers are collected
         together; later reads of the same things are answered from them until
         the next write or ``forget``. Things already read are not asked again.
-        A failure here is not an error: the read is simply asked again later.
+        A failure here is not an error: the read that needs it asks again and
+        reports it.
         """
-        wanted = []
-        for name in dict.fromkeys(names):
+        self._fetch(dict(names=names, indexes=indexes, fdb=fdb, vxlan=vxlan), strict=False)
+
+    def _fetch(self, wanted, strict):
+        requests = []
+        for name in dict.fromkeys(wanted.get("names", ())):
             if name and len(name) <= 15 and "/" not in name and ("name", name) not in self._seen:
-                wanted.append((("name", name), msg_link_get(name=name)))
-        for ifindex in dict.fromkeys(indexes):
+                requests.append((("name", name), msg_link_get(name=name)))
+        for ifindex in dict.fromkeys(wanted.get("indexes", ())):
             if ifindex and ("index", ifindex) not in self._seen:
-                wanted.append((("index", ifindex), msg_link_get(ifindex=ifindex)))
-        for mac, bridge_ifindex, vlan in dict.fromkeys(fdb):
+                requests.append((("index", ifindex), msg_link_get(ifindex=ifindex)))
+        for mac, bridge_ifindex, vlan in dict.fromkeys(wanted.get("fdb", ())):
             key = ("fdb", mac, bridge_ifindex, vlan or 0)
             if bridge_ifindex and key not in self._seen:
-                wanted.append((key, msg_fdb_get(mac, bridge_ifindex, vlan)))
-        for bridge_ifindex in dict.fromkeys(vxlan):
+                requests.append((key, msg_fdb_get(mac, bridge_ifindex, vlan)))
+        for bridge_ifindex in dict.fromkeys(wanted.get("vxlan", ())):
             if bridge_ifindex and ("vxlan", bridge_ifindex) not in self._seen:
-                wanted.append((("vxlan", bridge_ifindex), msg_vxlan_ports(bridge_ifindex)))
-        if not wanted:
+                requests.append((("vxlan", bridge_ifindex), msg_vxlan_ports(bridge_ifindex)))
+        if not requests:
             return
         try:
-            answers = self._round_trip([raw for _, raw in wanted])
-        except Exception as exc:  # never worse than asking one by one
-            LOG.debug("prefetch failed, reading one by one: %s", exc)
+            answers = self._round_trip([raw for _, raw in requests])
+        except Exception as exc:
+            if strict:
+                raise KernelError(what="netlink read %s" % (requests[0][0],), reason=_reason(exc)) from None
+            LOG.debug("prefetch failed, the reads will ask again: %s", exc)
             return
-        for (key, _), (msgs, code) in zip(wanted, answers):
-            if code and code not in (errno.ENODEV, errno.ENOENT):
-                continue  # not cached: the plain read raises it properly
+        for (key, _), (msgs, code) in zip(requests, answers):
+            gone = code in (errno.ENODEV, errno.ENOENT)
+            if code and not gone:
+                if strict:
+                    raise KernelError(what=_describe(key), reason="%s (errno %d)" % (os.strerror(code), code))
+                continue  # not kept: the read that needs it asks again and says why
             if key[0] == "fdb":
                 self._seen[key] = None if code else _master_entry_raw(msgs)
             elif key[0] == "vxlan":
@@ -318,7 +299,8 @@ class Kernel:
             elif code or not msgs:
                 self._seen[key] = None
             else:
-                self._seen[key] = self._remember_link(msgs[0])
+                self._remember_link(msgs[0])
+                self._seen[key] = self._seen[("index", struct.unpack_from("=i", msgs[0], 20)[0])]
 
     def _encode(self, build):
         """The bytes of one request, as pyroute2 would send it (IPBatch compiles, never sends)."""
@@ -386,20 +368,9 @@ class Kernel:
         The kernel (>= 4.8) filters a link dump by IFLA_MASTER and the kind in
         IFLA_LINKINFO and sends only the matches, so this costs one request
         whatever the number of links; older kernels ignore the filter, hence
-        the second check here. Used once per bridge and run (the sticky rule).
+        the second check (_vxlan_links). Used once per bridge and run (the sticky rule).
         """
-        key = ("vxlan", bridge_ifindex)
-        if key not in self._seen:
-            try:
-                (msgs, code), = self._round_trip([msg_vxlan_ports(bridge_ifindex)])
-            except Exception as exc:
-                raise KernelError(what="ip link show master %d type vxlan" % bridge_ifindex,
-                                  reason=_reason(exc)) from None
-            if code:
-                raise KernelError(what="ip link show master %d type vxlan" % bridge_ifindex,
-                                  reason="%s (errno %d)" % (os.strerror(code), code))
-            self._seen[key] = _vxlan_links(msgs, bridge_ifindex)
-        return self._seen[key]
+        return self._one(("vxlan", bridge_ifindex), vxlan=[bridge_ifindex])
 
     def locked_entries(self, port_ifindex):
         """MACs the bridge saw as sources on a locked MAB port and dropped: [(mac, vid)]. One dump.
@@ -417,19 +388,6 @@ class Kernel:
             if entry.ifindex == port_ifindex and entry.locked and not struct.unpack_from("=B", raw, 26)[0] & NTF_SELF:
                 out.append((entry.mac, entry.vlan))
         return sorted(out)
-
-    def bridge_vlan_filtering(self, ifindex):
-        """Is VLAN filtering on for this bridge?"""
-        if ("filtering", ifindex) not in self._seen:
-            self.prefetch(indexes=[ifindex])
-        if ("filtering", ifindex) in self._seen:
-            return self._seen[("filtering", ifindex)]
-        try:
-            msgs = self.ipr.link("get", index=ifindex)
-        except Exception as exc:
-            raise KernelError(what="link get %d" % ifindex, reason=_reason(exc)) from None
-        self._remember_link(msgs[0])
-        return _vlan_filtering(msgs[0])
 
     def port_vlans(self, ifindex):
         """A port's VLAN membership: ((vid, pvid, untagged), ...).
@@ -780,11 +738,16 @@ def _flag_args(op):
     return kw
 
 
-def _fdb_get_args(mac, bridge_ifindex, vlan):
-    kw = dict(ifindex=0, lladdr=mac, master=bridge_ifindex)
-    if vlan:
-        kw["vlan"] = vlan
-    return kw
+def _describe(key):
+    """The iproute2 command that would have made a read (for error messages)."""
+    kind = key[0]
+    if kind == "name":
+        return "ip link show dev %s" % key[1]
+    if kind == "index":
+        return "ip link show (ifindex %d)" % key[1]
+    if kind == "fdb":
+        return "bridge fdb get %s br %d%s" % (key[1], key[2], " vlan %d" % key[3] if key[3] else "")
+    return "ip link show master %d type vxlan" % key[1]
 
 
 # --- answers, decoded: the few attributes fdbhook reads, straight from the
@@ -875,7 +838,7 @@ def _master_entry_raw(msgs):
     return None
 
 
-def _master_entry(msgs):
+def _master_entry(msgs):  # pyroute2's twin of _master_entry_raw (tests compare the two)
     """The bridge's own (master) entry among an fdb get's answers, or None."""
     for msg in msgs:
         if not msg["flags"] & NTF_SELF:
