@@ -301,3 +301,33 @@ def pids_of(exe_name):
     if os.path.basename(exe.replace(" (deleted)", "")) != exe_name:
         return []
     return [pid] if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino) else []
+
+
+class Fdbhookd:
+    """fdbhookd from the installed virtualenv, logging to a file (the system tiers' daemon)."""
+
+    CONNECTED = "libvirt qemu:///system: connected"
+    PROGRAM = "/opt/fdbhook/bin/fdbhook"
+
+    def __init__(self, log):
+        self.log = log
+        self.proc = None
+
+    def start(self):
+        before = self.text().count(self.CONNECTED)
+        self.proc = subprocess.Popen([self.PROGRAM, "daemon"], env=dict(CLEAN_ENV, FDBHOOK_LOG=self.log),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert poll(lambda: self.text().count(self.CONNECTED) > before, timeout=20), self.text()
+        return self
+
+    def stop(self, kill=False):
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=20)
+
+    def text(self):
+        try:
+            with open(self.log, encoding="utf-8") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return ""

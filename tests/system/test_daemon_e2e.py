@@ -22,28 +22,7 @@ SOCKET = "/run/fdbhook/fdbhookd.sock"
 DAEMON_CONF = "[daemon]\nresync_interval = 1\n"
 
 
-class Daemon:
-    def __init__(self, log):
-        self.log = log
-        self.proc = None
-
-    def start(self):
-        env = dict(E.CLEAN_ENV, FDBHOOK_LOG=self.log)
-        self.proc = subprocess.Popen([FDBHOOK, "daemon"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        assert E.poll(lambda: "libvirt qemu:///system: connected" in self.text(), timeout=20), self.text()
-
-    def stop(self, kill=False):
-        if self.proc is not None and self.proc.poll() is None:
-            (self.proc.kill if kill else self.proc.terminate)()
-            self.proc.wait(timeout=20)
-
-    def text(self):
-        try:
-            with open(self.log, encoding="utf-8") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return ""
+Daemon = E.Fdbhookd
 
 
 @pytest.fixture

@@ -95,32 +95,7 @@ class Station:
         E.run("ip", "netns", "del", ST_NS, check=False)
 
 
-class Fdbhookd:
-    """fdbhookd from the installed virtualenv, logging to a file."""
-
-    CONNECTED = "libvirt qemu:///system: connected"
-
-    def __init__(self, log):
-        self.log = log
-        self.start()
-
-    def start(self):
-        before = self.text().count(self.CONNECTED)
-        self.proc = subprocess.Popen([FDBHOOK, "daemon"], env=dict(E.CLEAN_ENV, FDBHOOK_LOG=self.log),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert E.poll(lambda: self.text().count(self.CONNECTED) > before, timeout=20), self.text()
-
-    def text(self):
-        try:
-            with open(self.log, encoding="utf-8") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
+Fdbhookd = E.Fdbhookd
 
 
 def log_size(path):
@@ -222,7 +197,7 @@ def env(lv):
     station = daemon = control = None
     try:
         station = Station()
-        daemon = Fdbhookd(dlog)
+        daemon = Fdbhookd(dlog).start()
         console = os.path.join(RUN_DIR, "console.log")
         xml = guestos.domain_xml(NAME, [guestos.nic_xml(MAC0, bridge=E.BR, trust=True),
                                         guestos.nic_xml(MAC1, bridge=E.BR)],
