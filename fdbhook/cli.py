@@ -102,8 +102,13 @@ def cmd_status(args):
     from fdbhook.evpn import read_macs
 
     config = load_config(args.config)
+    store = Store(config.state_dir)
     with Kernel() as kernel:
-        data = collect(config, kernel, Store(config.state_dir), frr=read_macs)
+        if store.has_intents():
+            from fdbhook.txn import recover
+            with store.lock():
+                recover(kernel, store)  # an interrupted operation is finished or undone before it is shown
+        data = collect(config, kernel, store, frr=read_macs)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:

@@ -251,6 +251,7 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self):
+        self._recover()
         self.note_ports_changed()
         self._start_metrics()
         self._start_server()
@@ -263,6 +264,18 @@ class Daemon:
         self.put(Resync())
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
                  " ".join(self.watchers) if self.watchers else "off")
+
+    def _recover(self):
+        """Finish or undo what a killed run (hook, fdbhookd) left, before serving anything."""
+        from fdbhook.txn import recover
+
+        try:
+            store = self.store()
+            if store.has_intents():
+                with Kernel() as kernel, store.lock():
+                    recover(kernel, store)
+        except Exception as exc:  # the worker's first resync tries again
+            LOG.error("recovering interrupted operations at start-up failed: %s", exc)
 
     def _start_libvirt(self):
         if not virt.start_event_loop(self.stopping):

@@ -4,9 +4,10 @@ The hooks, the CLI and fdbhookd all come through here. Every path is the
 same three steps on one port (``converge``): read the current state
 (fdbhook.current), plan the difference (fdbhook.plan), execute it; verify =
 read and plan again and expect nothing; on failure, plan back to the state
-read before. One call handles one domain under the store's lock; every
-managed NIC is its own transaction, and with ``on_error = fail`` a failure
-on any NIC undoes the whole run.
+read before. One call handles one domain under the store's lock as one
+transaction (fdbhook.txn): every port is planned first, the intent is written,
+then the kernel, then the record. With ``on_error = fail`` a failure on any
+NIC undoes the whole run; a failed record save undoes it too.
 """
 
 import logging
@@ -15,8 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from fdbhook import plan as planner
+from fdbhook import txn
 from fdbhook.current import locate, read_port
-from fdbhook.errors import ApplyError, KernelError
+from fdbhook.errors import ApplyError, KernelError, StateError
 from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain
@@ -185,10 +187,6 @@ def released(rec, bridge_ifindex):
 
 # --- one port: plan, execute, verify, roll back ----------------------------------------
 
-def _execute(kernel, ops):
-    kernel.execute_many(ops)
-
-
 def _prefetch_domain(kernel, domain, record):
     """Everything a start or reconnect of ``domain`` will read, asked in one round trip.
 
@@ -211,27 +209,21 @@ def _prefetch_domain(kernel, domain, record):
 
 
 def rollback(kernel, want, before):
-    """Put a port back as ``before`` (read before the failed change); errors are logged."""
-    target = planner.restore_state(want, before)
+    """Put a port back as ``before`` (read before the failed change): True if done, errors logged."""
     try:
-        ops = planner.plan_port(target, read_port(kernel, target))
+        txn.restore_port(kernel, want, before)
     except KernelError as exc:
-        LOG.error("rollback of %s: cannot read the port: %s", want.port, exc)
-        return
-    for op in ops:
-        try:
-            kernel.execute(op)
-        except KernelError as exc:
-            LOG.error("rollback of %s failed: %s", want.port, exc)
+        LOG.error("rollback of %s failed: %s", want.port, exc)
+        return False
+    return True
 
 
-def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozenset()):
-    """Bring one port to ``want``: (ops sent, state before). Raises ApplyError, port restored.
+def plan_converge(kernel, want, link=None, flush=False, reserve=frozenset()):
+    """(ops, state before) that bring one port to ``want``; nothing written. ApplyError if impossible.
 
     ``reserve``: keys that are not wanted now but must be free for later (the
     entries of an incoming migration, added at RESUMED when refusing is too
-    late). Verification is the plan again over a fresh read: it must be empty.
-    Nothing sent means what was just read is the verification.
+    late).
     """
     before = read_port(kernel, want, link)
     if not before.exists:
@@ -239,13 +231,16 @@ def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozen
     problems = planner.conflicts(replace(want, entries=want.entries | reserve) if reserve else want, before)
     if problems:
         raise ApplyError(domain="?", nic=want.port, reason=problems[0])
-    ops = planner.plan_port(want, before, flush=flush)
-    if dry_run or not ops:
-        return ops, before
+    return planner.plan_port(want, before, flush=flush), before
+
+
+def execute_verified(kernel, want, ops, before, tx=None):
+    """Send ``ops`` and verify (the plan again over a fresh read must be empty); on failure the port is
+    rolled back to ``before`` and ApplyError says so. A failed rollback marks ``tx`` broken."""
+    if not ops:
+        return
     try:
-        _execute(kernel, ops)
-        if want.sticky and not kernel.sticky_supported:
-            want = replace(want, sticky=False)
+        kernel.execute_many(ops)
         after = read_port(kernel, want)
         if not after.exists:
             raise ApplyError(domain="?", nic=want.port, reason="port %s vanished while being set up" % want.port)
@@ -253,10 +248,21 @@ def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozen
         if left:
             raise ApplyError(domain="?", nic=want.port, reason="verify failed: " + ", ".join(left))
     except (KernelError, ApplyError) as exc:
-        rollback(kernel, want, before)
         reason = exc.kwargs.get("reason") if isinstance(exc, ApplyError) else str(exc)
-        raise ApplyError(domain="?", nic=want.port, reason="%s; port restored" % reason) from None
+        if rollback(kernel, want, before):
+            raise ApplyError(domain="?", nic=want.port, reason="%s; port restored" % reason) from None
+        if tx is not None:
+            tx.broken = True
+        raise ApplyError(domain="?", nic=want.port,
+                         reason="%s; restoring the port failed too, the next run retries" % reason) from None
     _log_takeovers(want, before)
+
+
+def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozenset()):
+    """Bring one port to ``want``: (ops sent, state before). Raises ApplyError, port restored."""
+    ops, before = plan_converge(kernel, want, link, flush=flush, reserve=reserve)
+    if not dry_run:
+        execute_verified(kernel, want, ops, before)
     return ops, before
 
 
@@ -294,8 +300,8 @@ def _new_record(d, want, vids, before, prev, have_membership, security):
                      prev_locked=bool(before.locked), **lock)
 
 
-def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
-    """Bring one managed port to its desired state: (result, new record or None, (want, before) or None)."""
+def _plan_nic(kernel, config, d, prev, dry_run, facts, paused):
+    """Plan one managed port (nothing written): (result, new record or None, (want, before, ops) or None)."""
     link = d.link if d.link is not None else kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
         return NicResult(d, "failed", "port %s vanished" % d.port), None, None
@@ -311,7 +317,7 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
         # A port seen for the first time while paused (the destination of a live migration):
         # refuse now what the resume could not add, while the source still runs the guest.
         reserve = want.watch if paused and prev is None else frozenset()
-        ops, before = converge(kernel, want, link, flush=prev is None, dry_run=dry_run, reserve=reserve)
+        ops, before = plan_converge(kernel, want, link, flush=prev is None, reserve=reserve)
     except ApplyError as exc:
         return NicResult(d, "failed", exc.kwargs["reason"]), None, None
     except KernelError as exc:
@@ -325,7 +331,7 @@ def _apply_nic(kernel, config, d, prev, dry_run, facts, paused):
         _lock_unsupported(d.bridge)
         message += " (not locked: this kernel has no locked bridge ports)"
     rec = _new_record(d, want, vids, before, prev, have_membership, security)
-    return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before)
+    return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before, ops)
 
 
 _LOCK_WARNED = set()
@@ -448,6 +454,8 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
     if rec is not None and rec.get("unsupported") and want:
         return "kernel cannot filter VLANs on %s" % bridge
     try:
+        if want and not kernel.vlan_filtering_capable(bridge_ifindex):  # probed: IFLA_BR_VLAN_PROTOCOL absent
+            raise KernelError(what="vlan_filtering", reason="not built into this kernel", errno=95)
         kernel.set_vlan_filtering(bridge_ifindex, want)
     except KernelError as exc:
         if exc.kwargs.get("errno") in (95, 22) and want:  # EOPNOTSUPP, EINVAL
@@ -519,15 +527,78 @@ def _kept_records(kernel, record, prune):
     return out
 
 
-def _undo_all(kernel, results, done, kept):
-    """All or nothing: put back every port this run changed, and its old record."""
-    for i, d, (want, before), old, new in done:
-        if results[i].ops:
-            rollback(kernel, want, before)
-            results[i] = NicResult(d, "rolled back", "undone: another NIC of the domain failed")
-        kept.pop(_port_key(new), None)
-        if old is not None:
-            kept[_port_key(old)] = old
+def _recover(kernel, store, driver, name):
+    """Finish or roll back interrupted operations first; refuse this domain if its own cannot be (lock held)."""
+    txn.refuse_unrecovered(txn.recover(kernel, store), driver, name, store)
+
+
+def _commit(kernel, tx, record, executed, changed=True):
+    """Save the record and drop the intent; a failed save rolls back every executed port and raises."""
+    try:
+        tx.commit(record, changed=changed)
+    except StateError as exc:
+        for want, before in executed:
+            if not rollback(kernel, want, before):
+                tx.broken = True
+        if not tx.broken:
+            try:
+                tx.close()
+            except StateError:
+                pass  # the intent stays: the next run rolls back again (nothing left to do) and drops it
+        raise StateError(path=exc.kwargs.get("path"), reason="%s; changes undone" % exc.kwargs.get("reason")) \
+            from None
+
+
+def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused):
+    """(results, planned) for every decision, nothing written; ``kept`` gets the planned records."""
+    facts = BridgeFacts(kernel)
+    results, planned = [], []
+    for d in decisions:
+        if d.action != "manage" or hold:
+            status = {"skip": "skipped", "error": "failed"}.get(d.action, "held")
+            message = d.reason if status != "held" else "not applied: another NIC of the domain failed"
+            results.append(NicResult(d, status, message))
+            continue
+        old = _previous(kept, d)
+        result, rec, todo = _plan_nic(kernel, config, d, old, dry_run, facts, paused)
+        results.append(result)
+        if rec is not None:
+            if old is not None:
+                kept.pop(_port_key(old), None)
+            kept[_port_key(rec)] = rec
+            planned.append((len(results) - 1, d, todo, old, rec))
+    return results, planned
+
+
+def _execute_planned(kernel, tx, planned, results, kept, kept_before, fail):
+    """Execute planned NICs in order: (records to keep, [(want, before)] executed). Updates ``results``.
+
+    With ``fail`` (on_error = fail) the first failure rolls back every port
+    done so far and holds the rest; else the failed NIC keeps its old record.
+    """
+    executed = []
+    for n, (i, d, (want, before, ops), old, rec) in enumerate(planned):
+        try:
+            execute_verified(kernel, want, ops, before, tx)
+        except ApplyError as exc:
+            results[i] = NicResult(d, "failed", exc.kwargs["reason"])
+            if fail:
+                for want2, before2 in reversed(executed):
+                    if not rollback(kernel, want2, before2):
+                        tx.broken = True
+                for j, d2, (_, _, ops2), _, _ in planned[:n]:
+                    results[j] = NicResult(d2, "rolled back" if ops2 else "held",
+                                           "undone: another NIC of the domain failed")
+                for j, d2, _, _, _ in planned[n + 1:]:
+                    results[j] = NicResult(d2, "held", "not applied: another NIC of the domain failed")
+                return dict(kept_before), []
+            kept.pop(_port_key(rec), None)
+            if old is not None:
+                kept[_port_key(old)] = old
+            continue
+        if ops:
+            executed.append((want, before))
+    return kept, executed
 
 
 def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prune=True):
@@ -539,11 +610,15 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
     ``paused`` True: lock the ports down but keep the MACs out of the FDB
     (incoming migration, suspended guest); None keeps the record's state.
     ``prune`` False (one hot-plugged NIC) keeps the record's other NICs
-    without checking each port again. Never raises for one NIC's failure.
+    without checking each port again. Never raises for one NIC's failure;
+    StateError when the intent or the record cannot be written (then nothing
+    is changed).
     """
     networks = load_networks([n.source_network for n in domain.nics if n.type == "network"],
                              config.network_dirs)
     with store.lock():
+        if not dry_run:
+            _recover(kernel, store, domain.driver, domain.name)
         kernel.forget()
         record = store.load(domain.driver, domain.name)
         _prefetch_domain(kernel, domain, record)
@@ -552,6 +627,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
                                    kernel)
         kept = _kept_records(kernel, record, prune)
+        kept_before = dict(kept)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
         hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
@@ -559,28 +635,25 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
             for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
                                                     for d in decisions if d.managed}):
                 ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None)
-        facts = BridgeFacts(kernel)
-        results, done = [], []
-        for d in decisions:
-            if d.action != "manage" or hold:
-                status = {"skip": "skipped", "error": "failed"}.get(d.action, "held")
-                message = d.reason if status != "held" else "not applied: another NIC of the domain failed"
-                results.append(NicResult(d, status, message))
-                continue
-            old = _previous(kept, d)
-            result, rec, undo = _apply_nic(kernel, config, d, old, dry_run, facts, paused)
-            results.append(result)
-            if rec is not None:
-                if old is not None:
-                    kept.pop(_port_key(old), None)
-                kept[_port_key(rec)] = rec
-                done.append((len(results) - 1, d, undo, old, rec))
-        if config.on_error == "fail" and not dry_run and any(r.failed for r in results):
-            _undo_all(kernel, results, done, kept)
-        new_record = DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
-                                  nics=tuple(sorted(kept.values(), key=lambda r: r.mac)), paused=paused)
+        results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+        fail = config.on_error == "fail"
+        if fail and not dry_run and any(r.failed for r in results):
+            # a NIC could not even be planned: nothing is written
+            for i, d, _, _, _ in planned:
+                results[i] = NicResult(d, "held", "not applied: another NIC of the domain failed")
+            kept, planned = kept_before, []
+
+        def record_of(nics):
+            return DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
+                                nics=tuple(sorted(nics.values(), key=lambda r: r.mac)), paused=paused)
+
+        new_record = record_of(kept)
         if not dry_run:
-            store.save(new_record)
+            tx = txn.Transaction(store, domain.driver, domain.name, record)
+            tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
+            kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
+            new_record = record_of(kept)
+            _commit(kernel, tx, new_record, executed)
     for result in results:
         if not dry_run:
             _log_line(domain.driver, domain.name, result, "apply")
@@ -594,24 +667,40 @@ def recorded_decision(rec, bridge_ifindex=None, link=None):
                     bridge=rec.bridge, bridge_ifindex=bridge_ifindex, network=rec.network, link=link)
 
 
-def _teardown_nic(kernel, rec, dry_run):
-    """(result, keep the record?) for one recorded NIC at teardown."""
+def _plan_teardown_nic(kernel, rec):
+    """(result or None, (decision, want, before, ops) or None) for one recorded NIC at teardown."""
     where = locate(kernel, rec)
     if where is None:
-        return NicResult(recorded_decision(rec), "gone", "port gone, nothing to undo"), False
+        return NicResult(recorded_decision(rec), "gone", "port gone, nothing to undo"), None
     link, bridge = where
     d = recorded_decision(rec, bridge.ifindex, link)
     want = released(rec, bridge.ifindex)
     try:
-        ops = planner.plan_port(want, read_port(kernel, want, link))
-        if dry_run:
-            return NicResult(d, "planned", planner.describe(ops), ops), True
-        _execute(kernel, ops)
+        before = read_port(kernel, want, link)
     except KernelError as exc:
-        if locate(kernel, rec) is not None:
-            return NicResult(d, "failed", str(exc)), True
-        return NicResult(d, "gone", "port vanished during teardown"), False
-    return NicResult(d, "removed", planner.describe(ops), ops), False
+        return NicResult(d, "failed", str(exc)), None
+    return None, (d, want, before, planner.plan_port(want, before))
+
+
+def _execute_teardown(kernel, tx, planned, results, left):
+    """Tear down planned NICs; a failed one is put back (managed) and kept in ``left``. Returns what was done."""
+    executed = []
+    for i, rec, (d, want, before, ops) in planned:
+        try:
+            if ops:
+                kernel.execute_many(ops)
+                executed.append((want, before))
+            results[i] = NicResult(d, "removed", planner.describe(ops), ops)
+        except KernelError as exc:
+            if locate(kernel, rec) is None:
+                results[i] = NicResult(d, "gone", "port vanished during teardown")
+                continue
+            restored = rollback(kernel, want, before)
+            tx.broken = tx.broken or not restored
+            results[i] = NicResult(d, "failed", "%s; %s" % (exc, "port left managed" if restored
+                                                             else "restoring failed, the next run retries"))
+            left.append(rec)
+    return executed
 
 
 def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
@@ -619,9 +708,12 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
 
     Ports that are gone took their entries with them; ports that are not ours
     any more (re-created, moved) are left alone. ``macs`` limits teardown to
-    some NICs (device detach).
+    some NICs (device detach). A NIC whose teardown fails is put back as it
+    was (managed) and keeps its record.
     """
     with store.lock():
+        if not dry_run:
+            _recover(kernel, store, driver, name)
         kernel.forget()
         record = store.load(driver, name)
         if record is None:
@@ -629,17 +721,31 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
         fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
         kernel.prefetch(names=sorted({rec.bridge for rec in record.nics}), indexes=[rec.ifindex for rec in record.nics],
                         fdb=[key for key in fdb if key[1]])
-        results, left = [], []
+        results, left, planned = [], [], []
         for rec in record.nics:
             if macs is not None and rec.mac not in macs:
                 left.append(rec)
                 continue
-            result, keep = _teardown_nic(kernel, rec, dry_run)
-            results.append(result)
-            if keep:
+            result, todo = _plan_teardown_nic(kernel, rec)
+            if todo is None:
+                results.append(result)
+                if result.failed:
+                    left.append(rec)
+                continue
+            d, want, before, ops = todo
+            if dry_run:
+                results.append(NicResult(d, "planned", planner.describe(ops), ops))
                 left.append(rec)
+                continue
+            results.append(None)
+            planned.append((len(results) - 1, rec, todo))
         if not dry_run:
-            store.save(replace(record, nics=tuple(left)))
+            tx = txn.Transaction(store, driver, name, record)
+            tx.begin(replace(record, nics=tuple(left)),
+                     [(want, before) for _, _, (_, want, before, ops) in planned if ops])
+            executed = _execute_teardown(kernel, tx, planned, results, left)
+            left.sort(key=lambda r: record.nics.index(r))
+            _commit(kernel, tx, replace(record, nics=tuple(left)), executed)
             release_bridges(kernel, store)
     for result in results:
         if not dry_run:
@@ -647,24 +753,24 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     return Report(driver, name, tuple(results), replace(record, nics=tuple(left)))
 
 
-def _reapply_nic(kernel, rec, paused, facts):
-    """(result, record to keep or None) for drift repair / pause / resume of one recorded NIC."""
+def _plan_reapply_nic(kernel, rec, paused, facts):
+    """(result or None, rec to keep or None, (decision, want, before, ops) or None) for one recorded NIC."""
     where = locate(kernel, rec, facts.links)
     if where is None:
-        return NicResult(recorded_decision(rec), "gone", "port gone, record dropped"), None
+        return NicResult(recorded_decision(rec), "gone", "port gone, record dropped"), None, None
     link, bridge = where
     d = recorded_decision(rec, bridge.ifindex, link)
     want = desired_from_record(rec, bridge.ifindex, paused, kernel.sticky_supported)
     try:
-        ops, _ = converge(kernel, want, link)
+        ops, before = plan_converge(kernel, want, link)
     except ApplyError as exc:
-        return NicResult(d, "failed", exc.kwargs["reason"]), rec
+        return NicResult(d, "failed", exc.kwargs["reason"]), rec, None
     except KernelError as exc:
-        return NicResult(d, "failed", str(exc)), rec
-    return NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops), rec
+        return NicResult(d, "failed", str(exc)), rec, None
+    return None, rec, (d, want, before, ops)
 
 
-def reapply_record(driver, name, kernel, store, config, paused=None, facts=None):
+def reapply_record(driver, name, kernel, store, config, paused=None, facts=None, recover=True):
     """Bring a domain's recorded ports back to their recorded state, from the record alone.
 
     The daemon's drift repair and pause/resume handling: no XML, no libvirt.
@@ -673,6 +779,8 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None)
     bridge facts across calls (a full resync). Returns the Report.
     """
     with store.lock():
+        if recover:
+            _recover(kernel, store, driver, name)
         kernel.forget()
         record = store.load(driver, name)
         if record is None:
@@ -681,15 +789,29 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None)
         kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]])
         paused = record.paused if paused is None else paused
         facts = facts or BridgeFacts(kernel)
-        results, kept = [], []
+        results, kept, planned = [], [], []
         for rec in record.nics:
-            result, rec = _reapply_nic(kernel, rec, paused, facts)
+            result, rec, todo = _plan_reapply_nic(kernel, rec, paused, facts)
             results.append(result)
             if rec is not None:
                 kept.append(rec)
+            if todo is not None:
+                planned.append((len(results) - 1, todo))
         new_record = replace(record, nics=tuple(kept), paused=paused)
-        if new_record != record:  # an unchanged record is not rewritten (resync of 1000 ports)
-            store.save(new_record)
+        tx = txn.Transaction(store, driver, name, record)
+        tx.begin(new_record, [(want, before) for _, (_, want, before, ops) in planned if ops])
+        executed = []
+        for i, (d, want, before, ops) in planned:
+            try:
+                execute_verified(kernel, want, ops, before, tx)
+            except ApplyError as exc:
+                results[i] = NicResult(d, "failed", exc.kwargs["reason"])
+                continue
+            if ops:
+                executed.append((want, before))
+            results[i] = NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops)
+        # an unchanged record is not rewritten (resync of 1000 ports)
+        _commit(kernel, tx, new_record, executed, changed=new_record != record)
     for result in results:
         if result.status != "unchanged":
             _log_line(driver, name, result, "reapply")
@@ -703,8 +825,13 @@ def resync(kernel, store, config):
     """
     checked = repaired = failed = 0
     facts = BridgeFacts(kernel)
+    with store.lock():
+        left = txn.recover(kernel, store)
     for record in store.all():
-        report = reapply_record(record.driver, record.domain, kernel, store, config, facts=facts)
+        if (record.driver, record.domain) in left:
+            failed += len(record.nics)
+            continue
+        report = reapply_record(record.driver, record.domain, kernel, store, config, facts=facts, recover=False)
         for result in report.results:
             checked += 1
             repaired += result.status in ("changed", "gone")

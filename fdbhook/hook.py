@@ -136,7 +136,7 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         # The XML here names neither tap nor bridge; the record does.
         # argv's OBJECT is the domain name, so even broken XML tears down.
         store.clear_incoming(driver, obj)
-        if not os.path.exists(store.path(driver, obj)):
+        if not os.path.exists(store.path(driver, obj)) and not store.has_intents():
             return HookResult(0)
         from fdbhook.engine import teardown_domain
         with _kernel(kernel) as k:
@@ -148,7 +148,8 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         domain = parse_domain(data, driver=driver, what=obj)
     except Exception as exc:
         return _failure(driver, obj, op, config, str(exc))
-    if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)):
+    if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)) \
+            and not store.has_intents():
         LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
         return HookResult(0)
     from fdbhook.engine import apply_domain

@@ -13,6 +13,7 @@ import os
 import struct
 import sys
 
+from fdbhook import faults
 from fdbhook.errors import KernelError
 from fdbhook.model import FdbEntry, Link
 
@@ -149,7 +150,10 @@ class Kernel:
         self._sock = None
         self._buf = bytearray(RECV)  # one receive buffer, reused (no 1 MiB allocation a read)
         self._view = memoryview(self._buf)
-        self.sticky_supported = True
+        # Capabilities, probed once (never inferred from one request's error: an
+        # EINVAL also means "VLAN not on this port").
+        caps = self.capabilities()
+        self.sticky_supported = caps["sticky"]
         # One operation's reads (prefetch, by_name, by_index, fdb_get,
         # bridge_vlan_filtering), answered from here until the next write or
         # forget(): the engine forgets at the start of every operation.
@@ -157,6 +161,7 @@ class Kernel:
         # Bridge name -> ifindex, kept across operations: only a guess that
         # lets the first batch ask for FDB entries too; every reply checks it.
         self._bridges = {}
+        self._vlan_capable = {}
 
     @property
     def ipr(self):
@@ -206,6 +211,21 @@ class Kernel:
     def __exit__(self, *exc):
         self.close()
 
+    @staticmethod
+    def capabilities(release=None):
+        """{feature: bool} of what this kernel's bridge can do, from its version (uapi history).
+
+        sticky FDB entries 4.20, locked ports 5.18, MAB 6.2. VLAN filtering is
+        a build option: ``vlan_filtering_capable`` asks per bridge.
+        """
+        version = kernel_version(release if release is not None else os.uname().release)
+        return {"sticky": version >= (4, 20), "locked": version >= (5, 18), "mab": version >= (6, 2)}
+
+    def vlan_filtering_capable(self, bridge_ifindex):
+        """Can this bridge filter VLANs? The kernel reports IFLA_BR_VLAN_PROTOCOL only when built with it."""
+        self.bridge_vlan_filtering(bridge_ifindex)
+        return bool(self._vlan_capable.get(bridge_ifindex, True))
+
     # --- reads -----------------------------------------------------------
     def forget(self):
         """Drop the reads of the last operation: what follows asks the kernel again."""
@@ -219,6 +239,7 @@ class Kernel:
         if link.kind == "bridge":
             self._seen[("filtering", link.ifindex)] = filtering
             self._bridges[link.name] = link.ifindex
+            self._vlan_capable[link.ifindex] = _vlan_protocol_present(raw)
         return link
 
     def _one(self, key, **wanted):
@@ -424,29 +445,48 @@ class Kernel:
 
     # --- writes ----------------------------------------------------------
     def execute_many(self, ops):
-        """Carry out plan.Ops in order, sent together and acknowledged together (one round trip).
+        """Carry out one port's plan.Ops: the only write path (apply, verify, rollback, teardown).
 
-        The kernel handles them in order and goes on after a failure; the
-        first failure is raised (KernelError naming its op) once every
-        answer is in, and the caller rolls the port back from what it read.
+        The kernel handles every message of one send on its own and goes on
+        after a failed one, so the ops go in stages (plan.stages): the entries
+        and VLANs first; learning/flood off, the lock, removals and the flush
+        only once every answer of the first stage says done. The first failure
+        is raised (KernelError naming its op) once its stage's answers are in;
+        later stages are not sent.
         """
-        ops = list(ops)
-        if not ops:
-            return
-        for op in ops:
-            self._written(op)
-        from fdbhook.plan import render
-        try:
-            answers = self._round_trip([self._request(op) for op in ops])
-        except Exception as exc:
-            raise KernelError(what="; ".join(render(op) for op in ops), reason=_reason(exc)) from None
-        for op, (_, code) in zip(ops, answers):
-            if not code or (op.kind in ("fdb_del", "vlan_del") and code in (errno.ENOENT, errno.ENODEV)):
-                continue
-            if op.kind == "fdb_replace" and op.sticky and self.sticky_supported and code == errno.EINVAL:
-                self.execute(op)  # the one-by-one path learns that sticky is unsupported
-                continue
-            raise KernelError(what=render(op), reason="%s (errno %d)" % (os.strerror(code), code))
+        from fdbhook.plan import render, stages
+
+        for stage in stages(list(ops)):
+            for op in stage:
+                self._written(op)
+            try:
+                answers = self._write([self._request(op) for op in stage])
+            except Exception as exc:
+                raise KernelError(what="; ".join(render(op) for op in stage), reason=_reason(exc)) from None
+            for op, (_, code) in zip(stage, answers):
+                if not code or (op.kind in ("fdb_del", "vlan_del") and code in (errno.ENOENT, errno.ENODEV)):
+                    continue
+                raise KernelError(what=render(op), reason="%s (errno %d)" % (os.strerror(code), code),
+                                  errno=code)
+
+    def _write(self, requests):
+        """One round trip of write requests; fdbhook.faults may fail one or kill the process after one."""
+        if not faults.armed():
+            return self._round_trip(requests)
+        out, send, crash = [([], None)] * len(requests), [], False
+        for i in range(len(requests)):
+            code, crash = faults.kernel_request()
+            if code:
+                out[i] = ([], code)  # as if the kernel had answered so
+            else:
+                send.append(i)
+            if crash:
+                break
+        for i, answer in zip(send, self._round_trip([requests[i] for i in send]) if send else ()):
+            out[i] = answer
+        if crash:
+            faults.crash()
+        return out
 
     def _request(self, op):
         """The encoded netlink request for one plan.Op."""
@@ -476,64 +516,28 @@ class Kernel:
             for key in [key for key in self._seen if key[0] == "fdb"]:
                 del self._seen[key]
 
-    def execute(self, op):
-        """Carry out one plan.Op. Raises KernelError naming the op."""
-        self._written(op)
-        try:
-            if op.kind == "fdb_replace":
-                self._fdb_replace(op)
-            elif op.kind == "fdb_del":
-                self._fdb_del(op)
-            elif op.kind == "set_flags":
-                self.ipr.brport("set", index=op.ifindex, **_flag_args(op))
-            elif op.kind in ("vlan_add", "vlan_del"):
-                flags = (BRIDGE_VLAN_INFO_PVID if op.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if op.untagged else 0)
-                try:
-                    self.ipr.vlan_filter("add" if op.kind == "vlan_add" else "del", index=op.ifindex,
-                                         vlan_info={"vid": op.vlan, "flags": flags})
-                except Exception as exc:
-                    if op.kind == "vlan_add" or _nl_errno(exc) not in (errno.ENOENT, errno.ENODEV):
-                        raise
-            elif op.kind == "flush":
-                # IFLA_BRPORT_FLUSH drops the port's learned entries and keeps
-                # static and local ones (br_fdb_delete_by_port, do_all=0).
-                self.ipr.brport("set", index=op.ifindex, flush=True)
-            else:
-                raise ValueError("unknown op %r" % op.kind)
-        except KernelError:
-            raise
-        except Exception as exc:
-            from fdbhook.plan import render
-            raise KernelError(what=render(op), reason=_reason(exc)) from None
 
-    def _fdb_replace(self, op):
-        flags = NTF_MASTER
-        if op.sticky and self.sticky_supported:
-            flags |= NTF_STICKY
-        kw = dict(ifindex=op.ifindex, lladdr=op.mac, state=NUD_NOARP, flags=flags)
-        if op.vlan:
-            kw["vlan"] = op.vlan
-        try:
-            self.ipr.fdb("replace", **kw)
-        except Exception as exc:
-            if flags & NTF_STICKY and _nl_errno(exc) == errno.EINVAL:
-                # Kernels before 4.20 have no sticky entries: keep static.
-                LOG.warning("kernel refuses sticky FDB entries; using plain static ones")
-                self.sticky_supported = False
-                kw["flags"] = NTF_MASTER
-                self.ipr.fdb("replace", **kw)
-            else:
-                raise
+def kernel_version(release):
+    """(major, minor) of a kernel release string ('6.1.0-18-amd64' -> (6, 1)); (0, 0) if unreadable."""
+    parts = []
+    for piece in release.split(".")[:2]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if len(parts) == 2 else (0, 0)
 
-    def _fdb_del(self, op):
-        kw = dict(ifindex=op.ifindex, lladdr=op.mac, state=NUD_NOARP, flags=NTF_MASTER)
-        if op.vlan:
-            kw["vlan"] = op.vlan
-        try:
-            self.ipr.fdb("del", **kw)
-        except Exception as exc:
-            if _nl_errno(exc) not in (errno.ENOENT, errno.ENODEV):
-                raise
+
+def _vlan_protocol_present(raw):
+    """Does a bridge's RTM_NEWLINK carry IFLA_BR_VLAN_PROTOCOL (CONFIG_BRIDGE_VLAN_FILTERING)?"""
+    a = _attrs(raw, 32)
+    info = _attrs(a[IFLA_LINKINFO]) if IFLA_LINKINFO in a else {}
+    data = _attrs(info[IFLA_INFO_DATA]) if IFLA_INFO_DATA in info else {}
+    return IFLA_BR_VLAN_PROTOCOL in data
 
 
 def _raw_netlink_sockets():
@@ -729,15 +733,6 @@ def _flag_attrs(op):
         ("locked", IFLA_BRPORT_LOCKED), ("mab", IFLA_BRPORT_MAB)) if getattr(op, attr) is not None]
 
 
-def _flag_args(op):
-    """pyroute2's brport keywords for a set_flags op (only the flags it changes)."""
-    kw = {}
-    for attr, name in (("learning", "learning"), ("flood", "unicast_flood"), ("locked", "locked"), ("mab", "mab")):
-        if getattr(op, attr) is not None:
-            kw[name] = int(getattr(op, attr))
-    return kw
-
-
 def _describe(key):
     """The iproute2 command that would have made a read (for error messages)."""
     kind = key[0]
@@ -754,7 +749,7 @@ def _describe(key):
 # bytes (pyroute2 0.7 builds an object per attribute: 0.5 ms a link message).
 # The kernel tier checks them against link_from_msg/entry_from_msg.
 IFLA_ADDRESS, IFLA_LINK, IFLA_PROMISCUITY, IFLA_LINK_NETNSID = 1, 5, 30, 37
-IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_BR_VLAN_FILTERING = 2, 4, 7
+IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_PROTOCOL = 2, 4, 7, 8
 NDA_FLAGS_EXT = 15
 
 

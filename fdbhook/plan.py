@@ -136,6 +136,25 @@ def plan_port(want, have, flush=False):
     return tuple(ops)
 
 
+def _additive(op):
+    """Does ``op`` only add (an entry, a VLAN, flood back on, the port unlocked)? Nothing later depends on more."""
+    if op.kind in ("fdb_replace", "vlan_add"):
+        return True
+    return op.kind == "set_flags" and op.learning is None and op.flood is not False and not op.locked and not op.mab
+
+
+def stages(ops):
+    """One port's ops split where later requests depend on earlier ones: [[additive...], [the rest...]].
+
+    The kernel goes on after a failed message of one send; learning/flood off,
+    the lock, removals and the flush must not follow a failed entry or VLAN
+    add, so they go in a second send only when the first one fully succeeded.
+    """
+    ops = list(ops)
+    first = next((i for i, op in enumerate(ops) if not _additive(op)), len(ops))
+    return [stage for stage in (ops[:first], ops[first:]) if stage]
+
+
 def restore_state(want, before):
     """The DesiredPort that puts a port back exactly as ``before`` (a CurrentPort) after a failed apply."""
     mine = frozenset(key for key, _ in before.entries if before.owns(key))

@@ -8,13 +8,13 @@ never lose an update.
 """
 
 import dataclasses
-import errno
 import fcntl
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 
+from fdbhook import faults
 from fdbhook.errors import StateError
 from fdbhook.model import DomainRecord, NicRecord
 
@@ -62,21 +62,68 @@ def _safe_name(name):
     return "%2e" + safe[1:] if safe.startswith(".") else safe
 
 
+def _fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path, data):
-    """Write ``data`` to ``path`` so readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    """Write ``data`` to ``path`` so readers see the old or the new file, never half; durable on return.
+
+    The one write path of the state directory (temp file, fsync, rename,
+    fsync of the directory): fdbhook.faults counts here.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    except OSError as exc:
+        raise StateError(path=path, reason=exc.strerror or str(exc)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(tmp, path)
+        _fsync_dir(os.path.dirname(path))
     except OSError as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise StateError(path=path, reason=exc.strerror) from None
+        raise StateError(path=path, reason=exc.strerror or str(exc)) from None
+    if faults.armed():
+        faults.file_done()
+
+
+def _unlink(path):
+    """Remove a state file (missing is fine); counted like a write. StateError on failure."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StateError(path=path, reason=exc.strerror or str(exc)) from None
+    if faults.armed():
+        faults.file_done()
+
+
+def clean_temp_files(directory):
+    """Remove ``.tmp-*`` files a killed writer left behind (call with the store's lock held)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        if name.startswith(".tmp-"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 class Store:
@@ -128,11 +175,49 @@ class Store:
         _atomic_write(path, json.dumps(record_to_json(record), indent=1, sort_keys=True).encode())
 
     def remove(self, driver, domain):
+        _unlink(self.path(driver, domain))
+
+    # --- intents: one domain operation's plan, written before its first kernel write ----
+    def intent_dir(self):
+        return os.path.join(self.state_dir, "intents")
+
+    def intent_path(self, driver, domain):
+        return os.path.join(self.intent_dir(), "%s-%s.json" % (driver, _safe_name(domain)))
+
+    def save_intent(self, driver, domain, data):
+        path = self.intent_path(driver, domain)
         try:
-            os.unlink(self.path(driver, domain))
+            os.makedirs(self.intent_dir(), mode=0o700, exist_ok=True)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise StateError(path=self.path(driver, domain), reason=exc.strerror) from None
+            raise StateError(path=path, reason=exc.strerror) from None
+        _atomic_write(path, json.dumps(data, sort_keys=True).encode())
+
+    def remove_intent(self, driver, domain):
+        _unlink(self.intent_path(driver, domain))
+
+    def intents(self):
+        """[(path, parsed JSON or None if unreadable)] of every intent left, sorted."""
+        try:
+            names = sorted(n for n in os.listdir(self.intent_dir()) if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateError(path=self.intent_dir(), reason=exc.strerror) from None
+        out = []
+        for name in names:
+            path = os.path.join(self.intent_dir(), name)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    out.append((path, json.load(handle)))
+            except (OSError, ValueError, RecursionError):
+                out.append((path, None))
+        return out
+
+    def has_intents(self):
+        try:
+            return any(n.endswith(".json") for n in os.listdir(self.intent_dir()))
+        except OSError:
+            return False
 
     # --- incoming migrations (marked by the daemon at the migrate hook) ----
     def incoming_path(self, driver, domain):

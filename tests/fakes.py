@@ -2,6 +2,10 @@
 
 It keeps links, VLAN membership and bridge FDB entries in dicts and applies
 plan ops the way the kernel does, so engine logic can be tested without root.
+On errors it behaves like the real adapter (tests/kernel/test_adapter_contract.py
+runs the same scenarios against both): the ops go in the same stages
+(plan.stages), every op of a stage runs even after a failed one, the first
+failure is raised once the stage is done and later stages are not run.
 """
 
 from dataclasses import replace
@@ -89,14 +93,31 @@ class FakeKernel:
         link = next((l for l in self.links_by_index.values() if l.name == name and l.kind == "bridge"), None)
         return link.ifindex if link is not None else None
 
+    @staticmethod
+    def capabilities(release=None):
+        return {"sticky": True, "locked": True, "mab": True}
+
+    def vlan_filtering_capable(self, bridge_ifindex):
+        return self.vlan_supported
+
     def execute_many(self, ops):
-        for op in ops:
-            self.execute(op)
+        from fdbhook.plan import stages
+
+        for stage in stages(list(ops)):
+            failed = None
+            for op in stage:
+                try:
+                    self._one(op)
+                except KernelError as exc:
+                    if not (op.kind in ("fdb_del", "vlan_del") and exc.kwargs.get("errno") in (2, 19)):
+                        failed = failed or exc
+            if failed is not None:
+                raise failed
 
     def close(self):
         pass
 
-    def execute(self, op):
+    def _one(self, op):
         from fdbhook.plan import render
 
         if self.fail_on == op.kind and self.fail_port in (None, op.port):
@@ -104,7 +125,7 @@ class FakeKernel:
         self.executed.append(op)
         link = self.links_by_index.get(op.ifindex)
         if link is None:
-            raise KernelError(what=render(op), reason="No such device (errno 19)")
+            raise KernelError(what=render(op), reason="No such device (errno 19)", errno=19)
         if op.kind == "set_flags":
             changes = {}
             if op.learning is not None:
@@ -114,15 +135,15 @@ class FakeKernel:
             for flag in ("locked", "mab"):
                 if getattr(op, flag) is not None:
                     if getattr(link, flag) is None:
-                        raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+                        raise KernelError(what=render(op), reason="Invalid argument (errno 22)", errno=22)
                     changes[flag] = getattr(op, flag)
             new = replace(link, **changes)
             if new.mab and not (new.locked and new.learning):  # as br_setport refuses it
-                raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+                raise KernelError(what=render(op), reason="Invalid argument (errno 22)", errno=22)
             self.links_by_index[op.ifindex] = new
         elif op.kind == "fdb_replace":
             if op.vlan and op.vlan not in self.vlans.get(op.ifindex, {}):
-                raise KernelError(what=render(op), reason="Invalid argument (errno 22)")
+                raise KernelError(what=render(op), reason="Invalid argument (errno 22)", errno=22)
             self.entries[(link.master, op.mac, op.vlan)] = FdbEntry(
                 mac=op.mac, ifindex=op.ifindex, static=True, local=False, sticky=op.sticky, vlan=op.vlan)
         elif op.kind == "fdb_del":
