@@ -1,0 +1,44 @@
+"""Kernel tier: kill the real hook entry at every kernel request and every state-file write, fail each
+kernel request, and check that the next lifecycle event leaves every port managed-with-a-record or
+exactly as it was (tests/crashlab.py does the work inside the lab's namespace)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_crashlab(lab, tmp_path, *args):
+    out = tmp_path / "crash.json"
+    argv = lab.exec_argv([sys.executable, "-m", "tests.crashlab", "--json", str(out), *args])
+    res = subprocess.run(argv, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                         timeout=900, stdin=subprocess.DEVNULL)
+    assert out.exists(), res.stdout[-2000:] + res.stderr[-2000:]
+    return json.loads(out.read_text()), res
+
+
+def test_every_crash_and_fault_point_keeps_every_port_managed_or_original(lab, tmp_path):
+    data, res = run_crashlab(lab, tmp_path, "--nics", "1,4", "--faults", "EINVAL,EBUSY,ENOBUFS",
+                             "--fault-nics", "1")
+    assert data["violations"] == 0, res.stdout[-4000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {(r["nics"], r["op"], r["mode"], r["kind"] if r["mode"] == "crash" else r["errno"]): r
+            for r in data["rows"]}
+    for op in ("start", "stopped", "release", "reconnect", "attach", "detach", "macchange"):
+        for nics in (1, 4):
+            assert rows[(nics, op, "crash", "kernel")]["points"] >= 1, (nics, op)
+            assert rows[(nics, op, "crash", "file")]["points"] >= 1, (nics, op)
+    # 4 NICs: every request of every port is a kill point, and the kills did leave damage to repair
+    start = rows[(4, "start", "crash", "kernel")]
+    assert start["points"] >= 8 and start["dirty"] == start["points"]
+    # a refused start leaves the kernel as it was, with exit 1 and one line (checked by crashlab)
+    for errname in ("EINVAL", "EBUSY", "ENOBUFS"):
+        row = rows[(1, "start", "fault", errname)]
+        assert row["points"] >= 1 and row["dirty"] == 0 and set(row["exit_codes"]) == {"1"}, row
+        assert set(rows[(1, "stopped", "fault", errname)]["exit_codes"]) == {"0"}
