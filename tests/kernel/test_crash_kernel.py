@@ -42,3 +42,31 @@ def test_every_crash_and_fault_point_keeps_every_port_managed_or_original(lab, t
         row = rows[(1, "start", "fault", errname)]
         assert row["points"] >= 1 and row["dirty"] == 0 and set(row["exit_codes"]) == {"1"}, row
         assert set(rows[(1, "stopped", "fault", errname)]["exit_codes"]) == {"0"}
+
+
+def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_path):
+    from tests.helpers import bridge_nic, domain_xml
+
+    lab.add_bridge("br0")
+    for i in range(2):
+        lab.add_tap("vnet%d" % i, bridge="br0")
+    conf = tmp_path / "fdbhook.conf"
+    conf.write_text("[manage]\nbridges = br0\n")
+    env = dict(os.environ, FDBHOOK_CONF=str(conf), FDBHOOK_STATE_DIR=str(tmp_path / "state"),
+               FDBHOOK_LOG=str(tmp_path / "log"), PYTHONPATH=REPO)
+    xml = domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")])
+    argv = lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", "t1", "start", "begin", "-"])
+    killed = subprocess.run(argv, input=xml, env=dict(env, FDBHOOK_CRASH_AT="kernel:4"),
+                            capture_output=True, timeout=60)
+    assert killed.returncode == -9
+    assert lab.port_flags("vnet0")["learning"] is False  # half done: the first port is managed, no record
+    assert os.listdir(tmp_path / "state" / "intents") == ["qemu-t1.json"]
+    status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for port in ("vnet0", "vnet1"):
+        flags = lab.port_flags(port)
+        assert (flags["learning"], flags["flood"]) == (True, True), port
+    assert not [e for e in lab.fdb(br="br0") if e["state"] == "static"]
+    assert os.listdir(tmp_path / "state" / "intents") == []
+    assert "interrupted operation was rolled back" in (tmp_path / "log").read_text()
