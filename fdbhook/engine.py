@@ -1,7 +1,7 @@
 """Apply, tear down, reconcile and repair: desired state, current state, plan, verify, roll back.
 
 The hooks, the CLI and fdbhookd all come through here. Every path is the
-same three steps on one port (``converge``): read the current state
+same three steps on one port (``plan_converge``, ``execute_verified``): read the current state
 (fdbhook.current), plan the difference (fdbhook.plan), execute it; verify =
 read and plan again and expect nothing; on failure, plan back to the state
 read before. One call handles one domain under the store's lock as one
@@ -23,6 +23,7 @@ from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain
 from fdbhook.resolve import load_networks
+from fdbhook.state import clean_temp_files
 
 LOG = logging.getLogger(__name__)
 
@@ -256,14 +257,6 @@ def execute_verified(kernel, want, ops, before, tx=None):
         raise ApplyError(domain="?", nic=want.port,
                          reason="%s; restoring the port failed too, the next run retries" % reason) from None
     _log_takeovers(want, before)
-
-
-def converge(kernel, want, link=None, flush=False, dry_run=False, reserve=frozenset()):
-    """Bring one port to ``want``: (ops sent, state before). Raises ApplyError, port restored."""
-    ops, before = plan_converge(kernel, want, link, flush=flush, reserve=reserve)
-    if not dry_run:
-        execute_verified(kernel, want, ops, before)
-    return ops, before
 
 
 def _log_takeovers(want, before):
@@ -827,6 +820,8 @@ def resync(kernel, store, config):
     facts = BridgeFacts(kernel)
     with store.lock():
         left = txn.recover(kernel, store)
+        for directory in (store.domain_dir, store.intent_dir()):
+            clean_temp_files(directory)  # what a writer killed outside any transaction left
     for record in store.all():
         if (record.driver, record.domain) in left:
             failed += len(record.nics)
