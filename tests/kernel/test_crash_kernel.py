@@ -44,7 +44,8 @@ def test_every_crash_and_fault_point_keeps_every_port_managed_or_original(lab, t
         assert set(rows[(1, "stopped", "fault", errname)]["exit_codes"]) == {"0"}
 
 
-def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_path):
+def killed_start(lab, tmp_path):
+    """A two-NIC start killed after its 4th kernel request: port 1 managed, port 2 half, no record."""
     from tests.helpers import bridge_nic, domain_xml
 
     lab.add_bridge("br0")
@@ -53,7 +54,7 @@ def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_pat
     conf = tmp_path / "fdbhook.conf"
     conf.write_text("[manage]\nbridges = br0\n")
     env = dict(os.environ, FDBHOOK_CONF=str(conf), FDBHOOK_STATE_DIR=str(tmp_path / "state"),
-               FDBHOOK_LOG=str(tmp_path / "log"), PYTHONPATH=REPO)
+               FDBHOOK_LOG=str(tmp_path / "log"), FDBHOOK_SOCKET=str(tmp_path / "fdbhookd.sock"), PYTHONPATH=REPO)
     xml = domain_xml([bridge_nic(), bridge_nic(mac="52:54:00:00:00:02", dev="vnet1", alias="net1")])
     argv = lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", "t1", "start", "begin", "-"])
     killed = subprocess.run(argv, input=xml, env=dict(env, FDBHOOK_CRASH_AT="kernel:4"),
@@ -61,12 +62,34 @@ def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_pat
     assert killed.returncode == -9
     assert lab.port_flags("vnet0")["learning"] is False  # half done: the first port is managed, no record
     assert os.listdir(tmp_path / "state" / "intents") == ["qemu-t1.json"]
+    return env
+
+
+def as_before(lab, tmp_path):
+    flags = [lab.port_flags(port) for port in ("vnet0", "vnet1")]
+    return (all((f["learning"], f["flood"]) == (True, True) for f in flags)
+            and not [e for e in lab.fdb(br="br0") if e["state"] == "static"]
+            and os.listdir(tmp_path / "state" / "intents") == [])
+
+
+def test_fdbhookd_start_up_undoes_a_killed_start(lab, tmp_path):
+    from fdbhook.lab import poll
+
+    env = killed_start(lab, tmp_path)
+    proc = subprocess.Popen(lab.exec_argv([sys.executable, "-m", "fdbhook", "daemon", "--no-libvirt"]), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        assert poll(lambda: as_before(lab, tmp_path) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None and as_before(lab, tmp_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_path):
+    env = killed_start(lab, tmp_path)
     status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=env,
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert status.returncode == 0, status.stdout + status.stderr
-    for port in ("vnet0", "vnet1"):
-        flags = lab.port_flags(port)
-        assert (flags["learning"], flags["flood"]) == (True, True), port
-    assert not [e for e in lab.fdb(br="br0") if e["state"] == "static"]
-    assert os.listdir(tmp_path / "state" / "intents") == []
+    assert as_before(lab, tmp_path)
     assert "interrupted operation was rolled back" in (tmp_path / "log").read_text()
