@@ -22,7 +22,7 @@ import logging
 
 from fdbhook import plan as planner
 from fdbhook.current import read_port
-from fdbhook.errors import FdbhookError, KernelError, StateError
+from fdbhook.errors import KernelError, StateError
 from fdbhook.model import CurrentPort, DesiredPort, FdbEntry
 from fdbhook.state import clean_temp_files, record_from_json, record_to_json
 
@@ -167,7 +167,7 @@ def recover(kernel, store):
                 what = "rolled back"
             store.remove_intent(driver, domain)
             LOG.warning("%s/%s: an interrupted operation was %s (%d ports)", driver, domain, what, len(ports))
-        except FdbhookError as exc:
+        except Exception as exc:  # noqa: BLE001 - nothing read from disk may stop the run; this domain waits
             LOG.error("%s/%s: recovering an interrupted operation failed: %s", driver, domain, exc)
             left[(driver, domain)] = str(exc)
         finally:
