@@ -140,8 +140,15 @@ else
         fi
     done
     step "apt-get install ${installable[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${installable[@]}" >/dev/null
+    # A maintainer script that fails once (seen on a fresh minimal Debian 13:
+    # "dpkg returned an error code (1)", not reproducible) gets one more try
+    # after dpkg --configure -a, with its output shown this time.
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${installable[@]}" >/dev/null; then
+        step "apt-get install failed; dpkg --configure -a and one more try"
+        DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${installable[@]}"
+    fi
     step "packages installed"
 fi
 
