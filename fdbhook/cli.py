@@ -104,6 +104,10 @@ def cmd_status(args):
     config = load_config(args.config)
     with Kernel() as kernel:
         data = collect(config, kernel, Store(config.state_dir), frr=read_macs)
+        if not data["stale_records"] and not any(p["domain"] for b in data["bridges"] for p in b["ports"]):
+            # Nothing managed yet: what a new user needs to know and do next.
+            from fdbhook import firstrun
+            data["first_run"] = firstrun.sentences(firstrun.gather(config, kernel.links()))
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
