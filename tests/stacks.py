@@ -128,6 +128,8 @@ STACKS = {
     # A fresh minimal Debian 12 as container images have it: no procps,
     # no systemd, no sudo; everything else comes from the archive at run time.
     "bookworm-minimal": Stack("bookworm-minimal", "bookworm", "minbase"),
+    # The same for Debian 13 (README's commands as a new user meets them).
+    "trixie-minimal": Stack("trixie-minimal", "trixie", "minbase"),
 }
 
 # Names a forwarding host resolves to a loopback relay (apt, pip).
