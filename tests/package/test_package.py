@@ -16,13 +16,14 @@ from tests.package.conftest import UPGRADE_CONF_LINE, UPGRADE_VERSION, unavailab
 
 pytestmark = pytest.mark.package
 
-# What is not the package's business in the file list: the work tree copy, dpkg/apt's own
+# What is not the package's business in the file list: the work tree copy, this test's files, dpkg/apt's own
 # records and caches, logs of apt and libvirt, libvirt's runtime state (piuparts ignores the same).
-IGNORE = (r"^/(src|root/pk-debs)(/|$)|^/var/lib/(apt|dpkg|libvirt)/|^/var/cache/(apt|debconf|ldconfig|libvirt)/"
+IGNORE = (r"^/(src|root/pk-debs|root/pk-work)(/|$)|^/var/lib/(apt|dpkg|libvirt)/|^/var/cache/(apt|debconf|ldconfig|libvirt)/"
           r"|^/var/log/(apt/|dpkg\.log|alternatives\.log|libvirt/)")
 
 SCRIPT = r"""
 set -euo pipefail
+mkdir /root/pk-work
 snapshot() {
     find / -xdev -path /src -prune -o -print | grep -Ev '%(ignore)s' | LC_ALL=C sort >"$1"
 }
@@ -31,12 +32,13 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confold "$@"
 }
+export LIBVIRTD_KEEP_CGROUP2=1  # QEMU only (no umount in the tree; LXC is what needs it gone)
 /src/tests/system/libvirtd-up.sh >/dev/null
 ip link add pkbr0 type bridge
 ip link add pkup0 type veth peer name pkup1
 ip link set pkup0 master pkbr0
 for l in pkbr0 pkup0 pkup1; do ip link set "$l" up; done
-snapshot /root/before.list
+snapshot /root/pk-work/before.list
 
 say install
 apt_install /root/pk-debs/first/*.deb
@@ -45,12 +47,12 @@ for d in qemu lxc network; do
     cmp /usr/share/fdbhook/hooks/$d /etc/libvirt/hooks/$d
 done
 sed -i 's/^bridges =.*/bridges = pkbr0/' /etc/fdbhook/fdbhook.conf
-fdbhook status >/root/status-first.txt
-grep -q "bridges matching 'pkbr0': pkbr0 (1 port)" /root/status-first.txt
+fdbhook status >/root/pk-work/status-first.txt
+grep -q "bridges matching 'pkbr0': pkbr0 (1 port)" /root/pk-work/status-first.txt
 /src/tests/system/libvirtd-up.sh restart >/dev/null   # libvirt finds hooks when it starts
 
 say guest
-cat >/root/pk.xml <<'XML'
+cat >/root/pk-work/pk.xml <<'XML'
 <domain type='qemu'><name>pk-guest</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>
 <on_poweroff>destroy</on_poweroff><devices>
@@ -58,10 +60,11 @@ cat >/root/pk.xml <<'XML'
 <target dev='pkt0'/><model type='virtio'/><rom enabled='no'/></interface>
 <memballoon model='none'/></devices></domain>
 XML
-virsh -q -c qemu:///system create /root/pk.xml
-bridge -d link show dev pkt0 | tee /root/port.txt
-grep -q "learning off" /root/port.txt && grep -q "flood off" /root/port.txt
-bridge fdb show dev pkt0 | grep -q "52:54:00:9c:19:01 master pkbr0 static"
+virsh -q -c qemu:///system create /root/pk-work/pk.xml
+bridge -d link show dev pkt0 | tee /root/pk-work/port.txt
+grep -q "learning off" /root/pk-work/port.txt && grep -q "flood off" /root/pk-work/port.txt
+bridge fdb show dev pkt0 | tee /root/pk-work/fdb.txt
+grep "^52:54:00:9c:19:01 " /root/pk-work/fdb.txt | grep -v permanent | grep -q static
 fdbhook status | grep -q "qemu/pk-guest"
 virsh -q -c qemu:///system destroy pk-guest
 bridge -d link show dev pkt0 2>/dev/null | grep -q "learning off" && exit 3 || true
@@ -76,9 +79,9 @@ cmp /usr/share/fdbhook/hooks/qemu /etc/libvirt/hooks/qemu
 
 say purge
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q fdbhook
-snapshot /root/after.list
+snapshot /root/pk-work/after.list
 say "diff of the file list, before install vs after purge:"
-diff /root/before.list /root/after.list && say "empty"
+diff /root/pk-work/before.list /root/pk-work/after.list && say "empty"
 """
 
 
