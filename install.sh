@@ -393,6 +393,7 @@ restart_or_tell() { # WHY NEWEST
 }
 
 # --- the Debian package (default) ----------------------------------------
+# debian/control's Build-Depends (tests/unit/test_firstrun.py keeps them equal) and dpkg-dev.
 BUILD_DEPS="dpkg-dev debhelper dh-python bash-completion python3 python3-lxml python3-systemd"
 apt_install() { # ARGS...: apt-get install, with an apt-get update when the lists are stale
     local q=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -y -q
@@ -417,8 +418,11 @@ build_deb() { # -> path of the .deb in $WORK
     mkdir "$WORK/src"
     tar -C "$SRC" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' --exclude=./build \
         --exclude=./dist --exclude=./.pytest_cache --exclude=./bench/results -cf - . | tar -C "$WORK/src" -xf -
-    say "building the package (dpkg-buildpackage -us -uc -b)"
-    (cd "$WORK/src" && dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1 \
+    # -d: the package is Architecture: all, no compiler involved: BUILD_DEPS
+    # (debian/control's Build-Depends) without build-essential (gcc, make, ...
+    # about 200 MB that dpkg-checkbuilddeps would otherwise demand).
+    say "building the package (dpkg-buildpackage -us -uc -b -d)"
+    (cd "$WORK/src" && dpkg-buildpackage -us -uc -b -d) >"$WORK/build.log" 2>&1 \
         || { tail -n 30 "$WORK/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
     ls "$WORK"/fdbhook_*_all.deb
 }
@@ -442,7 +446,7 @@ hook_files() { # the hooks the package installed, one a line
 deb_main() {
     LIBVIRT=$(libvirt_version)
     if [ "$DRY_RUN" = 1 ]; then
-        echo "would run: ${DEB:+apt-get install $DEB}${DEB:-dpkg-buildpackage -us -uc -b in a copy of $SRC; apt-get install ./fdbhook_*_all.deb}"
+        echo "would run: ${DEB:+apt-get install $DEB}${DEB:-dpkg-buildpackage -us -uc -b -d in a copy of $SRC; apt-get install ./fdbhook_*_all.deb}"
         [ "$SET_BRIDGES$SET_NETWORKS" = 00 ] || echo "would set bridges='$BRIDGES' networks='$NETWORKS' in $CONF"
         say "dry run: nothing changed"
         return

@@ -1,5 +1,7 @@
-"""fdbhook as a Debian package (issue 19): lintian-clean; on fresh Debian 12 and 13 trees it installs
-with apt, its hooks manage a real QEMU guest's port, an upgrade keeps the admin's conffile, and
+"""fdbhook as a Debian package (issue 19): lintian-clean; on fresh Debian 12 and 13 trees install.sh
+--deb installs it with apt and restarts the hand-started libvirtd (Debian 13: its sysvinit script
+does not know that daemon, install.sh falls back to the pid-file restart), `fdbhook status` says
+what a new user needs, its hooks manage a real QEMU guest's port, an upgrade keeps the admin's conffile, and
 `apt purge` leaves the tree's file list exactly as it was before the install (piuparts' check).
 
 The trees are tests/stacks.py's cached mmdebstrap userlands (never written: every host is an
@@ -40,16 +42,21 @@ ip link set pkup0 master pkbr0
 for l in pkbr0 pkup0 pkup1; do ip link set "$l" up; done
 snapshot /root/pk-work/before.list
 
-say install
-apt_install /root/pk-debs/first/*.deb
+say install: install.sh --deb, --bridges, --restart of a hand-started libvirtd
+pid0=$(cat /run/libvirtd.pid)
+/src/install.sh --deb /root/pk-debs/first/*.deb --bridges pkbr0 --restart 2>&1 | tee /root/pk-work/install.txt
+pid1=$(cat /run/libvirtd.pid)
+[ "$pid0" != "$pid1" ] && grep -q "libvirtd restarted" /root/pk-work/install.txt
 for d in qemu lxc network; do
     grep -q fdbhook-hook /etc/libvirt/hooks/$d
     cmp /usr/share/fdbhook/hooks/$d /etc/libvirt/hooks/$d
 done
-sed -i 's/^bridges =.*/bridges = pkbr0/' /etc/fdbhook/fdbhook.conf
-fdbhook status >/root/pk-work/status-first.txt
+grep -qx "bridges = pkbr0" /etc/fdbhook/fdbhook.conf
+say status, nothing managed yet
+fdbhook status | tee /root/pk-work/status-first.txt
 grep -q "bridges matching 'pkbr0': pkbr0 (1 port)" /root/pk-work/status-first.txt
-/src/tests/system/libvirtd-up.sh restart >/dev/null   # libvirt finds hooks when it starts
+grep -q "libvirtd: running since after the hooks were installed" /root/pk-work/status-first.txt
+grep -q "libvirt daemon: Debian package $(dpkg-query -W -f='${Version}' libvirt-daemon)" /root/pk-work/status-first.txt
 
 say guest
 cat >/root/pk-work/pk.xml <<'XML'

@@ -100,3 +100,14 @@ def test_readme_commands_need_no_sudo():
     text = open(os.path.join(ROOT, "README.md")).read()
     commands = [line for line in text.splitlines() if line.lstrip().startswith(("sudo ", "$ sudo", "# sudo"))]
     assert commands == []
+
+
+def test_install_sh_build_deps_are_debian_controls():
+    """install.sh installs exactly the package's Build-Depends before dpkg-buildpackage -d."""
+    import re
+    control = open(os.path.join(ROOT, "debian", "control")).read()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.M | re.S).group(1)
+    wanted = {re.sub(r"\s*\(.*\)", "", dep).strip() for dep in field.split(",") if dep.strip()}
+    wanted = {"debhelper" if dep == "debhelper-compat" else dep for dep in wanted}
+    line = re.search(r'^BUILD_DEPS="([^"]*)"', open(os.path.join(ROOT, "install.sh")).read(), re.M).group(1)
+    assert set(line.split()) == wanted | {"dpkg-dev"}
