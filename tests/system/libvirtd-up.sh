@@ -129,7 +129,7 @@ stop_daemon() { # NAME: the one in /run/NAME.pid
     kill $pids
     no_daemon() { [ -z "$(daemon_pids "$1")" ]; }
     wait_until "$WAIT_SECS" "$1 to exit" no_daemon "$1"
-    step "stopped $1 (started by an earlier run)"
+    step "stopped $1 (libvirtd-up.sh had started it)"
 }
 if [ "$ACTION" = down ]; then
     [ -d "$REC" ] || { step "nothing recorded: nothing to undo"; exit 0; }
