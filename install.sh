@@ -404,7 +404,7 @@ apt_install() { # ARGS...: apt-get install, with an apt-get update when the list
     tail -n 20 "$WORK/apt.log" >&2
     return 1
 }
-build_deb() { # -> path of the .deb in $WORK
+build_deb() { # sets BUILT: the .deb in $WORK
     local missing="" pkg
     for pkg in $BUILD_DEPS; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -424,7 +424,7 @@ build_deb() { # -> path of the .deb in $WORK
     say "building the package (dpkg-buildpackage -us -uc -b -d)"
     (cd "$WORK/src" && dpkg-buildpackage -us -uc -b -d) >"$WORK/build.log" 2>&1 \
         || { tail -n 30 "$WORK/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
-    ls "$WORK"/fdbhook_*_all.deb
+    BUILT=$(ls "$WORK"/fdbhook_*_all.deb)
 }
 set_manage() { # KEY VALUE: one [manage] line of the conffile
     local conf=$CONF_DIR/fdbhook.conf
@@ -459,7 +459,8 @@ deb_main() {
         [ -f "$DEB" ] || die "--deb $DEB: no such file"
         cp "$DEB" "$WORK/" && deb=$WORK/$(basename "$DEB")
     else
-        deb=$(build_deb)
+        build_deb
+        deb=$BUILT
     fi
     chmod 0644 "$deb"
     say "installing $(basename "$deb") with apt (your edits of $CONF are kept)"
