@@ -108,7 +108,7 @@ def sentences(facts):
     else:
         lines.append("libvirt daemon: not installed (no libvirt-daemon package)")
         steps.append("install libvirt: apt install libvirt-daemon-system (or run 'fdbhook demo' to see what "
-                     "fdbhook does on two throwaway bridges)")
+                     "fdbhook does on a throwaway bridge)")
     hooks = facts["hooks"]
     if hooks:
         lines.append("hooks: %s" % ", ".join("%s (%s)" % (d, p) for d, (p, _) in sorted(hooks.items())))
