@@ -111,3 +111,23 @@ def test_install_sh_build_deps_are_debian_controls():
     wanted = {"debhelper" if dep == "debhelper-compat" else dep for dep in wanted}
     line = re.search(r'^BUILD_DEPS="([^"]*)"', open(os.path.join(ROOT, "install.sh")).read(), re.M).group(1)
     assert set(line.split()) == wanted | {"dpkg-dev"}
+
+
+def _install_sh(*args):
+    return subprocess.run(["bash", os.path.join(ROOT, "install.sh")] + list(args), capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+
+
+def test_install_sh_default_is_the_package_and_dry_run_changes_nothing():
+    out = _install_sh("--dry-run", "--bridges", "br0")
+    assert out.returncode == 0, out.stderr
+    assert "dpkg-buildpackage -us -uc -b -d" in out.stdout and "apt-get install" in out.stdout
+    assert "would set bridges='br0'" in out.stdout and "dry run: nothing changed" in out.stdout
+
+
+def test_install_sh_venv_options_need_venv_one_line_error():
+    out = _install_sh("--dry-run", "--no-apt", "--prefix", "/opt/x")
+    assert out.returncode == 1 and "--no-apt, --prefix: only with --venv" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = _install_sh("--venv", "--deb", "/nonexistent.deb", "--dry-run")
+    assert out.returncode == 1 and "--deb and --venv exclude each other" in out.stderr
