@@ -494,6 +494,7 @@ except FdbhookError as exc:
         say "optional: systemctl enable --now fdbhookd (hotplug, pause/resume, drift repair; see README)"
     fi
     demo_once /usr/bin/fdbhook
+    command -v man >/dev/null 2>&1 || say "'man fdbhook' needs man-db (apt install man-db); 'fdbhook manpage' prints the page"
     say "done: 'fdbhook status' shows what is managed and what to do next; 'apt purge fdbhook' removes it all"
 }
 # The demo (no libvirt here): the first install only, or --demo.
