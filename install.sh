@@ -2,34 +2,33 @@
 # Install fdbhook on a Debian machine (as root).
 #
 #   ./install.sh [--bridges 'br0 br-*'] [--networks 'default'] [--restart]
-#                [--prefix /opt/fdbhook] [--bindir /usr/local/bin]
-#                [--no-apt] [--no-hooks] [--demo|--no-demo] [--dry-run]
-#   ./install.sh --uninstall [--force] [--restart] [--dry-run]
+#                [--deb FILE] [--demo|--no-demo] [--dry-run]
+#   ./install.sh --venv [--prefix /opt/fdbhook] [--bindir /usr/local/bin]
+#                [--no-apt] [--no-hooks] [--bridges ..] [--networks ..]
+#                [--restart] [--demo|--no-demo] [--dry-run]
+#   ./install.sh --venv --uninstall [--force] [--restart] [--dry-run]
 #
-# * Debian packages for the dependencies (python3-lxml, python3-pyroute2,
-#   python3-libvirt), fdbhook itself in a private virtualenv at PREFIX that
-#   sees them (--system-site-packages): the system Python stays untouched.
-# * BINDIR/fdbhook, a commented /etc/fdbhook/fdbhook.conf that manages
-#   nothing until --bridges/--networks (or the admin) name something; an
-#   edited config is never touched.
-# * libvirt hooks qemu, lxc, network in /etc/libvirt/hooks; a foreign script
-#   already there is never overwritten: fdbhook goes to DRIVER.d/50-fdbhook
-#   (libvirt >= 6.5; older libvirt: stop with a message, change nothing).
-# * fdbhookd.service (optional daemon) into /etc/systemd/system where systemd
-#   runs (or when staging), never enabled by install.sh.
-# * Says which daemon to restart; --restart restarts it (systemd, init
-#   script, or a daemon started by hand: same mount namespace kind, clean
-#   environment). With no libvirt on the machine it runs `fdbhook demo`.
-# * Idempotent. --uninstall removes what the manifest lists (refuses while
-#   guests still have managed ports, unless --force).
+# Default: the Debian package. Builds fdbhook_VERSION_all.deb from this
+# checkout (dpkg-buildpackage -us -uc -b on a clean copy; the build tools
+# come from apt) or takes --deb FILE, installs it with apt (your edited
+# /etc/fdbhook/fdbhook.conf is kept: --force-confold). The package's
+# postinst installs the hooks (a foreign hook is never overwritten:
+# fdbhook goes to DRIVER.d/50-fdbhook); `apt purge fdbhook` removes it all.
+# Then --bridges/--networks set [manage] in /etc/fdbhook/fdbhook.conf.
 #
-# Packagers: DESTDIR=/stage ./install.sh --prefix /opt/fdbhook stages
-# DESTDIR/PREFIX (virtualenv), DESTDIR/BINDIR/fdbhook, DESTDIR/etc/fdbhook
-# and DESTDIR/etc/libvirt/hooks with every path pointing at the final
-# PREFIX; no apt, no daemon restart, no demo, no root needed.
+# --venv: the developers' and test labs' install (tests/run uses it): a
+# virtualenv at PREFIX that sees Debian's lxml, pyroute2, libvirt
+# (--system-site-packages), BINDIR/fdbhook, hooks whose interpreter is that
+# virtualenv, a manifest for --venv --uninstall. Staging: DESTDIR=/stage.
 #
-# Environment: DESTDIR; FDBHOOK_HOOK_DIR (default /etc/libvirt/hooks);
-# FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
+# Both: says which libvirt daemon to restart (libvirt finds hooks when its
+# daemon starts) and how to start one that is not running; --restart
+# restarts it (systemd, init script, or a daemon started by hand: same
+# arguments, clean environment). With no libvirt on the machine, the first
+# install runs `fdbhook demo` once (--demo: again). Idempotent.
+#
+# Environment: DESTDIR (--venv); FDBHOOK_HOOK_DIR (default /etc/libvirt/hooks,
+# --venv); FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
 set -euo pipefail
 umask 022
 
@@ -53,6 +52,9 @@ RESTART=0
 APT=1
 HOOKS=1
 DEMO=auto
+MODE=deb
+DEB=""
+VENV_ONLY=""
 MARKER="fdbhook-hook"
 DRIVERS="qemu lxc network"
 APT_PACKAGES="python3 python3-venv python3-pip python3-setuptools python3-wheel python3-lxml python3-pyroute2 python3-libvirt iproute2 python3-systemd python3-prometheus-client"
@@ -80,16 +82,19 @@ while [ $# -gt 0 ]; do
         --bridges=*) BRIDGES=${1#*=}; SET_BRIDGES=1; shift ;;
         --networks) NETWORKS=${2?--networks needs a value}; SET_NETWORKS=1; shift 2 ;;
         --networks=*) NETWORKS=${1#*=}; SET_NETWORKS=1; shift ;;
-        --prefix) PREFIX=${2?--prefix needs a value}; shift 2 ;;
-        --prefix=*) PREFIX=${1#*=}; shift ;;
-        --bindir) BIN_DIR=${2?--bindir needs a value}; shift 2 ;;
-        --bindir=*) BIN_DIR=${1#*=}; shift ;;
+        --venv) MODE=venv; shift ;;
+        --deb) DEB=${2?--deb needs a file}; shift 2 ;;
+        --deb=*) DEB=${1#*=}; shift ;;
+        --prefix) PREFIX=${2?--prefix needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; VENV_ONLY="$VENV_ONLY --prefix"; shift ;;
+        --bindir) BIN_DIR=${2?--bindir needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
+        --bindir=*) BIN_DIR=${1#*=}; VENV_ONLY="$VENV_ONLY --bindir"; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        --uninstall) UNINSTALL=1; shift ;;
+        --uninstall) UNINSTALL=1; VENV_ONLY="$VENV_ONLY $1"; shift ;;
         --force) FORCE=1; shift ;;
         --restart) RESTART=1; shift ;;
-        --no-apt) APT=0; shift ;;
-        --no-hooks) HOOKS=0; shift ;;
+        --no-apt) APT=0; VENV_ONLY="$VENV_ONLY $1"; shift ;;
+        --no-hooks) HOOKS=0; VENV_ONLY="$VENV_ONLY $1"; shift ;;
         --demo) DEMO=yes; shift ;;
         --no-demo) DEMO=no; shift ;;
         -h|--help) usage 0 ;;
@@ -97,6 +102,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+if [ "$MODE" = deb ]; then
+    [ -z "$VENV_ONLY" ] || die "$(echo $VENV_ONLY | sed 's/ /, /g'): only with --venv (see ./install.sh --help; the package goes with: apt purge fdbhook)"
+    [ -z "$DESTDIR" ] || die "DESTDIR: only with --venv (the package is staged by dpkg-buildpackage)"
+    [ -z "${FDBHOOK_HOOK_DIR:-}" ] || die "FDBHOOK_HOOK_DIR: only with --venv"
+else
+    [ -z "$DEB" ] || die "--deb and --venv exclude each other"
+fi
 PREFIX=${PREFIX%/}
 BIN_DIR=${BIN_DIR%/}
 case "$PREFIX" in /?*) ;; *) die "--prefix must be an absolute path (got '$PREFIX')" ;; esac
@@ -119,12 +131,11 @@ MANIFEST=$SHARE/manifest
 PRISTINE=$SHARE/fdbhook.conf.pristine
 CONF=$CONF_DIR/fdbhook.conf
 
-# One install.sh at a time on a live system.
+# One install.sh at a time on a live system (both modes).
 if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
-    lockdir=/run/lock
-    [ -d "$lockdir" ] || lockdir=/tmp
-    exec 9>"$lockdir/fdbhook-install.lock"
-    flock -w 60 9 || die "another install.sh is running (lock $lockdir/fdbhook-install.lock)"
+    mkdir -p -m 0700 "$STATE_DIR"
+    exec 9>"$STATE_DIR/install.lock"
+    flock -w 60 9 || die "another install.sh is running (lock $STATE_DIR/install.lock)"
 fi
 
 # --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------
@@ -277,6 +288,20 @@ restart_by_hand() { # DAEMON: the one daemon_pid names, nothing else of that nam
     say "$d restarted (pid $(daemon_pid "$d" || echo '?'))"
 }
 
+# How to start DAEMON here: systemd, an init script under a running init,
+# or by hand (containers, chroots: no init system; virtlogd first).
+how_to_start() { # DAEMON
+    local d=$1 init
+    init=$(readlink /proc/1/exe 2>/dev/null || true)
+    if [ -d /run/systemd/system ]; then
+        echo "systemctl start $d"
+    elif [ -x "/etc/init.d/$d" ] && case "${init##*/}" in init|systemd|runit|openrc-init) true ;; *) false ;; esac; then
+        echo "/etc/init.d/$d start"
+    else
+        echo "no init system runs here (PID 1 is ${init##*/}): 'virtlogd -d && $d -d' as root (it reads the hooks as it starts)"
+    fi
+}
+
 # An init script starts its daemon in the root mount namespace: one that runs
 # in ours is restarted through it (the admin's /etc/default/DAEMON), one
 # elsewhere was started otherwise (by hand, see restart_by_hand). stop, wait
@@ -291,7 +316,13 @@ restart_by_init_script() { # DAEMON
         return 0
     fi
     (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "/etc/init.d/$d" stop) || true
-    wait_for "$WAIT_SECS" pids_gone "$pid" || die "$d (pid $pid) did not exit within ${WAIT_SECS}s"
+    if ! wait_for 5 pids_gone "$pid"; then
+        # A daemon started by hand is "not running" to some init scripts
+        # (Debian 13's sysvinit libvirtd): restart it as it was started.
+        say "/etc/init.d/$d did not stop $d (pid $pid; started by hand?): restarting it as it was started"
+        restart_by_hand "$d"
+        return
+    fi
     (cd / && exec 9>&- && env -i PATH="$DAEMON_PATH" HOME=/root "/etc/init.d/$d" start) \
         || die "/etc/init.d/$d start failed"
     wait_for "$WAIT_SECS" daemon_answers "$d" || die "$d did not come back within ${WAIT_SECS}s (see /var/log/libvirt/)"
@@ -308,7 +339,7 @@ restart_daemon() { # DAEMON
             say "$d.service is not active: it picks the hooks up when it starts"
         fi
     elif ! running "$d"; then
-        say "$d is not running: it picks the hooks up when it starts"
+        say "$d is not running: it picks the hooks up when it starts. Start it: $(how_to_start "$d")"
     elif [ -x "/etc/init.d/$d" ] && [ "$(head -c 2 "/etc/init.d/$d")" = "#!" ] \
         && [ "$(readlink "/proc/$(daemon_pid "$d")/ns/mnt")" = "$(readlink /proc/self/ns/mnt)" ]; then
         restart_by_init_script "$d"
@@ -346,7 +377,7 @@ restart_or_tell() { # WHY NEWEST
     fi
     for d in $daemons; do
         if ! running "$d" && [ ! -d /run/systemd/system ]; then
-            say "$d is not running: it finds the hooks when it starts"
+            say "$d is not running: it finds the hooks when it starts. Start it: $(how_to_start "$d")"
         elif started=$(daemon_started "$d") && awk -v s="$started" -v n="$2" 'BEGIN { exit !(n > 0 && s > n) }'; then
             say "$d already runs with these hooks (started after they were installed)"
         else
@@ -360,6 +391,128 @@ restart_or_tell() { # WHY NEWEST
     fi
     for d in $stale; do restart_daemon "$d"; done
 }
+
+# --- the Debian package (default) ----------------------------------------
+# debian/control's Build-Depends (tests/unit/test_firstrun.py keeps them equal) and dpkg-dev.
+BUILD_DEPS="dpkg-dev debhelper dh-python bash-completion python3 python3-lxml python3-systemd"
+apt_install() { # ARGS...: apt-get install, with an apt-get update when the lists are stale
+    local q=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -y -q
+             --no-install-recommends -o Dpkg::Options::=--force-confold install)
+    "${q[@]}" "$@" >"$WORK/apt.log" 2>&1 && return 0
+    env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -q update >>"$WORK/apt.log" 2>&1 || true
+    "${q[@]}" "$@" >>"$WORK/apt.log" 2>&1 && return 0
+    tail -n 20 "$WORK/apt.log" >&2
+    return 1
+}
+build_deb() { # sets BUILT: the .deb in $WORK
+    local missing="" pkg
+    for pkg in $BUILD_DEPS; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+    done
+    if [ -n "$missing" ]; then
+        say "installing the build tools:$missing"
+        # shellcheck disable=SC2086
+        apt_install $missing || die "could not install$missing"
+    fi
+    # A clean copy: nothing of the build lands in the checkout.
+    mkdir "$WORK/src"
+    tar -C "$SRC" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' --exclude=./build \
+        --exclude=./dist --exclude=./.pytest_cache --exclude=./bench/results -cf - . | tar -C "$WORK/src" -xf -
+    # -d: the package is Architecture: all, no compiler involved: BUILD_DEPS
+    # (debian/control's Build-Depends) without build-essential (gcc, make, ...
+    # about 200 MB that dpkg-checkbuilddeps would otherwise demand).
+    say "building the package (dpkg-buildpackage -us -uc -b -d)"
+    (cd "$WORK/src" && dpkg-buildpackage -us -uc -b -d) >"$WORK/build.log" 2>&1 \
+        || { tail -n 30 "$WORK/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
+    BUILT=$(ls "$WORK"/fdbhook_*_all.deb)
+}
+set_manage() { # KEY VALUE: one [manage] line of the conffile
+    local conf=$CONF_DIR/fdbhook.conf
+    if grep -q "^$1 *=" "$conf"; then
+        sed -i "s|^$1 *=.*|$1 = $2|" "$conf"
+    else
+        sed -i "/^\[manage\]/a $1 = $2" "$conf"
+    fi
+}
+hook_files() { # the hooks the package installed, one a line
+    local d f
+    for d in $DRIVERS; do
+        for f in "$HOOK_DIR/$d" "$HOOK_DIR/$d.d/50-fdbhook"; do
+            is_ours "$f" && echo "$f"
+        done
+    done
+    return 0
+}
+deb_main() {
+    LIBVIRT=$(libvirt_version)
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "would run: ${DEB:+apt-get install $DEB}${DEB:-dpkg-buildpackage -us -uc -b -d in a copy of $SRC; apt-get install ./fdbhook_*_all.deb}"
+        [ "$SET_BRIDGES$SET_NETWORKS" = 00 ] || echo "would set bridges='$BRIDGES' networks='$NETWORKS' in $CONF"
+        say "dry run: nothing changed"
+        return
+    fi
+    WORK=$(mktemp -d /tmp/fdbhook-install.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+    chmod 0755 "$WORK" # apt's _apt user reads the .deb
+    local deb
+    if [ -n "$DEB" ]; then
+        [ -f "$DEB" ] || die "--deb $DEB: no such file"
+        cp "$DEB" "$WORK/" && deb=$WORK/$(basename "$DEB")
+    else
+        build_deb
+        deb=$BUILT
+    fi
+    chmod 0644 "$deb"
+    say "installing $(basename "$deb") with apt (your edits of $CONF are kept)"
+    apt_install "$deb" || die "apt-get install $deb failed"
+    grep -E "^fdbhook: " "$WORK/apt.log" || true # what postinst said
+    if [ "$SET_BRIDGES$SET_NETWORKS" != 00 ]; then
+        [ "$SET_BRIDGES" = 0 ] || set_manage bridges "$BRIDGES"
+        [ "$SET_NETWORKS" = 0 ] || set_manage networks "$NETWORKS"
+        say "config $CONF: bridges='$(conf_value bridges "$CONF")' networks='$(conf_value networks "$CONF")'"
+    fi
+    if ! err=$(/usr/bin/python3 -I -c 'import sys
+from fdbhook.config import load_config
+from fdbhook.errors import FdbhookError
+try:
+    load_config(sys.argv[1])
+except FdbhookError as exc:
+    sys.exit(str(exc))' "$CONF" 2>&1); then
+        warn "$err: the hooks will refuse to start guests until it is fixed"
+    fi
+    local hooks newest=0 f m
+    hooks=$(hook_files)
+    if [ -n "$hooks" ]; then
+        say "hooks: $(echo $hooks)"
+        for f in $hooks; do
+            m=$(mtime_since_boot "$f")
+            newest=$(awk -v a="$newest" -v b="$m" 'BEGIN { print (b > a ? b : a) }')
+        done
+        restart_or_tell "libvirt discovers hooks when its daemon starts" "$(awk -v n="$newest" 'BEGIN { printf "%.3f", n + 0.05 }')"
+    fi
+    if [ -d /run/systemd/system ] && ! systemctl -q is-active fdbhookd.service 2>/dev/null; then
+        say "optional: systemctl enable --now fdbhookd (hotplug, pause/resume, drift repair; see README)"
+    fi
+    demo_once /usr/bin/fdbhook
+    command -v man >/dev/null 2>&1 || say "'man fdbhook' needs man-db (apt install man-db); 'fdbhook manpage' prints the page"
+    say "done: 'fdbhook status' shows what is managed and what to do next; 'apt purge fdbhook' removes it all"
+}
+# The demo (no libvirt here): the first install only, or --demo.
+demo_once() { # FDBHOOK
+    local stamp=/var/lib/fdbhook/demo-shown
+    [ "$DEMO" != no ] || return 0
+    if [ "$DEMO" = auto ]; then
+        [ -z "${LIBVIRT:-}" ] && [ ! -e "$stamp" ] || return 0
+        say "libvirt is not installed here: running the demo (once; ./install.sh --demo shows it again)"
+    fi
+    run "$1" demo
+    mkdir -p /var/lib/fdbhook && : >"$stamp"
+}
+conf_value() { sed -n "s/^$1 = //p" "$2" | head -n1; }
+if [ "$MODE" = deb ]; then
+    deb_main
+    exit 0
+fi
 
 # --- uninstall -------------------------------------------------------------
 if [ "$UNINSTALL" = 1 ]; then
@@ -552,32 +705,10 @@ if [ "$STAGED" = 0 ]; then
 fi
 
 # --- config ------------------------------------------------------------------
+# The package's conffile (debian/fdbhook.conf) with these [manage] values.
 pristine() { # BRIDGES NETWORKS
-    cat <<EOF
-# fdbhook configuration (see README.md). Nothing is managed until a bridge
-# or a libvirt network is named here. Written by install.sh; once you edit
-# it, install.sh never touches it again.
-[manage]
-# Space-separated fnmatch globs of Linux bridges whose guest ports fdbhook
-# manages: static FDB entry per guest MAC, learning and unicast flood off.
-bridges = $1
-# Globs of libvirt network names whose guest ports fdbhook manages.
-networks = $2
-# Pin entries so a frame from another port cannot move them (NTF_STICKY).
-#sticky = yes
-
-[hook]
-# fail: a managed NIC that cannot be managed stops the guest from starting.
-# continue: log it and start the guest anyway.
-#on_error = fail
-# Save every hook invocation (argv + stdin) for \`fdbhook replay FILE\`;
-# the oldest files go once the spool exceeds capture_max_bytes.
-#capture = no
-#capture_dir = /var/lib/fdbhook/capture
-#capture_max_bytes = 16777216
-EOF
+    sed -e "s|^bridges =.*|bridges = $1|" -e "s|^networks =.*|networks = $2|" "$SRC/debian/fdbhook.conf"
 }
-conf_value() { sed -n "s/^$1 = //p" "$2" | head -n1; }
 if [ -f "$DESTDIR$CONF" ] && ! { [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$PRISTINE"; }; then
     if [ "$SET_BRIDGES$SET_NETWORKS" != 00 ]; then
         warn "kept $CONF: it was edited, so --bridges/--networks are not applied; set [manage] there yourself"
@@ -770,8 +901,7 @@ if [ "$STAGED" = 0 ] && [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
     restart_or_tell "libvirt discovers hooks when its daemon starts" "$(awk -v n="$newest" 'BEGIN { printf "%.3f", n + 0.05 }')"
 fi
 
-if [ "$STAGED" = 0 ] && { [ "$DEMO" = yes ] || { [ "$DEMO" = auto ] && [ -z "$LIBVIRT" ] && [ "$DRY_RUN" = 0 ]; }; }; then
-    [ "$DEMO" = auto ] && say "libvirt is not installed here: running the demo instead"
-    run "$VENV/bin/fdbhook" demo
+if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+    demo_once "$VENV/bin/fdbhook"
 fi
 if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing changed"; else say "done"; fi

@@ -109,6 +109,10 @@ def cmd_status(args):
             with store.lock():
                 recover(kernel, store)  # an interrupted operation is finished or undone before it is shown
         data = collect(config, kernel, store, frr=read_macs)
+        if not data["stale_records"] and not any(p["domain"] for b in data["bridges"] for p in b["ports"]):
+            # Nothing managed yet: what a new user needs to know and do next.
+            from fdbhook import firstrun
+            data["first_run"] = firstrun.sentences(firstrun.gather(config, kernel.links()))
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:

@@ -505,20 +505,19 @@ class Daemon:
                 self.put(Sync(uri))
 
 
-def sd_notify(message, env=None):
-    """Tell systemd (Type=notify) about our state through $NOTIFY_SOCKET; nothing without it."""
-    path = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
-    if not path:
-        return False
-    if path.startswith("@"):  # abstract namespace
-        path = "\0" + path[1:]
+def sd_notify(message):
+    """Tell systemd (Type=notify) about our state: python3-systemd's ``systemd.daemon.notify``
+    ($NOTIFY_SOCKET; False without it)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), path)
-    except OSError as exc:
-        LOG.warning("cannot notify systemd through %s: %s", path, exc)
+        from systemd import daemon as sd_daemon
+    except ImportError as exc:
+        LOG.warning("cannot notify systemd: %s (install python3-systemd)", exc)
         return False
-    return True
+    try:
+        return bool(sd_daemon.notify(message))
+    except Exception as exc:  # nothing about systemd may kill the daemon
+        LOG.warning("cannot notify systemd: %s", exc)
+        return False
 
 
 def with_guest_mac(domain, alias, mac):

@@ -26,7 +26,8 @@ OTHER_MESSAGE_ID = "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c1f"
 
 
 def nic_fields(driver, domain, alias, mac, port, bridge, action, status):
-    """``extra=`` for a per-NIC log line: the journal fields it carries (other handlers ignore them)."""
+    """``extra=`` for a per-NIC log line: journal fields (systemd.journal.JournalHandler sends every
+    ``extra=`` field; other handlers ignore them)."""
     fields = {
         "FDBHOOK_DRIVER": driver,
         "FDBHOOK_DOMAIN": domain,
@@ -38,57 +39,42 @@ def nic_fields(driver, domain, alias, mac, port, bridge, action, status):
         "FDBHOOK_RESULT": status,
         "MESSAGE_ID": MESSAGE_IDS.get(status, OTHER_MESSAGE_ID),
     }
-    return {"journal": {key: str(value) for key, value in fields.items() if value}}
-
-
-_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
-
-
-def journal_entry(record, message):
-    """The fields journald gets for one log record (pure; the human line is MESSAGE, unchanged)."""
-    fields = {
-        "PRIORITY": str(_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)),
-        "SYSLOG_IDENTIFIER": IDENTIFIER,
-        "SYSLOG_PID": str(record.process),
-        "CODE_FILE": record.pathname,
-        "CODE_LINE": record.lineno,  # journal.send formats it with {:d}
-        "CODE_FUNC": record.funcName,
-        "LOGGER": record.name,
-    }
-    fields.update(getattr(record, "journal", None) or {})
-    return message, fields
+    return {key: str(value) for key, value in fields.items() if value}
 
 
 class JournalHandler(logging.Handler):
-    """Native journald lines with fdbhook's fields, through python3-systemd.
+    """Native journald lines through python3-systemd's ``systemd.journal.JournalHandler``
+    (MESSAGE, PRIORITY, CODE_*, LOGGER and every ``extra=`` field, SYSLOG_IDENTIFIER=fdbhook).
 
     ``systemd.journal`` is imported at the first line actually logged, never
     before: an inert hook invocation logs nothing and must not pay for it.
     Without python3-systemd every line goes to syslog (/dev/log) as before.
     """
 
+    sender = None  # systemd.journal.send unless set (tests)
+
     def __init__(self):
         super().__init__()
-        self._send = None
-        self._fallback = None
+        self._target = None
 
     def emit(self, record):
         try:
-            message = self.format(record)
-            if self._send is None and self._fallback is None:
-                try:
-                    from systemd import journal
-                    self._send = journal.send
-                except ImportError:
-                    self._fallback = _syslog_handler() or logging.NullHandler()
-                    self._fallback.setFormatter(logging.Formatter("fdbhook[%(process)d]: %(message)s"))
-            if self._send is None:
-                self._fallback.emit(record)
-                return
-            text, fields = journal_entry(record, message)
-            self._send(text, **fields)
+            if self._target is None:
+                self._target = self._open()
+            self._target.emit(record)
         except Exception:
             self.handleError(record)
+
+    def _open(self):
+        try:
+            from systemd import journal
+        except ImportError:
+            fallback = _syslog_handler() or logging.NullHandler()
+            fallback.setFormatter(logging.Formatter("fdbhook[%(process)d]: %(message)s"))
+            return fallback
+        handler = journal.JournalHandler(sender_function=self.sender or journal.send, SYSLOG_IDENTIFIER=IDENTIFIER)
+        handler.setFormatter(self.formatter)
+        return handler
 
 
 def _syslog_handler():

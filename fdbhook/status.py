@@ -334,6 +334,9 @@ def render_text(data):
                                         "no hotplug/pause/resume/drift repair", daemon["socket"]))
     lines.extend(mac_change_sentences(daemon))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
+    if data.get("first_run"):
+        lines.append("")
+        lines.extend(data["first_run"])
     return "\n".join(lines)
 
 
@@ -380,7 +383,7 @@ def _entry_word(port):
 def mac_change_sentences(daemon):
     """What happens when a guest changes its own MAC, on this host, in plain words."""
     if not daemon["nic_mac_change_event"]:
-        return ["guest MAC changes: not followed: libvirt %s has no NIC_MAC_CHANGE event (needs >= 11.2); "
+        return ["guest MAC changes: not followed: libvirt-python %s has no NIC_MAC_CHANGE event (needs >= 11.2); "
                 "a guest that changes its MAC gets no unicast for the new one (its port does not flood)"
                 % (daemon["libvirt_python"] or "(python bindings missing)")]
     if not daemon["answering"]:

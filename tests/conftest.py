@@ -18,6 +18,7 @@ def pytest_configure(config):
         "markers", "fullkernel: boots a distribution kernel under virtme-ng"
     )
     config.addinivalue_line("markers", "systemd: boots a Debian container with systemd as PID 1 (systemd-nspawn)")
+    config.addinivalue_line("markers", "package: builds the .deb; lintian; install/upgrade/purge on mmdebstrap trees")
 
 
 def is_root():

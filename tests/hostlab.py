@@ -279,7 +279,7 @@ class Host:
     def install_fdbhook(self, bridges=BRIDGE):
         """install.sh inside the host: venv at (the host's) /opt/fdbhook, hooks in its /etc/libvirt/hooks."""
         return self.run(self.service_env() + [
-            os.path.join(REPO, "install.sh"), "--no-apt", "--no-demo", "--bridges", bridges,
+            os.path.join(REPO, "install.sh"), "--venv", "--no-apt", "--no-demo", "--bridges", bridges,
             "--bindir", "/var/lib/libvirt/fdbhook-bin"], timeout=900)
 
     def start_fdbhookd(self):

@@ -73,6 +73,13 @@ TRIXIE_PACKAGES = (
     "python3-lxml", "python3-pyroute2", "python3-libvirt", "python3-pytest",
     "busybox-static", "linux-image-amd64", "gcc", "libc6-dev",
 )
+# tests/package: libvirt as libvirtd-up.sh wants it, and what the .deb depends on.
+PACKAGE_TIER_PACKAGES = (
+    "libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-daemon-driver-lxc", "libvirt-clients",
+    "qemu-system-x86", "dnsmasq-base", "iptables", "iproute2",
+    "python3", "python3-lxml", "python3-pyroute2", "python3-libvirt", "python3-systemd",
+    "python3-prometheus-client",
+)
 # (file, pattern whose first group lists packages)
 PACKAGE_SOURCES = (
     ("install.sh", r'^APT_PACKAGES="([^"]*)"'),
@@ -115,10 +122,13 @@ STACKS = {
     # Debian 13: libvirt 11.3, Python 3.13, QEMU 10, pyroute2 0.7.7, lxml 5.4.
     "trixie": Stack("trixie", "trixie", "apt", tuple(sorted(set(TRIXIE_PACKAGES + repo_packages()))),
                     persist=("/var/cache/fdbhook-tests",)),
+    # Debian 12 for the package tier (tests/package): libvirt 9.0 and the
+    # package's dependencies, nothing of fdbhook's own.
+    "bookworm": Stack("bookworm", "bookworm", "apt", tuple(sorted(PACKAGE_TIER_PACKAGES))),
     # A fresh minimal Debian 12 as container images have it: no procps,
     # no systemd, no sudo; everything else comes from the archive at run time.
     "bookworm-minimal": Stack("bookworm-minimal", "bookworm", "minbase"),
-    # The same for Debian 13.
+    # The same for Debian 13 (README's commands as a new user meets them).
     "trixie-minimal": Stack("trixie-minimal", "trixie", "minbase"),
 }
 

@@ -40,7 +40,7 @@ FOREIGN_HOOK_MARK = "fdbhook-e2e-foreign-hook"
 
 def install_hooks():
     """install.sh as an admin runs it again (no apt, no demo), restarting libvirtd if needed."""
-    return E.run(os.path.join(E.REPO, "install.sh"), "--no-apt", "--no-demo", "--restart", timeout=120)
+    return E.run(os.path.join(E.REPO, "install.sh"), "--venv", "--no-apt", "--no-demo", "--restart", timeout=120)
 
 
 def restore_hooks():

@@ -8,6 +8,10 @@
 #                             /etc/libvirt/hooks are discovered only when
 #                             the daemon starts)
 #   libvirtd-up.sh stop       stop libvirtd (virtlogd is left running)
+#   libvirtd-up.sh down       undo what earlier runs did: stop the daemons
+#                             they started, restore qemu.conf, remove the
+#                             users and groups they created (records in
+#                             /var/lib/fdbhook-tests/libvirtd-up)
 #
 # Prints one line per step. Exits non-zero on failure.
 set -euo pipefail
@@ -25,7 +29,13 @@ step() { printf 'libvirtd-up: %s\n' "$*"; }
 die() { printf 'libvirtd-up: ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root"
-case "$ACTION" in up|restart|stop) ;; *) die "usage: $0 [up|restart|stop]";; esac
+case "$ACTION" in up|restart|stop|down) ;; *) die "usage: $0 [up|restart|stop|down]";; esac
+
+# What this script changed, so that `down` (tests/run at its end, and
+# tests/run --clean) can undo it: daemons it started, qemu.conf as it was,
+# users and groups it created.
+REC=/var/lib/fdbhook-tests/libvirtd-up
+record() { mkdir -p "$REC"; grep -qxF -- "$2" "$REC/$1" 2>/dev/null || echo "$2" >>"$REC/$1"; }
 
 # The pid of this system's DAEMON (no procps needed), as install.sh finds it:
 # the process in /run/DAEMON.pid, if it is DAEMON (/proc/PID/exe) and sees
@@ -111,6 +121,39 @@ if [ "$ACTION" = stop ]; then
     exit 0
 fi
 
+stop_daemon() { # NAME: the one in /run/NAME.pid
+    local pids
+    pids=$(daemon_pids "$1")
+    [ -n "$pids" ] || return 0
+    # shellcheck disable=SC2086
+    kill $pids
+    no_daemon() { [ -z "$(daemon_pids "$1")" ]; }
+    wait_until "$WAIT_SECS" "$1 to exit" no_daemon "$1"
+    step "stopped $1 (libvirtd-up.sh had started it)"
+}
+if [ "$ACTION" = down ]; then
+    [ -d "$REC" ] || { step "nothing recorded: nothing to undo"; exit 0; }
+    if [ -f "$REC/started" ]; then
+        grep -qx libvirtd "$REC/started" && stop_daemon libvirtd
+        grep -qx virtlogd "$REC/started" && stop_daemon virtlogd
+    fi
+    if [ -f "$REC/qemu.conf.orig" ]; then
+        cp -p "$REC/qemu.conf.orig" /etc/libvirt/qemu.conf
+        step "restored /etc/libvirt/qemu.conf"
+    elif grep -qx created "$REC/qemu.conf" 2>/dev/null; then
+        rm -f /etc/libvirt/qemu.conf
+        step "removed /etc/libvirt/qemu.conf (it did not exist)"
+    fi
+    if [ "${2:-}" = --users ]; then
+        [ ! -f "$REC/users" ] || while read -r u; do userdel "$u" 2>/dev/null && step "removed user $u"; done <"$REC/users"
+        [ ! -f "$REC/groups" ] || while read -r g; do groupdel "$g" 2>/dev/null && step "removed group $g"; done <"$REC/groups"
+    fi # (else users and groups stay until tests/run --clean)
+    for f in started qemu.conf.orig qemu.conf; do rm -f "$REC/$f"; done
+    [ "${2:-}" != --users ] || rm -f "$REC/users" "$REC/groups"
+    rmdir "$REC" 2>/dev/null || true
+    exit 0
+fi
+
 # 1. packages
 missing=()
 for p in "${PKGS[@]}"; do
@@ -155,11 +198,12 @@ fi
 # 2. the libvirt-qemu user and group: Debian's qemu driver resolves its
 # built-in defaults (user libvirt-qemu, group libvirt-qemu) at start even when
 # qemu.conf overrides them, and fails with "Failed to parse group" otherwise.
-getent group kvm >/dev/null || { groupadd --system kvm; step "created group kvm"; }
+getent group kvm >/dev/null || { groupadd --system kvm; record groups kvm; step "created group kvm"; }
 if getent group libvirt-qemu >/dev/null; then
     step "group libvirt-qemu exists"
 else
     groupadd --system libvirt-qemu
+    record groups libvirt-qemu
     step "created group libvirt-qemu"
 fi
 if getent passwd libvirt-qemu >/dev/null; then
@@ -167,6 +211,7 @@ if getent passwd libvirt-qemu >/dev/null; then
 else
     useradd --system --no-create-home --home-dir /var/lib/libvirt \
         --shell /usr/sbin/nologin -g kvm libvirt-qemu
+    record users libvirt-qemu
     step "created user libvirt-qemu (group kvm)"
 fi
 
@@ -175,6 +220,12 @@ QCONF=/etc/libvirt/qemu.conf
 # Without libvirt-daemon-system (which we do not install: it pulls in the
 # default network, polkit and init scripts) there is no qemu.conf at all;
 # libvirtd then uses built-in defaults, so a file with just our keys is fine.
+if [ ! -f "$QCONF" ] && [ ! -e "$REC/qemu.conf.orig" ]; then
+    record qemu.conf created
+fi
+if [ -f "$QCONF" ] && [ ! -e "$REC/qemu.conf.orig" ] && [ ! -e "$REC/qemu.conf" ]; then
+    mkdir -p "$REC" && cp -p "$QCONF" "$REC/qemu.conf.orig"   # the admin's, restored by `down`
+fi
 if [ ! -f "$QCONF" ]; then
     mkdir -p /etc/libvirt
     printf '# written by fdbhook tests/system/libvirtd-up.sh\n' >"$QCONF"
@@ -207,6 +258,7 @@ if [ -n "$(daemon_pids virtlogd)" ]; then
     step "virtlogd already running (pid $(echo $(daemon_pids virtlogd)))"
 else
     "${DAEMON_ENV[@]}" virtlogd -d
+    record started virtlogd
     step "started virtlogd"
 fi
 
@@ -217,6 +269,8 @@ fi
 if [ -n "$(daemon_pids libvirtd)" ]; then
     step "libvirtd already running (pid $(echo $(daemon_pids libvirtd)))"
 else
+    # (a restart of a daemon that ran before is not "started" by us)
+    [ "$ACTION" = restart ] || record started libvirtd
     start_libvirtd
 fi
 

@@ -70,7 +70,7 @@ EOF
         systemctl mask -q --now libvirt-guests.service""")
     # A snapshot of the repository: the live tree may change under a long run.
     box.sh("mkdir /root/src && tar -C /src --exclude=.git --exclude=__pycache__ -cf - . | tar -C /root/src -xf -")
-    out = box.sh("/root/src/install.sh --no-demo --bridges 'fdbsd*' --restart 2>&1")
+    out = box.sh("/root/src/install.sh --venv --no-demo --bridges 'fdbsd*' --restart 2>&1")
     box.install_log = out.stdout
     box.sh("cat >/etc/fdbhook/fdbhook.conf", input=CONF)
     box.sh("systemctl enable --now fdbhookd.service 2>&1")
@@ -221,10 +221,10 @@ def test_bash_completion_names_subcommands_and_domains(box):
 
 def test_install_again_restarts_fdbhookd_only_when_its_code_changed(box):
     pid = _show(box, "fdbhookd", "MainPID")["MainPID"]
-    out = box.sh("/root/src/install.sh --no-demo 2>&1").stdout
+    out = box.sh("/root/src/install.sh --venv --no-demo 2>&1").stdout
     assert "restarting fdbhookd" not in out and _show(box, "fdbhookd", "MainPID")["MainPID"] == pid
     box.sh("rm -rf /root/src2 && cp -a /root/src /root/src2 && echo '# changed' >>/root/src2/fdbhook/metrics.py")
-    out = box.sh("/root/src2/install.sh --no-demo 2>&1").stdout
+    out = box.sh("/root/src2/install.sh --venv --no-demo 2>&1").stdout
     assert "restarting fdbhookd.service (new code or unit)" in out
     box.poll("systemctl is-active -q fdbhookd.service")
     assert _show(box, "fdbhookd", "MainPID")["MainPID"] != pid
@@ -233,7 +233,7 @@ def test_install_again_restarts_fdbhookd_only_when_its_code_changed(box):
 def test_uninstall_stops_and_removes_the_unit_and_docs(box):
     box.sh("virsh -q destroy web1 >/dev/null")
     box.poll("test ! -s /run/fdbhook/domains/qemu-web1.json", timeout=10)
-    out = box.sh("/root/src/install.sh --uninstall --force 2>&1").stdout
+    out = box.sh("/root/src/install.sh --venv --uninstall --force 2>&1").stdout
     assert "removed /etc/systemd/system/fdbhookd.service" in out
     assert box.sh("systemctl is-active fdbhookd.service", check=False).stdout.strip() in ("inactive", "unknown")
     box.sh("test ! -e /usr/local/share/man/man8/fdbhook.8 && "

@@ -1,6 +1,7 @@
 """Journal lines: the per-NIC fields and MESSAGE_IDs, and no systemd import before a line is logged."""
 
 import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -15,12 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class Capture(logsetup.JournalHandler):
-    """The real handler with journal.send replaced by a list."""
+    """The real handler (python3-systemd's JournalHandler) with journal.send replaced by a list."""
 
     def __init__(self):
         super().__init__()
         self.sent = []
-        self._send = self.send
+        self.sender = self.send
 
     def send(self, MESSAGE, MESSAGE_ID=None, CODE_FILE=None, CODE_LINE=None, CODE_FUNC=None, **kwargs):
         """systemd.journal.send's signature; it formats CODE_LINE with {:d}."""
@@ -86,15 +87,17 @@ def test_message_ids_are_distinct_128_bit_hex():
 
 
 def test_lines_without_fields_carry_no_fdbhook_fields():
-    record = logging.LogRecord("fdbhook.daemon", logging.WARNING, __file__, 1, "resync: %d", (3,), None)
-    message, fields = logsetup.journal_entry(record, record.getMessage())
-    assert message == "resync: 3" and fields["PRIORITY"] == "4"
+    handler = Capture()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit(logging.LogRecord("fdbhook.daemon", logging.WARNING, __file__, 1, "resync: %d", (3,), None))
+    [(message, fields)] = handler.sent
+    assert message == "resync: 3" and fields["PRIORITY"] == "4" and fields["SYSLOG_IDENTIFIER"] == "fdbhook"
     assert not [k for k in fields if k.startswith("FDBHOOK_")] and "MESSAGE_ID" not in fields
 
 
 def test_empty_values_are_left_out():
     extra = logsetup.nic_fields("qemu", "web1", None, "52:54:00:00:00:01", None, None, "apply", "skipped")
-    assert "FDBHOOK_NIC" not in extra["journal"] and "FDBHOOK_PORT" not in extra["journal"]
+    assert "FDBHOOK_NIC" not in extra and "FDBHOOK_PORT" not in extra
 
 
 def test_without_python3_systemd_the_journal_handler_falls_back_to_syslog(monkeypatch):
@@ -110,13 +113,13 @@ def test_without_python3_systemd_the_journal_handler_falls_back_to_syslog(monkey
     monkeypatch.setattr(builtins, "__import__", no_systemd)
     handler = logsetup.JournalHandler()
     handler.emit(logging.LogRecord("fdbhook", logging.INFO, __file__, 1, "hello", (), None))
-    assert handler._send is None and handler._fallback is not None
+    assert isinstance(handler._target, (logging.handlers.SysLogHandler, logging.NullHandler))
 
 
 def _hook_modules(op, journal_socket):
     """Run the standalone hook in a fresh interpreter; which systemd modules did it load?"""
     code = ("import io, sys; import fdbhook.logsetup as l; l.JOURNAL_SOCKET = %r; "
-            "l.JournalHandler._send = None\n"
+            "l.JournalHandler.sender = None\n"
             "from fdbhook.client import main\n"
             "main('qemu', ['t1', %r, 'begin', '-'], io.BytesIO(b'<domain/>'))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'systemd'))") % (journal_socket, op)

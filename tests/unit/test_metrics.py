@@ -152,10 +152,12 @@ def test_daemon_counts_the_hooks_it_serves(tmp_path):
                 (("driver", "qemu"), ("operation", "prepare"), ("outcome", "ok")))] == 1
 
 
-def test_sd_notify_sends_one_datagram_to_notify_socket(tmp_path):
+def test_sd_notify_sends_one_datagram_to_notify_socket(tmp_path, monkeypatch):
     path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(path)
-        assert D.sd_notify("READY=1", env={"NOTIFY_SOCKET": path})
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert D.sd_notify("READY=1")
         assert sock.recv(100) == b"READY=1"
-    assert not D.sd_notify("READY=1", env={})
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not D.sd_notify("READY=1")
