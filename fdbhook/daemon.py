@@ -39,7 +39,7 @@ from fdbhook.config import ConfigCache
 from fdbhook.domxml import normalize_mac, parse_domain
 from fdbhook.errors import FdbhookError
 from fdbhook.hook import run_hook
-from fdbhook.joined import JoinedPort, match_joined
+from fdbhook.joined import JoinedPort, libvirt_style, match_joined
 from fdbhook.kernel import Kernel, LinkMonitor
 from fdbhook.state import Store
 
@@ -47,6 +47,7 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URIS = ("qemu:///system", "lxc:///system")
 STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger than this, may be mid-start
+LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
 HOOK_OPS_ENDING = ("stopped", "release")
@@ -512,18 +513,26 @@ class Daemon:
         kernel = Kernel()
         bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
+        pending = {}  # port ifindex -> (name, until): libvirt-style ports whose NIC libvirt has not listed yet
+        wait = 0.002
         try:
             while not self.stopping.is_set():
-                ready, _, _ = select.select([monitor], [], [], 1.0)
+                ready, _, _ = select.select([monitor], [], [], wait if pending else 1.0)
                 if ready:
-                    self._link_events(kernel, monitor.read(), bridges, asked)
+                    self._link_events(kernel, monitor.read(), bridges, asked, pending)
+                if pending:
+                    # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
+                    # look every few ms meanwhile, never spending more than a third of the time on it.
+                    started = time.monotonic()
+                    self._look_up_joined(kernel, pending)
+                    wait = max(0.002, 2 * (time.monotonic() - started))
         except Exception:
             LOG.exception("link monitor died")
         finally:
             monitor.close()
             kernel.close()
 
-    def _link_events(self, kernel, events, bridges, asked):
+    def _link_events(self, kernel, events, bridges, asked, pending=None):
         with self._known_lock:
             known = self._known_ports
         for event, ifindex, _, _ in events:
@@ -542,30 +551,31 @@ class Daemon:
                     and now - asked.get(ifindex, -60.0) > 5.0:
                 asked[ifindex] = now
                 try:
-                    applied = self._joined_known(kernel, config, ifindex, bridges[master])
+                    how = self._joined(kernel, config, ifindex, bridges[master])
                 except (FdbhookError, OSError) as exc:  # a bad record, a kernel error: libvirt's way still works
                     LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
-                    applied = False
-                if not applied:
+                    how = None
+                if how == "lookup" and pending is not None and self.watchers:
+                    pending[ifindex] = (port, now + LOOKUP_FOR)
+                elif how != "applied":
                     self.put(PortJoined(port))
 
-    def _joined_known(self, kernel, config, ifindex, bridge):
-        """A joined port that carries a known NIC's MAC (fdbhook.joined): apply that NIC now. True if it did."""
-        domains = self.known_domains()
-        if not domains:
-            return False
+    def _joined(self, kernel, config, ifindex, bridge):
+        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
+        "lookup" (libvirt-style, NIC not known yet) or None."""
         kernel.forget()
         link = kernel.by_index(ifindex)
         if link is None or link.kind not in ("tun", "veth"):
-            return False
+            return None
         peer_mac = None
         if link.kind == "veth" and link.peer:
             peer = kernel.by_index(link.peer)
             # Both ends still in our namespace (libvirt moves the container end later): the peer points back.
             peer_mac = peer.mac if peer is not None and peer.peer == ifindex else None
-        match = match_joined(JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac), domains)
+        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac)
+        match = match_joined(port, self.known_domains())
         if match is None:
-            return False
+            return "lookup" if libvirt_style(port) else None
         domain = match.domain
         store = self.store(config)
         record = store.load(domain.driver, domain.name)
@@ -574,7 +584,28 @@ class Daemon:
                   link.name, bridge, match.nic.label)
         engine.apply_domain(domain, config, kernel, store, paused=paused, prune=False)
         self.note_ports_changed()
-        return True
+        return "applied"
+
+    def _look_up_joined(self, kernel, pending):
+        """Ask libvirt whose the pending ports are; reconcile each one found, on this thread."""
+        with self._known_lock:
+            known = self._known_ports
+        now = time.monotonic()
+        for ifindex, (_, until) in list(pending.items()):
+            if ifindex in known or now > until:  # DEVICE_ADDED was faster, or it is not a guest's after all
+                del pending[ifindex]
+        ports = {name: ifindex for ifindex, (name, _) in pending.items()}
+        if not ports:
+            return
+        config = self.config()
+        store = self.store(config)
+        for uri, watcher in list(self.watchers.items()):
+            for port, name in watcher.owners_of(ports).items():
+                pending.pop(ports[port], None)
+                try:
+                    self._reconcile(kernel, store, config, uri, name, port=port)
+                except (FdbhookError, OSError) as exc:
+                    LOG.warning("port %s of %s: %s", port, name, exc)
 
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):

@@ -49,6 +49,11 @@ class JoinedPort:
     peer_mac: Optional[str] = None  # veth: the MAC of its peer
 
 
+def libvirt_style(port):
+    """Could libvirt have made this port for a NIC (a tap addressed from a NIC MAC, a veth)?"""
+    return (port.kind == "tun" and bool(port.mac) and port.mac.startswith(TAP_BYTE + ":")) or port.kind == "veth"
+
+
 @dataclass(frozen=True)
 class Match:
     """The known NIC the port belongs to: ``domain`` with only that NIC, its target dev the port."""
