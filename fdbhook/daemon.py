@@ -524,7 +524,11 @@ class Daemon:
                     # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
                     # look every few ms meanwhile, never spending more than a third of the time on it.
                     started = time.monotonic()
-                    self._look_up_joined(kernel, pending)
+                    try:
+                        self._look_up_joined(kernel, pending)
+                    except Exception:  # DEVICE_ADDED still comes; the monitor must not die of a lookup
+                        LOG.exception("looking up joined ports %s", sorted(name for name, _ in pending.values()))
+                        pending.clear()
                     wait = max(0.002, 2 * (time.monotonic() - started))
         except Exception:
             LOG.exception("link monitor died")
@@ -554,6 +558,9 @@ class Daemon:
                     how = self._joined(kernel, config, ifindex, bridges[master])
                 except (FdbhookError, OSError) as exc:  # a bad record, a kernel error: libvirt's way still works
                     LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
+                    how = None
+                except Exception:  # never the link monitor's end: libvirt's way still works
+                    LOG.exception("port %s joined %s", port, bridges[master])
                     how = None
                 if how == "lookup" and pending is not None and self.watchers:
                     pending[ifindex] = (port, now + LOOKUP_FOR)
