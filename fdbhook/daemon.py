@@ -12,9 +12,11 @@ Threads, and what each may do:
 * kernel link monitor: a port joining a managed bridge that no record knows
   and that carries a known NIC's MAC the way libvirt addresses its taps
   (fdbhook.joined; NICs known from hook XML and libvirt's live XML) gets that
-  NIC's plan at once, on this thread, through the engine; any other such port
-  queues a lookup of its guest (hotplug). A managed port that vanishes queues
-  the pruning of its record.
+  NIC's plan at once, on this thread, through the engine; a libvirt-style
+  port nothing knows yet (hotplug) is looked up in libvirt's live XML every
+  few ms until libvirt names it, then reconciled on this thread; any other
+  such port queues one lookup of its guest. A managed port that vanishes
+  queues the pruning of its record.
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.

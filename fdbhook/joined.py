@@ -19,8 +19,9 @@ How libvirt names and addresses what it puts on a bridge (libvirt's source):
   is still in the host's namespace when the host end joins.
 
 A port matches only a NIC of the right driver whose MAC it carries that way,
-on the bridge the NIC names (when the XML names one), and only when exactly
-one known NIC matches: anything else
+on the bridge the NIC names (when the XML names one), with the name the XML
+gives or else one of libvirt's own (``vnetN``), and only when exactly one
+known NIC matches: anything else
 (an uplink, an admin's port, two NICs that differ only in the first byte, a
 NIC whose XML names another device) is not decided here and stays untouched.
 """
@@ -31,6 +32,7 @@ from typing import Optional
 from fdbhook.model import Domain, Nic
 
 TAP_BYTE = "fe"
+LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself
 
 
 def tap_mac(nic_mac):
@@ -82,9 +84,9 @@ def _fits(port, domain, nic):
         return False
     if nic.source_bridge and nic.source_bridge != port.bridge:
         return False
-    if nic.target_dev and nic.target_dev != port.name:  # its tap is another device
-        return False
-    return True
+    if nic.target_dev:  # the XML names the device (libvirt made it so, or will create that one)
+        return nic.target_dev == port.name
+    return port.name.startswith(LIBVIRT_PREFIX)  # otherwise libvirt names it itself
 
 
 def match_joined(port, domains):

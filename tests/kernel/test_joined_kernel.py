@@ -30,15 +30,15 @@ def test_ports_joining_with_a_known_nic_mac_are_managed_and_foreign_ones_left_al
     # Joined first: an uplink, a tap with a libvirt-style MAC no known NIC has, a tap whose MAC
     # differs from the tap's only in the first byte.
     lab.add_veth("hp-up0", "hp-up0p", bridge="br0", mac="52:54:00:00:00:01")
-    lab.add_tap("hp-adm0", bridge="br0", mac="fe:54:00:00:00:99")
-    lab.add_tap("hp-own0", bridge="br0", mac="02:54:00:00:00:01")
+    lab.add_tap("vnet90", bridge="br0", mac="fe:54:00:00:00:99")
+    lab.add_tap("vnet91", bridge="br0", mac="02:54:00:00:00:01")
     # Then the guests' ports, addressed and joined the way libvirt does it.
     lab.add_tap("vnet5", bridge="br0", mac="fe:54:00:00:00:01")
     lab.add_veth("vnet6", "hp-ct1", bridge="br0", mac="52:54:00:00:00:07")
     assert poll(lambda: pyroute2_view(lab, "vnet5") == (False, False, ["52:54:00:00:00:01"])
                 and pyroute2_view(lab, "vnet6") == (False, False, ["52:54:00:00:00:07"]), timeout=20)
     # The link monitor takes joins in order: the ports before were decided on first, and left alone.
-    for port in ("hp-up0", "hp-adm0", "hp-own0"):
+    for port in ("hp-up0", "vnet90", "vnet91"):
         assert pyroute2_view(lab, port) == (True, True, []), port
     store = Store(denv["FDBHOOK_STATE_DIR"])
     assert [n.port for n in store.load("qemu", "t1").nics] == ["vnet5"]

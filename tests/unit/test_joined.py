@@ -35,6 +35,12 @@ def test_ports_nothing_vouches_for_are_not_matched():
     assert match_joined(tap("fe:54:00:00:00:01"), []) is None
 
 
+def test_a_port_is_taken_only_under_the_name_the_xml_gives_or_else_a_name_libvirt_gives():
+    assert match_joined(tap("fe:54:00:00:00:01", name="admtap0"), [QEMU]) is None  # libvirt would say vnetN
+    named = domxml.parse_domain(domain_xml([bridge_nic(dev="web1-eth0")], name="web1"), driver="qemu")
+    assert match_joined(tap("fe:54:00:00:00:01", name="web1-eth0"), [named]).nic.target_dev == "web1-eth0"
+
+
 def test_a_nic_whose_xml_names_another_device_is_not_taken():
     live = domxml.parse_domain(domain_xml([bridge_nic(dev="vnet3")], name="web1"), driver="qemu")
     assert match_joined(tap("fe:54:00:00:00:01", name="vnet9"), [live]) is None
