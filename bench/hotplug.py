@@ -2,24 +2,35 @@
 port being managed (learning off, flood off, static entry present).
 
 Needs libvirtd with fdbhook's hooks (sudo ./tests/run or ./install.sh sets
-that up) and starts fdbhookd from /opt/fdbhook itself. Uses a bridge and
+that up) and starts fdbhookd from /opt/fdbhook itself, or with ``tree`` from
+a source tree (PYTHONPATH) with /opt/fdbhook's interpreter. Uses a bridge and
 guests of its own (prefix fdbbench-); the admin's /etc/fdbhook/fdbhook.conf
 is saved and put back.
+
+Run alone (``python3 bench/hotplug.py``) it compares, in the same run and
+interleaved, fdbhookd from a git ref (``--before``, the old path) with the
+working tree's, prints a table and writes JSON.
 """
 
+import argparse
+import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
-PFX = "fdbbench"
+PFX = os.environ.get("FDBHOOK_BENCH_PREFIX", "fdbbench")
 BR = PFX + "-br0"
 URI = "qemu:///system"
 CONF = "/etc/fdbhook/fdbhook.conf"
 FDBHOOK = "/opt/fdbhook/bin/fdbhook"
+PYTHON = "/opt/fdbhook/bin/python3"
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 def virsh(*args, check=True):
@@ -78,13 +89,18 @@ class Watcher(threading.Thread):
         return out
 
 
-def bench_hotplug(cycles=100, per_guest=25):
+def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False):
+    """Hot-plug ``cycles`` NICs into guests of their own; window percentiles. ``tree``: run fdbhookd from it.
+
+    ``boot``: start ``cycles`` guests with one NIC each instead (the window from the tap joining the
+    bridge, during the start, to the port being managed).
+    """
     reason = available()
     if reason:
         return {"skipped": reason}
     saved = open(CONF).read() if os.path.exists(CONF) else None
     log = tempfile.mktemp(prefix="fdbbench-hotplug-", suffix=".log")
-    guests = ["%s-hp%d" % (PFX, i) for i in range((cycles + per_guest - 1) // per_guest)]
+    guests = [] if boot else ["%s-hp%d" % (PFX, i) for i in range((cycles + per_guest - 1) // per_guest)]
     daemon = None
     try:
         os.makedirs(os.path.dirname(CONF), exist_ok=True)
@@ -93,29 +109,36 @@ def bench_hotplug(cycles=100, per_guest=25):
         subprocess.run(["ip", "link", "add", BR, "type", "bridge"], check=True)
         subprocess.run(["ip", "link", "set", BR, "up"], check=True)
         bridge_index = int(open("/sys/class/net/%s/ifindex" % BR).read())
-        daemon = subprocess.Popen([FDBHOOK, "daemon"], env=dict(os.environ, FDBHOOK_LOG=log),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, FDBHOOK_LOG=log)
+        argv = [FDBHOOK, "daemon"]
+        if tree is not None:
+            env["PYTHONPATH"] = tree
+            argv = [PYTHON, "-m", "fdbhook", "daemon"]
+        daemon = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and "qemu:///system: connected" not in _read(log):
             time.sleep(0.1)
         for name in guests:
-            xml = ("<domain type='qemu'><name>%s</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-                   "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>"
-                   "<devices/></domain>" % name)
             with tempfile.NamedTemporaryFile("w", suffix=".xml") as handle:
-                handle.write(xml)
+                handle.write(_domain_xml(name))
                 handle.flush()
                 virsh("create", handle.name)
-        macs = ["52:54:00:b0:%02x:%02x" % (i // 256, i % 256) for i in range(cycles)]
+        macs = ["52:54:00:b0:%02x:%02x" % ((mac_base + i) // 256, (mac_base + i) % 256) for i in range(cycles)]
         watcher = Watcher(bridge_index, macs)
         watcher.start()
         for i, mac in enumerate(macs):
             nic = ("<interface type='bridge'><mac address='%s'/><source bridge='%s'/>"
                    "<model type='virtio'/><rom enabled='no'/></interface>" % (mac, BR))
+            if boot:
+                guests.append("%s-b%d" % (PFX, i))
+                nic = _domain_xml(guests[-1], nic)
             with tempfile.NamedTemporaryFile("w", suffix=".xml") as handle:
                 handle.write(nic)
                 handle.flush()
-                virsh("attach-device", guests[i // per_guest], handle.name, "--live")
+                if boot:
+                    virsh("create", handle.name)
+                else:
+                    virsh("attach-device", guests[i // per_guest], handle.name, "--live")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and len(watcher.windows_ms()) < cycles:
             time.sleep(0.1)
@@ -138,8 +161,17 @@ def bench_hotplug(cycles=100, per_guest=25):
     if not windows:
         return {"skipped": "no hotplug completed"}
     p99 = windows[min(len(windows) - 1, int(round(0.99 * (len(windows) - 1))))]
-    return {"cycles": cycles, "managed": len(windows), "p50_ms": round(statistics.median(windows), 1),
-            "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1)}
+    out = {"cycles": cycles, "managed": len(windows), "p50_ms": round(statistics.median(windows), 1),
+           "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1)}
+    if keep_windows:
+        out["windows_ms"] = [round(w, 2) for w in windows]
+    return out
+
+
+def _domain_xml(name, devices=""):
+    return ("<domain type='qemu'><name>%s</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>"
+            "<devices>%s</devices></domain>" % (name, devices))
 
 
 def _read(path):
@@ -150,5 +182,84 @@ def _read(path):
         return ""
 
 
+def _export(ref, into):
+    """The fdbhook package as of git ``ref`` (the old path), unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "fdbhook"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", ref], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _pooled(runs):
+    windows = sorted(w for run in runs for w in run.get("windows_ms", ()))
+    if not windows:
+        return {"skipped": "; ".join(run.get("skipped", "") for run in runs)}
+    p99 = windows[min(len(windows) - 1, int(round(0.99 * (len(windows) - 1))))]
+    return {"cycles": sum(run.get("cycles", 0) for run in runs), "managed": len(windows),
+            "p50_ms": round(statistics.median(windows), 1), "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1)}
+
+
+def compare(before_ref, cycles, rounds, boots):
+    """fdbhookd at ``before_ref`` and the working tree, ``rounds`` times each, interleaved (same load).
+
+    Each round: ``cycles`` hot-plugged NICs (attach), then ``boots`` guests started with one NIC (boot).
+    """
+    old = tempfile.mkdtemp(prefix=PFX + "-old-")
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    try:
+        commit = _export(before_ref, old)
+        runs = {(kind, label): [] for kind in ("attach", "boot") for label in ("before", "after")}
+        base = 0
+        for _ in range(rounds):
+            for kind, count in (("attach", cycles), ("boot", boots)):
+                for label, tree in (("before", old), ("after", REPO)):
+                    if count:
+                        runs[kind, label].append(bench_hotplug(cycles=count, tree=tree, mac_base=base,
+                                                               keep_windows=True, boot=kind == "boot"))
+                    base += count
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    out = {"rounds": rounds}
+    for (kind, label), got in runs.items():
+        out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip())
+    out["before_ref"] = before_ref
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="main", help="git ref of the old path (default: main)")
+    parser.add_argument("--cycles", type=int, default=50, help="hot-plugged NICs per round and side")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--boots", type=int, default=10, help="guests started with one NIC per round and side")
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args()
+    result = compare(args.before, args.cycles, args.rounds, args.boots)
+    result["machine"] = {"kernel": os.uname().release, "host": os.uname().nodename, "cpus": os.cpu_count(),
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         "load": round(os.getloadavg()[0], 2)}
+    print("window: port joins the bridge -> learning/flood off + entry; %d rounds, before/after interleaved; "
+          "load %.2f" % (args.rounds, result["machine"]["load"]))
+    print("%-30s %8s %8s %8s %8s %9s" % ("", "cycles", "managed", "p50 ms", "p99 ms", "max ms"))
+    for kind, title in (("attach", "hot-plugged NIC (attach-device)"), ("boot", "guest start, 1 NIC")):
+        print(title)
+        for label in ("before", "after"):
+            row = result[kind][label]
+            name = "  %s (%s)" % (label, row.get("commit"))
+            if "skipped" in row:
+                print("%-30s skipped: %s" % (name, row["skipped"]))
+            else:
+                print("%-30s %8d %8d %8.1f %8.1f %9.1f" % (name, row["cycles"], row["managed"], row["p50_ms"],
+                                                        row["p99_ms"], row["max_ms"]))
+        after = result[kind]["after"]
+        if "p99_ms" in after:
+            print("  target p99 <= 20 ms: %s" % ("met" if after["p99_ms"] <= 20.0 else "MISSED"))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2, sort_keys=True)
+        print("JSON: %s" % args.json)
+    return 0
+
+
 if __name__ == "__main__":
-    print(bench_hotplug())
+    sys.exit(main())

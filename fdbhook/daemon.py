@@ -10,8 +10,13 @@ Threads, and what each may do:
 * libvirt (fdbhook.virt.Watcher, one per URI whose driver is installed):
   callbacks only put jobs on the queue.
 * kernel link monitor: a port joining a managed bridge that no record knows
-  queues a lookup of its guest (hotplug within milliseconds of the join); a
-  managed port that vanishes queues the pruning of its record.
+  and that carries a known NIC's MAC the way libvirt addresses its taps
+  (fdbhook.joined; NICs known from hook XML and libvirt's live XML) gets that
+  NIC's plan at once, on this thread, through the engine; a libvirt-style
+  port nothing knows yet (hotplug) is looked up in libvirt's live XML every
+  few ms until libvirt names it, then reconciled on this thread; any other
+  such port queues one lookup of its guest. A managed port that vanishes
+  queues the pruning of its record.
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.
@@ -34,7 +39,9 @@ from fdbhook import engine, virt
 from fdbhook.client import MAX_STDIN, pack, socket_path as default_socket, unpack
 from fdbhook.config import ConfigCache
 from fdbhook.domxml import normalize_mac, parse_domain
+from fdbhook.errors import FdbhookError
 from fdbhook.hook import run_hook
+from fdbhook.joined import JoinedPort, libvirt_style, match_joined
 from fdbhook.kernel import Kernel, LinkMonitor
 from fdbhook.state import Store
 
@@ -42,7 +49,10 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URIS = ("qemu:///system", "lxc:///system")
 STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger than this, may be mid-start
+LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
+HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
+HOOK_OPS_ENDING = ("stopped", "release")
 
 
 # --- jobs ------------------------------------------------------------------------
@@ -157,6 +167,7 @@ class _HookHandler(socketserver.StreamRequestHandler):
             return
         result = daemon.serve_hook(driver, argv, data)
         self._answer(result.code, result.stdout, result.stderr)
+        daemon.note_hook(driver, argv, data)
         if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in HOOK_OPS_CHANGING_PORTS:
             daemon.note_ports_changed()
 
@@ -200,6 +211,8 @@ class Daemon:
         self.mac_changes = 0
         self._known_ports = set()
         self._known_lock = threading.Lock()
+        self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
+        self._guests_lock = threading.Lock()
         self.watchers = {}  # uri -> virt.Watcher
         self._connected = set()  # URIs connected at least once
         self.kernels = KernelPool()
@@ -227,6 +240,31 @@ class Daemon:
         ports = {nic.ifindex for record in self.store().all() for nic in record.nics}
         with self._known_lock:
             self._known_ports = ports
+
+    def know_domain(self, domain):
+        """Remember a domain's NICs (hook or live XML) for ports that join before anyone says whose."""
+        with self._guests_lock:
+            self._guests[(domain.driver, domain.name)] = (domain, time.monotonic())
+
+    def forget_domain(self, driver, name):
+        with self._guests_lock:
+            self._guests.pop((driver, name), None)
+
+    def known_domains(self):
+        with self._guests_lock:
+            return [domain for domain, _ in self._guests.values()]
+
+    def note_hook(self, driver, argv, data):
+        """After a qemu/lxc hook's answer: its XML tells which NICs are about to get ports, or that none remain."""
+        if driver not in ("qemu", "lxc") or len(argv) < 2:
+            return
+        if argv[1] in HOOK_OPS_ENDING:
+            self.forget_domain(driver, argv[0])
+        elif argv[1] in HOOK_OPS_KNOWING_NICS:
+            try:
+                self.know_domain(parse_domain(data, driver=driver, what=argv[0]))
+            except FdbhookError:
+                pass  # the hook itself said what is wrong with it
 
     def serve_hook(self, driver, argv, data):
         """One hook call, on a pooled netlink connection. Never raises (run_hook does not)."""
@@ -436,6 +474,7 @@ class Daemon:
             return
         xml, state = live
         domain = parse_domain(xml, driver=watcher.driver, what=name)
+        self.know_domain(domain)
         if new_mac is not None:
             domain = with_guest_mac(domain, *new_mac)
         paused = None if state == "starting" else state == "paused"
@@ -449,10 +488,19 @@ class Daemon:
             return
         for name in names:
             self._reconcile(kernel, store, config, uri, name, trust_live=True)
+        self._forget_stopped(watcher.driver, names)
         for record in engine.stale_records(store, watcher.driver, names, STALE_RECORD_AGE):
             LOG.info("%s/%s: not running any more; tearing down its record", record.driver, record.domain)
             engine.teardown_domain(record.driver, record.domain, kernel, store)
         self.note_ports_changed()
+
+    def _forget_stopped(self, driver, running, now=None):
+        """Known domains of ``driver`` that libvirt does not list, unless young enough to be mid-start."""
+        now = time.monotonic() if now is None else now
+        with self._guests_lock:
+            for key, (_, when) in list(self._guests.items()):
+                if key[0] == driver and key[1] not in running and now - when > STALE_RECORD_AGE:
+                    del self._guests[key]
 
     def _port_joined(self, kernel, store, config, port):
         for uri, watcher in list(self.watchers.items()):
@@ -467,18 +515,30 @@ class Daemon:
         kernel = Kernel()
         bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
+        pending = {}  # port ifindex -> (name, until): libvirt-style ports whose NIC libvirt has not listed yet
+        wait = 0.002
         try:
             while not self.stopping.is_set():
-                ready, _, _ = select.select([monitor], [], [], 1.0)
+                ready, _, _ = select.select([monitor], [], [], wait if pending else 1.0)
                 if ready:
-                    self._link_events(kernel, monitor.read(), bridges, asked)
+                    self._link_events(kernel, monitor.read(), bridges, asked, pending)
+                if pending:
+                    # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
+                    # look every few ms meanwhile, never spending more than a third of the time on it.
+                    started = time.monotonic()
+                    try:
+                        self._look_up_joined(kernel, pending)
+                    except Exception:  # DEVICE_ADDED still comes; the monitor must not die of a lookup
+                        LOG.exception("looking up joined ports %s", sorted(name for name, _ in pending.values()))
+                        pending.clear()
+                    wait = max(0.002, 2 * (time.monotonic() - started))
         except Exception:
             LOG.exception("link monitor died")
         finally:
             monitor.close()
             kernel.close()
 
-    def _link_events(self, kernel, events, bridges, asked):
+    def _link_events(self, kernel, events, bridges, asked, pending=None):
         with self._known_lock:
             known = self._known_ports
         for event, ifindex, _, _ in events:
@@ -496,7 +556,65 @@ class Daemon:
             if bridges[master] and (config.bridge_managed(bridges[master]) or config.networks) \
                     and now - asked.get(ifindex, -60.0) > 5.0:
                 asked[ifindex] = now
-                self.put(PortJoined(port))
+                try:
+                    how = self._joined(kernel, config, ifindex, bridges[master])
+                except (FdbhookError, OSError) as exc:  # a bad record, a kernel error: libvirt's way still works
+                    LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
+                    how = None
+                except Exception:  # never the link monitor's end: libvirt's way still works
+                    LOG.exception("port %s joined %s", port, bridges[master])
+                    how = None
+                if how == "lookup" and pending is not None and self.watchers:
+                    pending[ifindex] = (port, now + LOOKUP_FOR)
+                elif how != "applied":
+                    self.put(PortJoined(port))
+
+    def _joined(self, kernel, config, ifindex, bridge):
+        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
+        "lookup" (libvirt-style, NIC not known yet) or None."""
+        kernel.forget()
+        link = kernel.by_index(ifindex)
+        if link is None or link.kind not in ("tun", "veth"):
+            return None
+        peer_mac = None
+        if link.kind == "veth" and link.peer:
+            peer = kernel.by_index(link.peer)
+            # Both ends still in our namespace (libvirt moves the container end later): the peer points back.
+            peer_mac = peer.mac if peer is not None and peer.peer == ifindex else None
+        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac)
+        match = match_joined(port, self.known_domains())
+        if match is None:
+            return "lookup" if libvirt_style(port) else None
+        domain = match.domain
+        store = self.store(config)
+        record = store.load(domain.driver, domain.name)
+        paused = record.paused if record is not None else store.is_incoming(domain.driver, domain.name)
+        LOG.debug("%s/%s: %s joined %s, carrying %s's MAC: applying now", domain.driver, domain.name,
+                  link.name, bridge, match.nic.label)
+        engine.apply_domain(domain, config, kernel, store, paused=paused, prune=False)
+        self.note_ports_changed()
+        return "applied"
+
+    def _look_up_joined(self, kernel, pending):
+        """Ask libvirt whose the pending ports are; reconcile each one found, on this thread."""
+        with self._known_lock:
+            known = self._known_ports
+        now = time.monotonic()
+        for ifindex, (_, until) in list(pending.items()):
+            if ifindex in known or now > until:  # DEVICE_ADDED was faster, or it is not a guest's after all
+                del pending[ifindex]
+        ports = {name: ifindex for ifindex, (name, _) in pending.items()}
+        if not ports:
+            return
+        config = self.config()
+        store = self.store(config)
+        for uri, watcher in list(self.watchers.items()):
+            for port, name in watcher.owners_of(ports).items():
+                pending.pop(ports[port], None)
+                try:
+                    self._reconcile(kernel, store, config, uri, name, port=port)
+                except (FdbhookError, OSError) as exc:
+                    LOG.warning("port %s of %s: %s", port, name, exc)
 
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):

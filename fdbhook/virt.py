@@ -218,21 +218,28 @@ class Watcher:
 
     def owner_of(self, port):
         """Name of the running domain whose XML names ``port`` as its target dev, or None."""
-        needle = "dev='%s'" % port
+        return self.owners_of([port]).get(port)
+
+    def owners_of(self, ports):
+        """{port: name of the running domain whose XML names it as a target dev} for those found."""
+        needles = {"dev='%s'" % port: port for port in ports}
         conn = self.conn
-        if conn is None:
-            return None
+        if conn is None or not needles:
+            return {}
         try:
             doms = conn.listAllDomains(1)  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
         except Exception:
-            return None
+            return {}
+        out = {}
         for dom in doms:
             try:
-                if needle in dom.XMLDesc(0):
-                    return dom.name()
+                xml = dom.XMLDesc(0)
+                for needle, port in needles.items():
+                    if needle in xml:
+                        out[port] = dom.name()
             except Exception:
                 continue
-        return None
+        return out
 
     def close(self, timeout=5.0):
         """After ``stopping`` is set: wait until run() has closed its connection itself.

@@ -79,3 +79,71 @@ def test_config_is_read_again_only_when_the_file_changes(tmp_path):
     assert d.config() is first
     (tmp_path / "fdbhook.conf").write_text("[manage]\nbridges = br1 br2\n")
     assert d.config().bridges == ("br1", "br2")
+
+
+def test_a_port_carrying_a_nic_mac_from_a_hook_gets_its_plan_at_the_join_and_others_a_lookup(tmp_path, monkeypatch):
+    from tests.helpers import bridge_nic, domain_xml
+
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path / "state"))
+    d = make(tmp_path)
+    k = FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1", "eth0"))
+    k.links_by_index[11] = Link(**dict(k.links_by_index[11].__dict__, mac="fe:54:00:00:00:01"))
+    k.links_by_index[12] = Link(**dict(k.links_by_index[12].__dict__, mac="fe:54:00:00:00:99"))
+    d.note_hook("qemu", ["web1", "prepare", "begin", "-"], domain_xml([bridge_nic(dev=None)], name="web1"))
+    d._link_events(k, [("new", 11, "vnet0", 10), ("new", 12, "vnet1", 10), ("new", 13, "eth0", 10)], {}, {})
+    assert drain(d) == [D.PortJoined("vnet1"), D.PortJoined("eth0")]  # libvirt's way for the rest
+    assert k.by_name("vnet0").learning is False and k.by_name("vnet0").flood is False
+    assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == 11
+    assert [n.port for n in d.store().load("qemu", "web1").nics] == ["vnet0"]
+    assert d._known_ports == {11}
+    assert k.by_name("vnet1").learning is True and k.by_name("eth0").flood is True  # untouched
+    d.note_hook("qemu", ["web1", "release", "end", "-"], b"")
+    assert d.known_domains() == []
+
+
+def test_known_domains_libvirt_no_longer_lists_are_forgotten_unless_young(tmp_path):
+    from fdbhook.model import Domain
+
+    d = make(tmp_path)
+    d.know_domain(Domain(name="a", driver="qemu"))
+    d.know_domain(Domain(name="b", driver="qemu"))
+    d.know_domain(Domain(name="c", driver="lxc"))
+    d._forget_stopped("qemu", ["a"])
+    assert len(d.known_domains()) == 3  # young: maybe mid-start
+    d._forget_stopped("qemu", ["a"], now=1e12)
+    assert sorted(x.name for x in d.known_domains()) == ["a", "c"]
+
+
+class FakeWatcher:
+    """libvirt lists the hot-plugged NIC only after a few looks (QEMU has it then)."""
+
+    driver = "qemu"
+
+    def __init__(self, after):
+        self.looks = 0
+        self.after = after
+
+    def owners_of(self, ports):
+        self.looks += 1
+        return {port: "web1" for port in ports if port == "vnet5"} if self.looks >= self.after else {}
+
+
+def test_a_libvirt_style_port_nothing_knows_is_looked_up_until_libvirt_lists_it(tmp_path, monkeypatch):
+    d = make(tmp_path)
+    k = FakeKernel.bridge_with_ports("br0", ("vnet5", "eth0"))
+    k.links_by_index[11] = Link(**dict(k.links_by_index[11].__dict__, mac="fe:54:00:00:00:05"))
+    d.watchers = {"qemu:///system": FakeWatcher(after=3)}
+    found = []
+    monkeypatch.setattr(d, "_reconcile", lambda kernel, store, config, uri, name, port=None: found.append((name, port)))
+    pending = {}
+    d._link_events(k, [("new", 11, "vnet5", 10), ("new", 12, "eth0", 10)], {}, {}, pending)
+    assert list(pending) == [11] and drain(d) == [D.PortJoined("eth0")]  # not libvirt-style: one lookup, as before
+    for _ in range(3):
+        d._look_up_joined(k, pending)
+    assert found == [("web1", "vnet5")] and pending == {}
+    # Already managed (DEVICE_ADDED was faster) or looked for long enough: dropped without asking.
+    d.watchers["qemu:///system"].looks = -100
+    pending = {11: ("vnet5", 1e12), 13: ("vnet7", 0.0)}
+    d._known_ports = {11}
+    d._look_up_joined(k, pending)
+    assert pending == {} and d.watchers["qemu:///system"].looks == -100
