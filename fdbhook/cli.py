@@ -93,7 +93,16 @@ def cmd_teardown(args):
     return 1 if report.failures else 0
 
 
+def _need_root(command):
+    """One line and exit 2 for a non-root user: records, logs and the socket are root's alone."""
+    import os
+
+    if os.geteuid() != 0:
+        raise UsageError(reason="%s needs root (fdbhook's records and bridge state are root's only)" % command)
+
+
 def cmd_status(args):
+    _need_root("status")
     from fdbhook.config import load_config
     from fdbhook.kernel import Kernel
     from fdbhook.state import Store

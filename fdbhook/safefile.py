@@ -8,9 +8,10 @@ whatever ``fs.protected_symlinks``/``fs.protected_regular`` say. So:
   ``O_DIRECTORY|O_NOFOLLOW`` (a symlink anywhere on the path is refused);
   every ancestor must be owned by root (or by us) and, if others may write
   it, sticky (``/tmp``); the directory itself, and every one we create, must
-  be root's and writable by nobody else (``trusted=False`` relaxes only the
-  owner of the last one: node_exporter's textfile directory, which we only
-  ever rename into);
+  be root's and writable by nobody else (``trusted=False`` drops the owner
+  and mode checks, keeping the no-symlink walk: node_exporter's textfile
+  directory, which we only ever rename into, and a log's directory, where
+  the file itself is checked);
 * a file is created relative to that directory's fd with
   ``O_CREAT|O_EXCL|O_NOFOLLOW`` under an unpredictable ``.tmp-<hex>`` name,
   with its mode set at creation, fsynced, renamed over the final name
@@ -51,14 +52,14 @@ def _owners():
 def _check(path, st, last, trusted):
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePath(path, "not a directory")
+    if not trusted:
+        return  # only renamed into (or a file of ours checked on its own): no symlink on the way is enough
     mode = stat.S_IMODE(st.st_mode)
     if last:
-        if trusted and st.st_uid not in _owners():
+        if st.st_uid not in _owners():
             raise UnsafePath(path, "owned by uid %d, not root: refused" % st.st_uid)
-        if trusted and mode & 0o022:
+        if mode & 0o022:
             raise UnsafePath(path, "writable by group or others (mode %04o): refused" % mode)
-        if not trusted and mode & 0o002 and not mode & stat.S_ISVTX:
-            raise UnsafePath(path, "world-writable (mode %04o): refused" % mode)
         return
     if st.st_uid not in _owners():
         raise UnsafePath(path, "owned by uid %d, not root: refused" % st.st_uid)
