@@ -122,11 +122,12 @@ CONF=$CONF_DIR/fdbhook.conf
 # One install.sh at a time on a live system. The lock lives in fdbhook's own
 # root-only directory, never in a world-writable one (/run/lock, /tmp), where
 # a user's symlink or lock file could make root truncate a file or wait.
-if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
-    lockdir=$STATE_DIR
+# (tests/kernel/test_security.py runs this function on its own.)
+take_install_lock() { # DIR
+    local lockdir=$1
     [ -L "$lockdir" ] && die "$lockdir is a symlink: refusing to take the install lock there"
     [ -e "$lockdir" ] || mkdir -m 0700 "$lockdir" || die "cannot create $lockdir"
-    [ -d "$lockdir" ] && [ ! -L "$lockdir" ] || die "$lockdir is not a directory: refusing to take the install lock there"
+    { [ -d "$lockdir" ] && [ ! -L "$lockdir" ]; } || die "$lockdir is not a directory: refusing to take the install lock there"
     [ "$(stat -c %u "$lockdir")" = 0 ] || die "$lockdir is not root's: refusing to take the install lock there"
     case "$(stat -c %A "$lockdir")" in
         d????w????|d???????w?) die "$lockdir is writable by group or others: refusing to take the install lock there" ;;
@@ -134,6 +135,9 @@ if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
     [ -L "$lockdir/install.lock" ] && die "$lockdir/install.lock is a symlink: refusing it"
     exec 9>>"$lockdir/install.lock"
     flock -w 60 9 || die "another install.sh is running (lock $lockdir/install.lock)"
+}
+if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+    take_install_lock "$STATE_DIR"
 fi
 
 # --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------

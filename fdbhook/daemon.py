@@ -154,6 +154,7 @@ class _HookHandler(socketserver.StreamRequestHandler):
             self.request.settimeout(ANSWER_DEADLINE)  # the client reads its answer at once
         except (OSError, RequestRefused) as exc:
             LOG.warning("hook connection dropped: %s", exc)
+            trim_heap()  # an oversized request's buffer is gone: hand its memory back
             return
         try:
             driver, argv, data = decode_request(raw)
