@@ -396,8 +396,12 @@ class Daemon:
         return 0
 
     def _start_server(self):
-        from fdbhook.safefile import ensure_dir
-        ensure_dir(os.path.dirname(self.socket_path) or ".", 0o700)  # root's own, never through a link
+        from fdbhook.errors import StateError
+        from fdbhook.safefile import UnsafePath, ensure_dir
+        try:
+            ensure_dir(os.path.dirname(os.path.abspath(self.socket_path)), 0o700)  # root's own, never a link
+        except UnsafePath as exc:
+            raise StateError(path=exc.path, reason=exc.reason) from None
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
