@@ -115,7 +115,8 @@ def as_attacker(fn):
 @pytest.fixture
 def base():
     """A directory the attacker can traverse (0755, root's), with ``att``, a directory the attacker owns."""
-    path = tempfile.mkdtemp(prefix="sc-sec-")
+    # /tmp, not $TMPDIR: CI's temporary directory may be one an unprivileged user cannot traverse.
+    path = tempfile.mkdtemp(prefix="sc-sec-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.chmod(path, 0o755)
     att = os.path.join(path, "att")
     os.mkdir(att, 0o755)
