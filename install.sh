@@ -131,11 +131,25 @@ MANIFEST=$SHARE/manifest
 PRISTINE=$SHARE/fdbhook.conf.pristine
 CONF=$CONF_DIR/fdbhook.conf
 
-# One install.sh at a time on a live system (both modes).
+# One install.sh at a time on a live system (both modes). The lock lives in fdbhook's own
+# root-only directory, never in a world-writable one (/run/lock, /tmp), where
+# a user's symlink or lock file could make root truncate a file or wait.
+# (tests/kernel/test_security.py runs this function on its own.)
+take_install_lock() { # DIR
+    local lockdir=$1
+    [ -L "$lockdir" ] && die "$lockdir is a symlink: refusing to take the install lock there"
+    [ -e "$lockdir" ] || mkdir -m 0700 "$lockdir" || die "cannot create $lockdir"
+    { [ -d "$lockdir" ] && [ ! -L "$lockdir" ]; } || die "$lockdir is not a directory: refusing to take the install lock there"
+    [ "$(stat -c %u "$lockdir")" = 0 ] || die "$lockdir is not root's: refusing to take the install lock there"
+    case "$(stat -c %A "$lockdir")" in
+        d????w????|d???????w?) die "$lockdir is writable by group or others: refusing to take the install lock there" ;;
+    esac
+    [ -L "$lockdir/install.lock" ] && die "$lockdir/install.lock is a symlink: refusing it"
+    exec 9>>"$lockdir/install.lock"
+    flock -w 60 9 || die "another install.sh is running (lock $lockdir/install.lock)"
+}
 if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
-    mkdir -p -m 0700 "$STATE_DIR"
-    exec 9>"$STATE_DIR/install.lock"
-    flock -w 60 9 || die "another install.sh is running (lock $STATE_DIR/install.lock)"
+    take_install_lock "$STATE_DIR"
 fi
 
 # --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------
@@ -152,8 +166,10 @@ manifest_add() { # KIND PATH
 manifest_del() { # KIND PATH
     [ "$DRY_RUN" = 1 ] && return 0
     [ -f "$MANIFEST" ] || return 0
-    grep -vxF -- "$1 $2" "$MANIFEST" >"$MANIFEST.tmp" || true
-    mv -f "$MANIFEST.tmp" "$MANIFEST"
+    local tmp
+    tmp=$(mktemp "$MANIFEST.XXXXXX")
+    grep -vxF -- "$1 $2" "$MANIFEST" >"$tmp" || true
+    mv -f "$tmp" "$MANIFEST"
 }
 # mkdir -p that records every directory it creates (deepest last).
 mkdir_recorded() { # FINAL_DIR
@@ -666,11 +682,13 @@ else
         (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - $SRC_FILES) | tar -C "$stage" -xf -
         pip_args=(-q --no-deps --no-build-isolation --no-index --disable-pip-version-check --force-reinstall)
         [ "$STAGED" = 1 ] && pip_args+=(--no-compile)
-        if ! "$VENV/bin/python3" -m pip install "${pip_args[@]}" "$stage" >"$stage.log" 2>&1; then
-            cat "$stage.log" >&2; rm -f "$stage.log"
+        piplog=$(mktemp)  # a fresh 0600 file (O_EXCL), not a name a user could plant beside $stage
+        trap 'rm -rf "$stage" "$piplog"' EXIT
+        if ! "$VENV/bin/python3" -m pip install "${pip_args[@]}" "$stage" >"$piplog" 2>&1; then
+            cat "$piplog" >&2
             die "pip install into $PREFIX failed"
         fi
-        rm -rf "$stage" "$stage.log"
+        rm -rf "$stage" "$piplog"
         trap - EXIT
         mkdir -p "$SHARE"
         echo "$HASH" >"$SHARE/source.sha256"
@@ -772,9 +790,10 @@ if [ -f "$UNIT_SRC" ] && { [ "$STAGED" = 1 ] || [ "$SYSTEMD" = 1 ]; }; then
         echo "would install $UNIT"
     else
         mkdir_recorded "$(dirname "$UNIT")"
-        unit_text >"$DESTDIR$UNIT.fdbhook-tmp"
-        chmod 0644 "$DESTDIR$UNIT.fdbhook-tmp"
-        mv -f "$DESTDIR$UNIT.fdbhook-tmp" "$DESTDIR$UNIT"
+        tmp=$(mktemp "$(dirname "$DESTDIR$UNIT")/.fdbhookd.service.XXXXXX")
+        unit_text >"$tmp"
+        chmod 0644 "$tmp"
+        mv -f "$tmp" "$DESTDIR$UNIT"
         manifest_add unit "$UNIT"
         unit_changed=1
         say "installed $UNIT"
@@ -818,9 +837,10 @@ install_doc() { # FINAL_PATH COMMAND: write `fdbhook COMMAND`'s output there, re
         || die "fdbhook $2 failed"
     if [ "$(cat "$DESTDIR$path" 2>/dev/null)" != "$text" ]; then
         mkdir_recorded "$(dirname "$path")"
-        printf '%s\n' "$text" >"$DESTDIR$path.fdbhook-tmp"
-        chmod 0644 "$DESTDIR$path.fdbhook-tmp"
-        mv -f "$DESTDIR$path.fdbhook-tmp" "$DESTDIR$path"
+        tmp=$(mktemp "$(dirname "$DESTDIR$path")/.fdbhook.XXXXXX")
+        printf '%s\n' "$text" >"$tmp"
+        chmod 0644 "$tmp"
+        mv -f "$tmp" "$DESTDIR$path"
         say "installed $path"
     fi
     manifest_add doc "$path"

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 
+from fdbhook import safefile
 from fdbhook.errors import UsageError
 
 LOG = logging.getLogger(__name__)
@@ -15,43 +16,42 @@ def capture(config, driver, argv, data):
     """Save one invocation (argv + stdin) to the spool for ``fdbhook replay``.
 
     The spool is bounded: the oldest files go once it exceeds
-    ``capture_max_bytes``. A capture failure never fails the hook.
+    ``capture_max_bytes``. It holds domain XML (passwords included), so it
+    must be root's own directory, writable by nobody else, reached without
+    a symlink (fdbhook.safefile); files are 0600. A capture failure never
+    fails the hook.
     """
     try:
-        os.makedirs(config.capture_dir, mode=0o700, exist_ok=True)
+        dir_fd = safefile.open_dir(config.capture_dir, create=True, mode=0o700)
+    except OSError as exc:
+        LOG.warning("capture to %s refused: %s", config.capture_dir, exc)
+        return
+    try:
         stamp = "%.6f" % time.time()
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(argv[:2]))[:80]
-        path = os.path.join(config.capture_dir, "%s-%d-%s-%s.json" % (stamp, os.getpid(), driver, safe))
+        name = "%s-%d-%s-%s.json" % (stamp, os.getpid(), driver, safe)
         record = {"time": float(stamp), "driver": driver, "argv": list(argv)}
         try:
             record["stdin"] = data.decode("utf-8")
         except UnicodeDecodeError:
             record["stdin_b64"] = base64.b64encode(data).decode()
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.rename(tmp, path)
-        _trim_spool(config.capture_dir, config.capture_max_bytes)
+        safefile.write_at(dir_fd, name, json.dumps(record).encode(), mode=0o600, fsync=False)
+        _trim_spool(dir_fd, config.capture_max_bytes)
     except OSError as exc:
         LOG.warning("capture to %s failed: %s", config.capture_dir, exc)
+    finally:
+        os.close(dir_fd)
 
 
-def _trim_spool(directory, limit):
-    entries = []
-    for name in os.listdir(directory):
-        if name.endswith(".json"):
-            try:
-                st = os.stat(os.path.join(directory, name))
-            except OSError:
-                continue
-            entries.append((name, st.st_size))
-    entries.sort()
+def _trim_spool(dir_fd, limit):
+    """Oldest captures out until the spool fits; regular files only, unlinked relative to the verified fd."""
+    entries = sorted((name, st.st_size) for name, st in safefile.listing(dir_fd) if name.endswith(".json"))
     total = sum(size for _, size in entries)
     for name, size in entries:
         if total <= limit:
             break
         try:
-            os.unlink(os.path.join(directory, name))
+            os.unlink(name, dir_fd=dir_fd)
         except OSError:
             pass
         total -= size

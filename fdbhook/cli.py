@@ -13,6 +13,13 @@ from fdbhook.errors import FdbhookError, UsageError
 EXIT_DRIFT = 4
 
 
+def _say(text, file=None):
+    """print(), with control characters from names (a tenant's domain XML) escaped on every line."""
+    from fdbhook.logsetup import escape_controls
+
+    print("\n".join(escape_controls(line) for line in str(text).split("\n")), file=file)
+
+
 def hook_main(driver, argv, stdin=None, verbose=False, capture=True):
     """``fdbhook hook``: read stdin once and serve the hook in this process (no daemon)."""
     from fdbhook.client import read_stdin
@@ -45,13 +52,13 @@ def _print_report(report, dry_run):
     for res in report.results:
         d = res.decision
         where = "%s on %s" % (d.port or "-", d.bridge or "-")
-        print("%s/%s %s %s: %s: %s" % (report.driver, report.domain, d.nic.label, where, res.status,
+        _say("%s/%s %s %s: %s: %s" % (report.driver, report.domain, d.nic.label, where, res.status,
                                         res.message))
         if dry_run:
             for op in res.ops:
                 print("    " + render(op))
     if not report.results:
-        print("%s/%s: nothing to do" % (report.driver, report.domain))
+        _say("%s/%s: nothing to do" % (report.driver, report.domain))
 
 
 def cmd_apply(args):
@@ -67,7 +74,7 @@ def cmd_apply(args):
         report = apply_domain(domain, config, kernel, Store(config.state_dir), dry_run=args.dry_run)
     _print_report(report, args.dry_run)
     if report.failures:
-        print("fdbhook: " + report.one_line(), file=sys.stderr)
+        _say("fdbhook: " + report.one_line(), file=sys.stderr)
         return 1
     return 0
 
@@ -93,7 +100,16 @@ def cmd_teardown(args):
     return 1 if report.failures else 0
 
 
+def _need_root(command):
+    """One line and exit 2 for a non-root user: records, logs and the socket are root's alone."""
+    import os
+
+    if os.geteuid() != 0:
+        raise UsageError(reason="%s needs root (fdbhook's records and bridge state are root's only)" % command)
+
+
 def cmd_status(args):
+    _need_root("status")
     from fdbhook.config import load_config
     from fdbhook.kernel import Kernel
     from fdbhook.state import Store
@@ -116,7 +132,7 @@ def cmd_status(args):
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print(render_text(data))
+        _say(render_text(data))
     return EXIT_DRIFT if data["drift"] else 0
 
 
@@ -131,7 +147,7 @@ def cmd_explain(args):
         bridge = explain(config, kernel, Store(config.state_dir), args.bridge)
     if bridge is None:
         raise UsageError(reason="%s is not a Linux bridge here" % args.bridge)
-    print(json.dumps(bridge, indent=2, sort_keys=True) if args.json else render_explain(bridge))
+    _say(json.dumps(bridge, indent=2, sort_keys=True) if args.json else render_explain(bridge))
     return 0
 
 
@@ -255,7 +271,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except FdbhookError as exc:
-        print("fdbhook: %s" % exc, file=sys.stderr)
+        _say("fdbhook: %s" % exc, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -22,7 +22,7 @@ _BOOL = {"1": True, "yes": True, "true": True, "on": True,
 
 # Every key we read, so a typo in the file is an error, not a silent default.
 KNOWN = {
-    "manage": {"bridges", "networks", "sticky", "locked", "mab"},
+    "manage": {"bridges", "networks", "sticky", "locked", "mab", "uplinks", "max_extra_macs"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
     "daemon": {"resync_interval"},
     "metrics": {"textfile", "listen"},
@@ -60,6 +60,8 @@ class Config:
     sticky: str = "auto"  # yes | no | auto (off on bridges with a VXLAN port: EVPN must move MACs); see sticky_for
     locked: bool = False  # lock mode: guest ports locked to their own MACs
     mab: bool = False  # locked ports also report the source MACs they dropped (keeps learning on)
+    uplinks: Tuple[str, ...] = ()  # port names (globs) never managed, whatever a domain's XML says
+    max_extra_macs: int = 64  # extra MACs per NIC (metadata + sections); more is refused
     on_error: str = "fail"  # fail | continue
     capture: bool = False
     capture_dir: str = "/var/lib/fdbhook/capture"
@@ -110,6 +112,10 @@ class Config:
 
     def network_managed(self, network):
         return _match(self.networks, network)
+
+    def uplink(self, port):
+        """The [manage] uplinks glob naming this port (never a guest's), or None."""
+        return _match(self.uplinks, port)
 
 
 def _policy(policies, name):
@@ -232,6 +238,8 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         sticky=_sticky(path, "manage", get("manage", "sticky", "auto")),
         locked=_bool(path, "manage", "locked", get("manage", "locked", "no")),
         mab=_bool(path, "manage", "mab", get("manage", "mab", "no")),
+        uplinks=tuple((get("manage", "uplinks", "") or "").split()),
+        max_extra_macs=_number(path, "manage", "max_extra_macs", get("manage", "max_extra_macs", "64"), int),
         on_error=on_error,
         capture=_bool(path, "hook", "capture", get("hook", "capture", "no")),
         capture_dir=get("hook", "capture_dir", Config.capture_dir),

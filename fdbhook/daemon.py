@@ -156,12 +156,25 @@ class _HookHandler(socketserver.StreamRequestHandler):
             if uid != 0:
                 self._answer(2, "", "fdbhook: fdbhookd serves root only")
                 return
-            # The client shuts down its sending side: read to EOF, bounded
-            # (stdin over the limit plus argv; the parser refuses the rest).
-            driver, argv, data = decode_request(self.rfile.read(MAX_STDIN + 64 * 1024))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            # The client shuts down its sending side: read to EOF, bounded in
+            # size and time while reading. Too slow or too big: the connection
+            # is closed unanswered and the hook serves itself (the parser then
+            # refuses an oversized XML with its own line).
+            raw = read_request(self.request, REQUEST_LIMIT, READ_DEADLINE)
+            self.request.settimeout(ANSWER_DEADLINE)  # the client reads its answer at once
+        except (OSError, RequestRefused) as exc:
+            LOG.warning("hook connection dropped: %s", exc)
+            trim_heap()  # an oversized request's buffer is gone: hand its memory back
+            return
+        try:
+            driver, argv, data = decode_request(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
             self._answer(2, "", "fdbhook: bad request to fdbhookd: %s" % exc)
             return
+        finally:
+            if len(raw) > TRIM_AFTER:
+                del raw
+                trim_heap()
         if driver == "ping":  # `fdbhook status` asking whether we run: no hook, no capture
             self._answer(0, "", "")
             return
@@ -182,6 +195,46 @@ class _HookHandler(socketserver.StreamRequestHandler):
             pass
 
 
+REQUEST_LIMIT = MAX_STDIN + 64 * 1024  # the XML one byte over its limit, plus argv and framing
+READ_DEADLINE = 2.0  # seconds a client has to send its whole request
+ANSWER_DEADLINE = 10.0  # seconds a client has to take its answer
+MAX_CONNECTIONS = 256  # concurrent hook connections; beyond, a connection is closed at once (the hook serves itself)
+TRIM_AFTER = 1024 * 1024  # a request larger than this hands its heap back to the system afterwards
+
+
+class RequestRefused(Exception):
+    pass
+
+
+def read_request(sock, limit, deadline):
+    """Bytes up to the client's EOF: RequestRefused past ``limit`` bytes or ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    buf = bytearray()
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise RequestRefused("no complete request within %.0f s" % deadline)
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise RequestRefused("no complete request within %.0f s" % deadline) from None
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise RequestRefused("request over %d bytes" % limit)
+
+
+def trim_heap():
+    """Give freed heap back to the system (glibc malloc_trim); a no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def decode_request(raw):
     """(driver, argv list, stdin bytes) from the client's framed request; ValueError if malformed."""
     driver, argv, data = unpack(raw, 3)
@@ -189,7 +242,31 @@ def decode_request(raw):
     return driver.decode(), argv, data
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Bounded:
+    """At most MAX_CONNECTIONS hook connections at once; one more is closed unanswered (the hook falls back)."""
+
+    _slots = None
+
+    def process_request(self, request, client_address):
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Server(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -370,7 +447,12 @@ class Daemon:
         return 0
 
     def _start_server(self):
-        os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
+        from fdbhook.errors import StateError
+        from fdbhook.safefile import UnsafePath, ensure_dir
+        try:
+            ensure_dir(os.path.dirname(os.path.abspath(self.socket_path)), 0o700)  # root's own, never a link
+        except UnsafePath as exc:
+            raise StateError(path=exc.path, reason=exc.reason) from None
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:

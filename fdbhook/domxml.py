@@ -210,8 +210,11 @@ def domain_from_element(root, driver=None, what="?"):
     """Build a Domain from a parsed <domain> element."""
     if root.tag != "domain":
         raise InvalidDomainXML(domain=what, reason="root element is <%s>, expected <domain>" % root.tag)
-    name = _text(root, "name")
-    if not name:
+    # The name exactly as libvirt has it (and passes it as the hooks' argv):
+    # records, teardown and log lines all use this one spelling.
+    name_elem = root.find("name")
+    name = name_elem.text if name_elem is not None else None
+    if not name or not name.strip():
         raise InvalidDomainXML(domain=what, reason="no <name>")
     dtype = (root.get("type") or "").strip()
     if driver is None:

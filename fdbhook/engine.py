@@ -21,7 +21,7 @@ from fdbhook.current import locate, read_port
 from fdbhook.errors import ApplyError, KernelError, StateError
 from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
-from fdbhook.policy import decide_domain
+from fdbhook.policy import decide_domain, refuse_foreign_ports
 from fdbhook.resolve import load_networks
 from fdbhook.state import clean_temp_files
 
@@ -619,6 +619,8 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
             paused = record.paused if record is not None else False
         decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
                                    kernel)
+        decisions = refuse_foreign_ports(domain, decisions, config, store.all(), kernel,
+                                         lambda d: nic_security(d.nic, config, d.bridge, d.network).extra_macs)
         kept = _kept_records(kernel, record, prune)
         kept_before = dict(kept)
         # Bad input (an error decision) stops the run before any change,

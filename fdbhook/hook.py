@@ -116,8 +116,19 @@ def _serve_network(name, op, data, config, kernel, store):
     return HookResult(0)
 
 
+def _xml_name(data, driver, obj):
+    """The domain's canonical name: the XML's <name> as written; argv's OBJECT if the XML has none."""
+    try:
+        from fdbhook.domxml import parse_domain
+        return parse_domain(data, driver=driver, what=obj).name
+    except Exception:
+        return obj
+
+
 def _failure(driver, obj, op, config, message):
-    line = "fdbhook: %s" % " ".join(message.split())
+    from fdbhook.logsetup import escape_controls
+
+    line = "fdbhook: %s" % escape_controls(" ".join(message.split()))
     if op in TEARDOWN_OPS:
         LOG.error("%s/%s %s: %s", driver, obj, op, message)
         return HookResult(0)
@@ -133,14 +144,16 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
 
     store = store or Store(config.state_dir)
     if op in TEARDOWN_OPS:
-        # The XML here names neither tap nor bridge; the record does.
-        # argv's OBJECT is the domain name, so even broken XML tears down.
-        store.clear_incoming(driver, obj)
-        if not os.path.exists(store.path(driver, obj)) and not store.has_intents():
+        # The XML here names neither tap nor bridge; the record does. The
+        # record is keyed by the XML's <name> exactly (no stripping); argv's
+        # OBJECT is the same string from libvirt, so even broken XML tears down.
+        name = _xml_name(data, driver, obj)
+        store.clear_incoming(driver, name)
+        if not os.path.exists(store.path(driver, name)) and not store.has_intents():
             return HookResult(0)
         from fdbhook.engine import teardown_domain
         with _kernel(kernel) as k:
-            teardown_domain(driver, obj, k, store)
+            teardown_domain(driver, name, k, store)
         return HookResult(0)
 
     from fdbhook.domxml import parse_domain

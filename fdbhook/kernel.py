@@ -410,6 +410,19 @@ class Kernel:
                 out.append((entry.mac, entry.vlan))
         return sorted(out)
 
+    def port_entries(self, port_ifindex):
+        """The bridge (master) FDB entries pointing at one port: [FdbEntry]. One dump (port ownership checks)."""
+        (msgs, code), = self._round_trip([msg_fdb_dump(port_ifindex)])
+        if code:
+            raise KernelError(what="bridge fdb show dev %d" % port_ifindex,
+                              reason="%s (errno %d)" % (os.strerror(code), code))
+        out = []
+        for raw in msgs:
+            entry = entry_from_raw(raw)
+            if entry.ifindex == port_ifindex and not struct.unpack_from("=B", raw, 26)[0] & NTF_SELF:
+                out.append(entry)
+        return out
+
     def port_vlans(self, ifindex):
         """A port's VLAN membership: ((vid, pvid, untagged), ...).
 

@@ -3,6 +3,7 @@
 import logging
 import logging.handlers
 import os
+import re
 
 FALLBACK_LOG = "/var/log/fdbhook.log"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -42,6 +43,45 @@ def nic_fields(driver, domain, alias, mac, port, bridge, action, status):
     return {key: str(value) for key, value in fields.items() if value}
 
 
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators: a name
+# from a domain's XML ("a\nfdbhook[1]: forged") must not start a log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    """``text`` with every control character written as ``\\xNN`` (``\\uNNNN``): one line, always."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
+                        else "\\u%04x" % ord(m.group()), text)
+
+
+class SafeFormatter(logging.Formatter):
+    """A Formatter whose line never holds a control character (a traceback after it keeps its lines)."""
+
+    def formatMessage(self, record):
+        return escape_controls(super().formatMessage(record))
+
+
+def _adm_gid():
+    """Debian's group for reading logs (0640 root:adm), or None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        import grp
+        return grp.getgrnam("adm").gr_gid
+    except (ImportError, KeyError):
+        return None
+
+
+class SafeFileHandler(logging.FileHandler):
+    """A log file opened through fdbhook.safefile: never through a link, created 0640 root:adm."""
+
+    def _open(self):
+        from fdbhook import safefile
+
+        fd = safefile.open_append(self.baseFilename, mode=0o640, group=_adm_gid())
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=getattr(self, "errors", None))
+
+
 class JournalHandler(logging.Handler):
     """Native journald lines through python3-systemd's ``systemd.journal.JournalHandler``
     (MESSAGE, PRIORITY, CODE_*, LOGGER and every ``extra=`` field, SYSLOG_IDENTIFIER=fdbhook).
@@ -70,7 +110,7 @@ class JournalHandler(logging.Handler):
             from systemd import journal
         except ImportError:
             fallback = _syslog_handler() or logging.NullHandler()
-            fallback.setFormatter(logging.Formatter("fdbhook[%(process)d]: %(message)s"))
+            fallback.setFormatter(SafeFormatter("fdbhook[%(process)d]: %(message)s"))
             return fallback
         handler = journal.JournalHandler(sender_function=self.sender or journal.send, SYSLOG_IDENTIFIER=IDENTIFIER)
         handler.setFormatter(self.formatter)
@@ -123,7 +163,7 @@ def setup_logging(verbose=False, hook=False):
     journal = False
     if path:
         try:
-            handler = logging.FileHandler(path)
+            handler = SafeFileHandler(path)
         except OSError:
             handler = None
         fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
@@ -134,17 +174,17 @@ def setup_logging(verbose=False, hook=False):
         fmt = "fdbhook[%(process)d]: %(message)s"
     if handler is None and not path:
         try:
-            handler = logging.FileHandler(FALLBACK_LOG)
+            handler = SafeFileHandler(FALLBACK_LOG)
         except OSError:
             handler = None
         fmt = "%(asctime)s fdbhook[%(process)d]: %(message)s"
     if handler is not None:
-        handler.setFormatter(logging.Formatter(fmt))
+        handler.setFormatter(SafeFormatter(fmt))
         root.addHandler(handler)
     if not hook and not (journal and _stderr_is_journal() and not verbose):
         console = logging.StreamHandler()
         console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        console.setFormatter(logging.Formatter("fdbhook: %(message)s"))
+        console.setFormatter(SafeFormatter("fdbhook: %(message)s"))
         root.addHandler(console)
     if not root.handlers:
         root.addHandler(logging.NullHandler())

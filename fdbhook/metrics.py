@@ -8,8 +8,8 @@ whole, so a scrape never sees half of one. The text format is
 prometheus_client's (Debian's python3-prometheus-client); it is imported
 only by fdbhookd, never by a hook.
 
-The textfile is written to a temporary file in the same directory and
-renamed over ``fdbhook.prom``: the collector reads only ``*.prom`` and never
+The textfile is written to a temporary file with a random name in the same
+directory (fdbhook.safefile) and renamed over ``fdbhook.prom``: the collector reads only ``*.prom`` and never
 half a file.
 """
 
@@ -155,20 +155,15 @@ class Metrics:
 
 
 def write_textfile(path, data):
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
+
+    fdbhook.safefile: an O_EXCL temp file with a random name, no symlink
+    followed anywhere on the path, mode 0644 from creation. The directory
+    may belong to node_exporter's user (only renamed into, never trusted).
+    """
+    from fdbhook import safefile
+
+    safefile.write_file(path, data, mode=0o644, create=False, trusted=False, fsync=False)
 
 
 class Exporter:

@@ -40,6 +40,9 @@ def entry_conflict(port, ifindex, mac, entry, owned):
     host", and when our guest has moved here (migration) that is out of date.
     Any other static, local or externally learned entry belongs to someone else.
     """
+    if entry is not None and entry.local and entry.ifindex == ifindex:
+        # A local (permanent) entry is the host's own address: never replaced or deleted, on our port neither.
+        return "MAC %s is a local (permanent) FDB entry of the host on %s, never replaced; refusing it" % (mac, port)
     if entry is None or entry.ifindex == ifindex or entry.dynamic or owned:
         return None
     if entry.extern_learn and entry.on_vxlan:

@@ -83,3 +83,111 @@ def decide_domain(domain, config, networks, links, record=None):
     """Decisions for every NIC of the domain, in XML order."""
     return tuple(decide(domain, place_nic(domain, nic, networks, links, record), config)
                  for nic in domain.nics)
+
+
+# --- port ownership ------------------------------------------------------------------
+#
+# A domain's XML is written by whoever may define that domain; its <target dev>
+# and MACs are claims, not facts. A port is managed only if it is the guest's
+# own (README "Security model"):
+#   * a tap ("tun") or veth, never the bridge itself or another kind of device
+#     (an ethernet NIC, a bond, a macvlan: uplinks);
+#   * never a port named in [manage] uplinks, never one another domain's record holds;
+#   * a tap libvirt made for this NIC (its MAC is the NIC's with the first
+#     byte 0xfe, or 0xfa for a NIC MAC that starts with 0xfe: libvirt's
+#     virNetDevTapCreateInBridgePort and the ethernet-type set-up) is taken
+#     at once (no FDB dump: it costs no round trip);
+#   * any other port (LXC's host-side veth gets a random MAC; a pre-created
+#     tap with managed='no') only if it carries no static or local FDB entry
+#     but its own address and this NIC's MACs (checked when the domain first
+#     takes it, not again while its record holds it);
+#   * no MAC of the NIC may be the bridge's or the port's own address (a
+#     local entry: fdbhook never replaces or deletes one);
+#   * at most [manage] max_extra_macs extra MACs per NIC.
+
+OWN_KINDS = ("tun", "veth")
+
+
+def libvirt_tap_mac(mac):
+    """The MAC libvirt gives the host side of a tap it creates for a NIC with ``mac``."""
+    if not mac:
+        return None
+    first = int(mac[:2], 16)
+    return ("fa" if first == 0xFE else "fe") + mac[2:]
+
+
+def port_problem(d, config, extra_macs, port_link, bridge_link, port_entries, holder, own_macs=()):
+    """Why ``d`` (a managed Decision) must not take its port, or None. Pure.
+
+    ``holder``: the domain whose record holds this port ("qemu/other"), or
+    None; ``port_entries``: the port's bridge FDB entries (FdbEntry);
+    ``own_macs``: MACs this domain's record already has on the port.
+    """
+    port = d.port
+    if port_link is None:
+        return None  # decide() already said "does not exist"
+    if (bridge_link is not None and port_link.ifindex == bridge_link.ifindex) or port_link.kind == "bridge":
+        return "port %s is the bridge itself, not a guest's port: refused" % port
+    if config.uplink(port):
+        return "port %s is an uplink ([manage] uplinks = %s), not a guest's port: refused" % (
+            port, config.uplink(port))
+    if port_link.kind not in OWN_KINDS:
+        return "port %s is a %s device, not a tap or veth: an uplink, not a guest's port: refused" % (
+            port, port_link.kind or "physical (ethernet)")
+    if len(extra_macs) > config.max_extra_macs:
+        return "%d extra MACs, more than [manage] max_extra_macs = %d: refused" % (
+            len(extra_macs), config.max_extra_macs)
+    macs = (d.nic.mac,) + tuple(extra_macs)
+    for mac in macs:
+        if bridge_link is not None and bridge_link.mac and mac == bridge_link.mac:
+            return "MAC %s is bridge %s's own address (a local FDB entry, never replaced): refused" % (
+                mac, bridge_link.name)
+        if port_link.mac and mac == port_link.mac:
+            return "MAC %s is port %s's own address (a local FDB entry, never replaced): refused" % (mac, port)
+    if holder is not None:
+        return "port %s belongs to domain %s (its record), not this guest: refused" % (port, holder)
+    made_for = {libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
+    if port_link.mac in made_for:
+        return None  # libvirt created this tap for this very NIC
+    allowed = set(macs) | set(own_macs) | {port_link.mac}
+    if d.nic.config_mac:
+        allowed.add(d.nic.config_mac)
+    foreign = sorted({e.mac for e in port_entries
+                      if (e.static or e.local) and not e.locked and e.mac not in allowed})
+    if foreign:
+        return "port %s carries FDB entries that are not this NIC's (%s): not a guest's port: refused" % (
+            port, ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else ""))
+    return None
+
+
+def refuse_foreign_ports(domain, decisions, config, records, kernel, extra_macs_of):
+    """Managed decisions whose port is not the guest's own, turned into errors (see port_problem).
+
+    ``records``: every domain record (this domain's own is recognised);
+    ``kernel``: reads links and a port's entries; ``extra_macs_of(d)``: the
+    NIC's extra MACs (metadata and config sections merged).
+    """
+    holders, mine = {}, {}
+    for record in records:
+        ours = (record.driver, record.domain) == (domain.driver, domain.name)
+        for rec in record.nics:
+            if ours:
+                mine.setdefault((rec.port, rec.ifindex), set()).update(rec.macs)
+            else:
+                holders.setdefault((rec.port, rec.ifindex), "%s/%s" % (record.driver, record.domain))
+    out = []
+    for d in decisions:
+        if d.managed:
+            port_link = d.link if d.link is not None else kernel.by_index(d.ifindex)
+            bridge_link = kernel.by_index(d.bridge_ifindex) if d.bridge_ifindex else None
+            key = (d.port, d.ifindex)
+            taken = port_link is not None and port_link.mac is not None and port_link.mac in {
+                libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
+            entries = kernel.port_entries(d.ifindex) if port_link is not None and not taken and key not in mine else ()
+            problem = port_problem(d, config, extra_macs_of(d), port_link, bridge_link, entries,
+                                   holders.get(key), mine.get(key, ()))
+            if problem:
+                d = Decision(action="error", reason=problem, nic=d.nic, port=d.port, ifindex=d.ifindex,
+                             bridge=d.bridge, bridge_ifindex=d.bridge_ifindex, network=d.network)
+        out.append(d)
+    return tuple(out)

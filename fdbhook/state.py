@@ -11,10 +11,9 @@ import dataclasses
 import fcntl
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 
-from fdbhook import faults
+from fdbhook import faults, safefile
 from fdbhook.errors import StateError
 from fdbhook.model import DomainRecord, NicRecord
 
@@ -62,39 +61,31 @@ def _safe_name(name):
     return "%2e" + safe[1:] if safe.startswith(".") else safe
 
 
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path, data):
     """Write ``data`` to ``path`` so readers see the old or the new file, never half; durable on return.
 
-    The one write path of the state directory (temp file, fsync, rename,
-    fsync of the directory): fdbhook.faults counts here.
+    The one write path of the state directory, through fdbhook.safefile: the
+    directory verified (root's, no symlink on the way), an O_EXCL temp file
+    with a random name, fsync, rename, fsync of the directory. fdbhook.faults
+    counts here.
     """
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        safefile.write_file(path, data, mode=0o600, dir_mode=0o700)
     except OSError as exc:
-        raise StateError(path=path, reason=exc.strerror or str(exc)) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(tmp, path)
-        _fsync_dir(os.path.dirname(path))
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StateError(path=path, reason=exc.strerror or str(exc)) from None
+        raise StateError(path=path, reason=_why(exc)) from None
     if faults.armed():
         faults.file_done()
+
+
+def _why(exc):
+    return exc.reason if isinstance(exc, safefile.UnsafePath) else (exc.strerror or str(exc))
+
+
+def _ensure_dir(path):
+    try:
+        safefile.ensure_dir(path, 0o700)
+    except OSError as exc:
+        raise StateError(path=getattr(exc, "path", None) or path, reason=_why(exc)) from None
 
 
 def _unlink(path):
@@ -132,10 +123,7 @@ class Store:
         self.domain_dir = os.path.join(state_dir, "domains")
 
     def _ensure(self):
-        try:
-            os.makedirs(self.domain_dir, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StateError(path=self.domain_dir, reason=exc.strerror) from None
+        _ensure_dir(self.domain_dir)
 
     @contextmanager
     def lock(self):
@@ -143,9 +131,13 @@ class Store:
         self._ensure()
         path = os.path.join(self.state_dir, "lock")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            dir_fd = safefile.open_dir(self.state_dir)
+            try:
+                fd = safefile.open_at(dir_fd, "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
-            raise StateError(path=path, reason=exc.strerror) from None
+            raise StateError(path=path, reason=_why(exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self
@@ -186,10 +178,7 @@ class Store:
 
     def save_intent(self, driver, domain, data):
         path = self.intent_path(driver, domain)
-        try:
-            os.makedirs(self.intent_dir(), mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StateError(path=path, reason=exc.strerror) from None
+        _ensure_dir(self.intent_dir())
         _atomic_write(path, json.dumps(data, sort_keys=True).encode())
 
     def remove_intent(self, driver, domain):
@@ -226,11 +215,13 @@ class Store:
     def mark_incoming(self, driver, domain):
         path = self.incoming_path(driver, domain)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(path, "w"):
-                pass
+            dir_fd = safefile.open_dir(os.path.dirname(path), create=True)
+            try:
+                safefile.touch_at(dir_fd, os.path.basename(path))
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
-            raise StateError(path=path, reason=exc.strerror) from None
+            raise StateError(path=path, reason=_why(exc)) from None
 
     def is_incoming(self, driver, domain):
         return os.path.exists(self.incoming_path(driver, domain))
@@ -256,10 +247,6 @@ class Store:
 
     def save_bridge(self, bridge, data):
         path = self.bridge_path(bridge)
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StateError(path=path, reason=exc.strerror) from None
         _atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def remove_bridge(self, bridge):

@@ -17,6 +17,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "fullkernel: boots a distribution kernel under virtme-ng"
     )
+    config.addinivalue_line("markers", "security: issue 21's attacks (kernel tier; root, with a throwaway unprivileged uid)")
     config.addinivalue_line("markers", "systemd: boots a Debian container with systemd as PID 1 (systemd-nspawn)")
     config.addinivalue_line("markers", "package: builds the .deb; lintian; install/upgrade/purge on mmdebstrap trees")
 

@@ -74,7 +74,8 @@ class Host:
         self.index = index
         self.name = name
         self.vtep = vtep(index)
-        self.dir = os.path.join(base, name)
+        self.dir = os.path.join(base, name)  # FRR's (chowned to frr)
+        self.fdir = os.path.join(base, name + "-fdbhook")  # fdbhook's: root's own (safefile refuses frr's)
         self.sticky = sticky
         self.dad = dad
         self.lab = Lab(prefix="fxe")
@@ -87,6 +88,7 @@ class Host:
         self.lab.open()
         self.ns = self.lab.ns
         os.makedirs(self.dir)
+        os.makedirs(self.fdir, mode=0o700)
         self.write_config(self.config_text(self.sticky))
         return self
 
@@ -99,15 +101,15 @@ class Host:
         return text + "[metrics]\ntextfile =\n"
 
     def write_config(self, text):
-        with open(os.path.join(self.dir, "fdbhook.conf"), "w") as fh:
+        with open(os.path.join(self.fdir, "fdbhook.conf"), "w") as fh:
             fh.write(text)
 
     @property
     def env(self):
-        return dict(os.environ, FDBHOOK_CONF=os.path.join(self.dir, "fdbhook.conf"),
-                    FDBHOOK_STATE_DIR=os.path.join(self.dir, "state"), FDBHOOK_LOG=os.path.join(self.dir, "log"),
-                    FDBHOOK_LIBVIRT_NETWORK_DIRS=os.path.join(self.dir, "networks"),
-                    FDBHOOK_SOCKET=os.path.join(self.dir, "fdbhookd.sock"), FDBHOOK_FRR_PATHSPACE=self.ns, PYTHONPATH=REPO)
+        return dict(os.environ, FDBHOOK_CONF=os.path.join(self.fdir, "fdbhook.conf"),
+                    FDBHOOK_STATE_DIR=os.path.join(self.fdir, "state"), FDBHOOK_LOG=os.path.join(self.fdir, "log"),
+                    FDBHOOK_LIBVIRT_NETWORK_DIRS=os.path.join(self.fdir, "networks"),
+                    FDBHOOK_SOCKET=os.path.join(self.fdir, "fdbhookd.sock"), FDBHOOK_FRR_PATHSPACE=self.ns, PYTHONPATH=REPO)
 
     def build_bridge(self):
         ip = self.lab.ip

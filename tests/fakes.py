@@ -66,6 +66,9 @@ class FakeKernel:
     def locked_entries(self, port_ifindex):
         return sorted((e.mac, e.vlan) for e in self.entries.values() if e.ifindex == port_ifindex and e.locked)
 
+    def port_entries(self, port_ifindex):
+        return [e for e in self.entries.values() if e.ifindex == port_ifindex]
+
     def links(self):
         return list(self.links_by_index.values())
 
