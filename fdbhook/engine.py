@@ -428,28 +428,33 @@ def _policy_for(config, bridge, network):
     return config.bridge_policy(bridge)
 
 
-def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=None):
-    """Apply the bridge's vlan_filtering policy; remember what it was before.
+def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=None, switched=None):
+    """Apply the bridge's vlan_filtering policy as a transaction (fdbhook.txn.switch_bridge).
 
-    Where the kernel cannot filter VLANs it says so once (per bridge) and
-    fdbhook goes on managing ports. Returns a short note or None.
+    The bridge's state-before is recorded (pending) before the one kernel
+    request. With ``switched`` (a list: apply_domain) the bridge's name is
+    added and the switch stays pending until the domain operation settles it
+    (kept if a managed guest uses the bridge, else undone); without it (the
+    network hook) it is settled at once. Where the kernel cannot filter VLANs
+    it says so once (per bridge) and fdbhook goes on managing ports. Returns
+    a short note or None.
     """
     policy = _policy_for(config, bridge, network)
     if policy.vlan_filtering == "leave":
         return None
     want = policy.vlan_filtering == "on"
     current = kernel.bridge_vlan_filtering(bridge_ifindex)
+    if current == want:
+        return None
     rec = store.load_bridge(bridge)
     if rec is not None and rec.get("ifindex") != bridge_ifindex:
         rec = None  # the bridge was re-created: the old record means nothing
-    if current == want:
-        return None
     if rec is not None and rec.get("unsupported") and want:
         return "kernel cannot filter VLANs on %s" % bridge
     try:
         if want and not kernel.vlan_filtering_capable(bridge_ifindex):  # probed: IFLA_BR_VLAN_PROTOCOL absent
             raise KernelError(what="vlan_filtering", reason="not built into this kernel", errno=95)
-        kernel.set_vlan_filtering(bridge_ifindex, want)
+        txn.switch_bridge(kernel, store, bridge, bridge_ifindex, current, want, policy.restore_vlan_filtering, rec)
     except KernelError as exc:
         if exc.kwargs.get("errno") in (95, 22) and want:  # EOPNOTSUPP, EINVAL
             LOG.warning("bridge %s: cannot turn VLAN filtering on (%s): this kernel lacks "
@@ -457,24 +462,24 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
                         bridge, exc.kwargs.get("reason"))
             store.save_bridge(bridge, {"bridge": bridge, "ifindex": bridge_ifindex, "unsupported": True})
             return "kernel cannot filter VLANs on %s" % bridge
+        txn.settle_bridges(kernel, store, [bridge])  # nothing changed: the pending record goes
         raise
     LOG.info("bridge %s: vlan_filtering %s (was %s)", bridge, "on" if want else "off", "on" if current else "off")
-    if rec is None or "prev_vlan_filtering" not in rec:
-        rec = {"bridge": bridge, "ifindex": bridge_ifindex, "prev_vlan_filtering": current}
-    rec.update(set_vlan_filtering=want, restore=policy.restore_vlan_filtering)
-    store.save_bridge(bridge, rec)
+    if switched is None:
+        txn.settle_bridges(kernel, store, [bridge], keep=True)
+    else:
+        switched.append(bridge)
     return None
 
 
 def _restore_bridge(kernel, store, name, rec):
     bridge = rec.get("bridge", name)
     link = kernel.by_index(rec.get("ifindex"))
-    if (link is not None and link.name == bridge and rec.get("restore", True)
-            and "prev_vlan_filtering" in rec):
+    if link is not None and link.name == bridge and rec.get("restore", True):
         try:
-            kernel.set_vlan_filtering(link.ifindex, rec["prev_vlan_filtering"])
-            LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
-                     "on" if rec["prev_vlan_filtering"] else "off")
+            if txn.restore_bridge(kernel, name, rec):
+                LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
+                         "on" if rec["prev_vlan_filtering"] else "off")
         except KernelError as exc:
             LOG.error("bridge %s: restoring vlan_filtering failed: %s", bridge, exc)
             return
@@ -620,37 +625,49 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
                                    kernel)
         kept = _kept_records(kernel, record, prune)
-        kept_before = dict(kept)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
         hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
-        if not hold and not dry_run:
-            for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
-                                                    for d in decisions if d.managed}):
-                ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None)
-        results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
-        fail = config.on_error == "fail"
-        if fail and not dry_run and any(r.failed for r in results):
-            # a NIC could not even be planned: nothing is written
-            for i, d, _, _, _ in planned:
-                results[i] = NicResult(d, "held", "not applied: another NIC of the domain failed")
-            kept, planned = kept_before, []
-
-        def record_of(nics):
-            return DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
-                                nics=tuple(sorted(nics.values(), key=lambda r: r.mac)), paused=paused)
-
-        new_record = record_of(kept)
-        if not dry_run:
-            tx = txn.Transaction(store, domain.driver, domain.name, record)
-            tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
-            kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
-            new_record = record_of(kept)
-            _commit(kernel, tx, new_record, executed)
+        switched = []
+        try:
+            if not hold and not dry_run:
+                for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
+                                                        for d in decisions if d.managed}):
+                    ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None, switched)
+            results, new_record = _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
+                                                 dry_run, paused)
+        finally:
+            if switched:  # kept if a guest now uses the bridge, else put back (a refused start changes nothing)
+                txn.settle_bridges(kernel, store, switched)
     for result in results:
         if not dry_run:
             _log_line(domain.driver, domain.name, result, "apply")
     return Report(domain.driver, domain.name, tuple(results), new_record)
+
+
+def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused):
+    """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
+    kept_before = dict(kept)
+    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+    fail = config.on_error == "fail"
+    if fail and not dry_run and any(r.failed for r in results):
+        # a NIC could not even be planned: nothing is written
+        for i, d, _, _, _ in planned:
+            results[i] = NicResult(d, "held", "not applied: another NIC of the domain failed")
+        kept, planned = kept_before, []
+
+    def record_of(nics):
+        return DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
+                            nics=tuple(sorted(nics.values(), key=lambda r: r.mac)), paused=paused)
+
+    new_record = record_of(kept)
+    if not dry_run:
+        tx = txn.Transaction(store, domain.driver, domain.name, record)
+        tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
+        kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
+        new_record = record_of(kept)
+        _commit(kernel, tx, new_record, executed)
+    return results, new_record
 
 
 def recorded_decision(rec, bridge_ifindex=None, link=None):

@@ -434,15 +434,6 @@ class Kernel:
                                 bool(flags & BRIDGE_VLAN_INFO_UNTAGGED)))
         return tuple(sorted(out))
 
-    def set_vlan_filtering(self, bridge_ifindex, enabled):
-        """Turn a bridge's VLAN filtering on or off (EOPNOTSUPP -> KernelError)."""
-        self.forget()
-        try:
-            self.ipr.link("set", index=bridge_ifindex, kind="bridge", br_vlan_filtering=int(enabled))
-        except Exception as exc:
-            raise KernelError(what="ip link set dev %d type bridge vlan_filtering %d" % (
-                bridge_ifindex, int(enabled)), reason=_reason(exc), errno=_nl_errno(exc)) from None
-
     # --- writes ----------------------------------------------------------
     def execute_many(self, ops):
         """Carry out one port's plan.Ops: the only write path (apply, verify, rollback, teardown).
@@ -499,6 +490,8 @@ class Kernel:
             return msg_brport_set(op.ifindex, _flag_attrs(op))
         if op.kind == "flush":
             return msg_brport_set(op.ifindex, [(IFLA_BRPORT_FLUSH, None)])
+        if op.kind == "bridge_set":
+            return msg_bridge_set(op.ifindex, op.vlan_filtering)
         if op.kind in ("vlan_add", "vlan_del"):
             flags = (BRIDGE_VLAN_INFO_PVID if op.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if op.untagged else 0)
             cmd = "add" if op.kind == "vlan_add" else "del"
@@ -508,6 +501,9 @@ class Kernel:
 
     def _written(self, op):
         """Forget the reads that ``op`` may change: its port's link, its entry (a flush: every entry)."""
+        if op.kind == "bridge_set":  # the bridge's filtering changes what every entry and VLAN read means
+            self.forget()
+            return
         self._seen.pop(("index", op.ifindex), None)
         self._seen.pop(("name", op.port), None)
         if op.kind in ("fdb_replace", "fdb_del"):
@@ -701,6 +697,13 @@ def msg_brport_set(ifindex, attrs):
     data = b"".join(_nla(kind, b"" if value is None else struct.pack("B", value)) for kind, value in attrs)
     info = _nla(IFLA_INFO_KIND, b"bridge_slave\0") + _nla(IFLA_INFO_SLAVE_DATA, data)
     return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(ifindex) + _nla(IFLA_LINKINFO, info))
+
+
+def msg_bridge_set(bridge_ifindex, vlan_filtering):
+    """RTM_NEWLINK setting a bridge's IFLA_BR_VLAN_FILTERING (``ip link set dev BR type bridge vlan_filtering N``)."""
+    data = _nla(IFLA_BR_VLAN_FILTERING, struct.pack("B", int(vlan_filtering)))
+    info = _nla(IFLA_INFO_KIND, b"bridge\0") + _nla(IFLA_INFO_DATA, data)
+    return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(bridge_ifindex) + _nla(IFLA_LINKINFO, info))
 
 
 def msg_fdb_dump(port_ifindex):

@@ -47,6 +47,12 @@ def test_vlan_membership_flags():
         lambda b: b.vlan_filter("del", index=7, vlan_info={"vid": 100, "flags": 0}))
 
 
+def test_bridge_vlan_filtering_goes_through_the_one_write_path():
+    for on in (True, False):
+        assert request(Op(kind="bridge_set", port="br0", ifindex=2, vlan_filtering=on)) == pyroute2_bytes(
+            lambda b: b.link("set", index=2, kind="bridge", br_vlan_filtering=int(on)))
+
+
 def test_capabilities_come_from_the_kernel_version():
     assert K.Kernel.capabilities("4.19.0-27-amd64") == {"sticky": False, "locked": False, "mab": False}
     assert K.Kernel.capabilities("6.1.0-18-amd64") == {"sticky": True, "locked": True, "mab": False}
