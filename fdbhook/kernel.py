@@ -59,7 +59,11 @@ def _teach_pyroute2():
     Debian 12's pyroute2 0.7.2 stops at IFLA_BRPORT_MRP_IN_OPEN (36) and
     NDA_MASTER (9); the kernel's numbering is fixed ABI (linux/if_link.h,
     linux/neighbour.h), so appending the missing names in order is exact.
-    Must run before pyroute2 compiles the maps (the first message parsed).
+    pyroute2 compiles a class's map once, when it first builds a message of
+    it, and keeps the result on the class for the whole process: a map
+    changed after that (anything in the process parsed a link or neighbour
+    message first, e.g. a test reading with pyroute2 itself) is compiled
+    again here, or the new names would never be decoded.
     """
     from pyroute2.netlink.rtnl.ifinfmsg import protinfo_bridge
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
@@ -69,11 +73,29 @@ def _teach_pyroute2():
         protinfo_bridge.nla_map = tuple(protinfo_bridge.nla_map) + (
             ("IFLA_BRPORT_MCAST_EHT_HOSTS_LIMIT", "uint32"), ("IFLA_BRPORT_MCAST_EHT_HOSTS_CNT", "uint32"),
             ("IFLA_BRPORT_LOCKED", "uint8"), ("IFLA_BRPORT_MAB", "uint8"))
+        _recompile(protinfo_bridge)
     names = [n[0] for n in ndmsg.nla_map]
     if "NDA_FLAGS_EXT" not in names and names[-1] == "NDA_MASTER":
         ndmsg.nla_map = tuple(ndmsg.nla_map) + (
             ("NDA_LINK_NETNSID", "uint32"), ("NDA_SRC_VNI", "uint32"), ("NDA_PROTOCOL", "uint8"),
             ("NDA_NH_ID", "uint32"), ("NDA_FDB_EXT_ATTRS", "hex"), ("NDA_FLAGS_EXT", "uint32"))
+        _recompile(ndmsg)
+
+
+def _recompile(cls):
+    """Make ``cls`` and its subclasses (ifinfmsg's bridge_slave_data is one) compile their maps again.
+
+    pyroute2 (0.7.x) marks a compiled class with ``nlmsg_base.__compiled_nla``
+    in the class's own dict; clearing it recompiles from the new ``nla_map``
+    when the next message of that class is built.
+    """
+    flag = "_nlmsg_base__compiled_nla"
+    todo = [cls]
+    while todo:
+        klass = todo.pop()
+        todo.extend(klass.__subclasses__())
+        if vars(klass).get(flag):
+            setattr(klass, flag, False)
 
 
 def _nl_errno(exc):
