@@ -473,17 +473,16 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
 
 
 def _restore_bridge(kernel, store, name, rec):
+    """Put a bridge no managed guest uses back as it was: the undo is a transaction too (pending first)."""
     bridge = rec.get("bridge", name)
     link = kernel.by_index(rec.get("ifindex"))
-    if link is not None and link.name == bridge and rec.get("restore", True):
-        try:
-            if txn.restore_bridge(kernel, name, rec):
-                LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
-                         "on" if rec["prev_vlan_filtering"] else "off")
-        except KernelError as exc:
-            LOG.error("bridge %s: restoring vlan_filtering failed: %s", bridge, exc)
-            return
-    if link is None or link.name != bridge or "prev_vlan_filtering" in rec:
+    same = link is not None and link.name == bridge and link.kind == "bridge"
+    if same and rec.get("restore", True) and "prev_vlan_filtering" in rec \
+            and kernel.bridge_vlan_filtering(link.ifindex) != bool(rec["prev_vlan_filtering"]):
+        store.save_bridge(name, dict(rec, pending=True))
+        txn.settle_bridges(kernel, store, [name])  # not in use: put back, then the record goes
+        return
+    if not same or "prev_vlan_filtering" in rec:
         store.remove_bridge(bridge)
 
 

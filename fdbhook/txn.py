@@ -244,8 +244,8 @@ def settle_bridges(kernel, store, names=None, keep=False):
                 continue
             kernel.forget()
             if restore_bridge(kernel, name, rec):
-                LOG.warning("bridge %s: vlan_filtering put back to %s (the operation that switched it did not "
-                            "complete)", bridge, "on" if rec["prev_vlan_filtering"] else "off")
+                LOG.warning("bridge %s: vlan_filtering put back to %s (no managed guest uses it)", bridge,
+                            "on" if rec["prev_vlan_filtering"] else "off")
             store.remove_bridge(name)
         except Exception as exc:  # noqa: BLE001 - the next run tries again
             LOG.error("bridge %s: settling its vlan_filtering switch failed: %s", bridge, exc)
