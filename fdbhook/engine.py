@@ -451,18 +451,17 @@ def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=
         rec = None  # the bridge was re-created: the old record means nothing
     if rec is not None and rec.get("unsupported") and want:
         return "kernel cannot filter VLANs on %s" % bridge
+    # Capability from the probe (IFLA_BR_VLAN_PROTOCOL), never from an error of the request: an
+    # EINVAL of the switch on a kernel that can filter is a failure like any other.
+    if want and not kernel.vlan_filtering_capable(bridge_ifindex):
+        LOG.warning("bridge %s: cannot turn VLAN filtering on: this kernel lacks CONFIG_BRIDGE_VLAN_FILTERING; "
+                    "managing ports anyway, the uplink stays promiscuous", bridge)
+        store.save_bridge(bridge, {"bridge": bridge, "ifindex": bridge_ifindex, "unsupported": True})
+        return "kernel cannot filter VLANs on %s" % bridge
     try:
-        if want and not kernel.vlan_filtering_capable(bridge_ifindex):  # probed: IFLA_BR_VLAN_PROTOCOL absent
-            raise KernelError(what="vlan_filtering", reason="not built into this kernel", errno=95)
         txn.switch_bridge(kernel, store, bridge, bridge_ifindex, current, want, policy.restore_vlan_filtering, rec)
-    except KernelError as exc:
-        if exc.kwargs.get("errno") in (95, 22) and want:  # EOPNOTSUPP, EINVAL
-            LOG.warning("bridge %s: cannot turn VLAN filtering on (%s): this kernel lacks "
-                        "CONFIG_BRIDGE_VLAN_FILTERING; managing ports anyway, the uplink stays promiscuous",
-                        bridge, exc.kwargs.get("reason"))
-            store.save_bridge(bridge, {"bridge": bridge, "ifindex": bridge_ifindex, "unsupported": True})
-            return "kernel cannot filter VLANs on %s" % bridge
-        txn.settle_bridges(kernel, store, [bridge])  # nothing changed: the pending record goes
+    except KernelError:
+        txn.settle_bridges(kernel, store, [bridge])  # the request failed: the pending record rolls back
         raise
     LOG.info("bridge %s: vlan_filtering %s (was %s)", bridge, "on" if want else "off", "on" if current else "off")
     if switched is None:
@@ -632,7 +631,13 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
             if not hold and not dry_run:
                 for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
                                                         for d in decisions if d.managed}):
-                    ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None, switched)
+                    try:
+                        ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None, switched)
+                    except KernelError as exc:  # every NIC on that bridge fails, with the reason
+                        reason = "bridge %s: setting vlan_filtering failed: %s" % (bridge, exc)
+                        decisions = tuple(replace(d, action="error", reason=reason, link=None)
+                                          if d.managed and d.bridge == bridge else d for d in decisions)
+                hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
             results, new_record = _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
                                                  dry_run, paused)
         finally:
@@ -749,12 +754,18 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             results.append(None)
             planned.append((len(results) - 1, rec, todo))
         if not dry_run:
-            tx = txn.Transaction(store, driver, name, record)
-            tx.begin(replace(record, nics=tuple(left)),
-                     [(want, before) for _, _, (_, want, before, ops) in planned if ops])
-            executed = _execute_teardown(kernel, tx, planned, results, left)
-            left.sort(key=lambda r: record.nics.index(r))
-            _commit(kernel, tx, replace(record, nics=tuple(left)), executed)
+            # the switched bridges this may leave unused: their undo is pending before anything changes
+            marked = txn.mark_bridges(store, {rec.bridge for rec in record.nics if rec not in left})
+            try:
+                tx = txn.Transaction(store, driver, name, record)
+                tx.begin(replace(record, nics=tuple(left)),
+                         [(want, before) for _, _, (_, want, before, ops) in planned if ops])
+                executed = _execute_teardown(kernel, tx, planned, results, left)
+                left.sort(key=lambda r: record.nics.index(r))
+                _commit(kernel, tx, replace(record, nics=tuple(left)), executed)
+            finally:
+                if marked:
+                    txn.settle_bridges(kernel, store, marked)
             release_bridges(kernel, store)
     for result in results:
         if not dry_run:

@@ -136,7 +136,8 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         # The XML here names neither tap nor bridge; the record does.
         # argv's OBJECT is the domain name, so even broken XML tears down.
         store.clear_incoming(driver, obj)
-        if not os.path.exists(store.path(driver, obj)) and not store.has_intents():
+        if not os.path.exists(store.path(driver, obj)) and not store.has_intents() \
+                and not store.has_pending_bridges():
             return HookResult(0)
         from fdbhook.engine import teardown_domain
         with _kernel(kernel) as k:
@@ -149,7 +150,7 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
     except Exception as exc:
         return _failure(driver, obj, op, config, str(exc))
     if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)) \
-            and not store.has_intents():
+            and not store.has_intents() and not store.has_pending_bridges():
         LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
         return HookResult(0)
     from fdbhook.engine import apply_domain

@@ -291,16 +291,26 @@ class Transaction:
 
 def needs_recovery(store):
     """Is anything left for ``recover`` (an intent, a pending bridge switch)? Cheap: for status and start-up."""
-    if store.has_intents():
-        return True
-    for name in store.bridge_names():
+    return store.has_intents() or store.has_pending_bridges()
+
+
+def mark_bridges(store, names):
+    """Before a teardown's intent: the switched bridges it may leave unused become pending (their undo).
+
+    Settled after the commit (or by any later run): a bridge a guest still
+    uses keeps its switch, any other is put back. Returns the names marked.
+    """
+    marked = []
+    for name in sorted(set(names)):
         try:
             rec = store.load_bridge(name)
-        except Exception:  # noqa: BLE001
+        except StateError:
             continue
-        if isinstance(rec, dict) and rec.get("pending"):
-            return True
-    return False
+        if isinstance(rec, dict) and "prev_vlan_filtering" in rec and rec.get("restore", True) \
+                and not rec.get("pending"):
+            store.save_bridge(name, dict(rec, pending=True))
+            marked.append(name)
+    return marked
 
 
 def refuse_unrecovered(left, driver, domain, store):

@@ -196,6 +196,16 @@ def test_a_refused_start_puts_the_switched_bridge_back(tmp_path):
     assert k.filtering[10] is False and store.load_bridge("br0") is None and store.load("qemu", "t1") is None
 
 
+def test_a_failed_bridge_switch_fails_the_nics_on_it_and_changes_nothing(tmp_path):
+    k, store, _ = make_lab(tmp_path)
+    k.fail_on = "bridge_set"  # the kernel can filter (probed); this one request fails
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert "bridge br0: setting vlan_filtering failed" in report.one_line()
+    assert k.filtering.get(10, False) is False and store.load_bridge("br0") is None
+    assert store.load("qemu", "t1") is None and k.by_name("vnet0").learning is True
+
+
 def test_a_pending_bridge_switch_is_finished_or_rolled_back_by_the_next_run(tmp_path):
     from fdbhook import txn
 
