@@ -120,8 +120,8 @@ def cmd_status(args):
     config = load_config(args.config)
     store = Store(config.state_dir)
     with Kernel() as kernel:
-        if store.has_intents():
-            from fdbhook.txn import recover
+        from fdbhook.txn import needs_recovery, recover
+        if needs_recovery(store):
             with store.lock():
                 recover(kernel, store)  # an interrupted operation is finished or undone before it is shown
         data = collect(config, kernel, store, frr=read_macs)

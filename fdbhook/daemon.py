@@ -382,11 +382,11 @@ class Daemon:
 
     def _recover(self):
         """Finish or undo what a killed run (hook, fdbhookd) left, before serving anything."""
-        from fdbhook.txn import recover
+        from fdbhook.txn import needs_recovery, recover
 
         try:
             store = self.store()
-            if store.has_intents():
+            if needs_recovery(store):
                 with Kernel() as kernel, store.lock():
                     recover(kernel, store)
         except Exception as exc:  # the worker's first resync tries again

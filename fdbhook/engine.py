@@ -428,57 +428,60 @@ def _policy_for(config, bridge, network):
     return config.bridge_policy(bridge)
 
 
-def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=None):
-    """Apply the bridge's vlan_filtering policy; remember what it was before.
+def ensure_bridge_policy(kernel, store, config, bridge, bridge_ifindex, network=None, switched=None):
+    """Apply the bridge's vlan_filtering policy as a transaction (fdbhook.txn.switch_bridge).
 
-    Where the kernel cannot filter VLANs it says so once (per bridge) and
-    fdbhook goes on managing ports. Returns a short note or None.
+    The bridge's state-before is recorded (pending) before the one kernel
+    request. With ``switched`` (a list: apply_domain) the bridge's name is
+    added and the switch stays pending until the domain operation settles it
+    (kept if a managed guest uses the bridge, else undone); without it (the
+    network hook) it is settled at once. Where the kernel cannot filter VLANs
+    it says so once (per bridge) and fdbhook goes on managing ports. Returns
+    a short note or None.
     """
     policy = _policy_for(config, bridge, network)
     if policy.vlan_filtering == "leave":
         return None
     want = policy.vlan_filtering == "on"
     current = kernel.bridge_vlan_filtering(bridge_ifindex)
+    if current == want:
+        return None
     rec = store.load_bridge(bridge)
     if rec is not None and rec.get("ifindex") != bridge_ifindex:
         rec = None  # the bridge was re-created: the old record means nothing
-    if current == want:
-        return None
     if rec is not None and rec.get("unsupported") and want:
         return "kernel cannot filter VLANs on %s" % bridge
+    # Capability from the probe (IFLA_BR_VLAN_PROTOCOL), never from an error of the request: an
+    # EINVAL of the switch on a kernel that can filter is a failure like any other.
+    if want and not kernel.vlan_filtering_capable(bridge_ifindex):
+        LOG.warning("bridge %s: cannot turn VLAN filtering on: this kernel lacks CONFIG_BRIDGE_VLAN_FILTERING; "
+                    "managing ports anyway, the uplink stays promiscuous", bridge)
+        store.save_bridge(bridge, {"bridge": bridge, "ifindex": bridge_ifindex, "unsupported": True})
+        return "kernel cannot filter VLANs on %s" % bridge
     try:
-        if want and not kernel.vlan_filtering_capable(bridge_ifindex):  # probed: IFLA_BR_VLAN_PROTOCOL absent
-            raise KernelError(what="vlan_filtering", reason="not built into this kernel", errno=95)
-        kernel.set_vlan_filtering(bridge_ifindex, want)
-    except KernelError as exc:
-        if exc.kwargs.get("errno") in (95, 22) and want:  # EOPNOTSUPP, EINVAL
-            LOG.warning("bridge %s: cannot turn VLAN filtering on (%s): this kernel lacks "
-                        "CONFIG_BRIDGE_VLAN_FILTERING; managing ports anyway, the uplink stays promiscuous",
-                        bridge, exc.kwargs.get("reason"))
-            store.save_bridge(bridge, {"bridge": bridge, "ifindex": bridge_ifindex, "unsupported": True})
-            return "kernel cannot filter VLANs on %s" % bridge
+        txn.switch_bridge(kernel, store, bridge, bridge_ifindex, current, want, policy.restore_vlan_filtering, rec)
+    except KernelError:
+        txn.settle_bridges(kernel, store, [bridge])  # the request failed: the pending record rolls back
         raise
     LOG.info("bridge %s: vlan_filtering %s (was %s)", bridge, "on" if want else "off", "on" if current else "off")
-    if rec is None or "prev_vlan_filtering" not in rec:
-        rec = {"bridge": bridge, "ifindex": bridge_ifindex, "prev_vlan_filtering": current}
-    rec.update(set_vlan_filtering=want, restore=policy.restore_vlan_filtering)
-    store.save_bridge(bridge, rec)
+    if switched is None:
+        txn.settle_bridges(kernel, store, [bridge], keep=True)
+    else:
+        switched.append(bridge)
     return None
 
 
 def _restore_bridge(kernel, store, name, rec):
+    """Put a bridge no managed guest uses back as it was: the undo is a transaction too (pending first)."""
     bridge = rec.get("bridge", name)
     link = kernel.by_index(rec.get("ifindex"))
-    if (link is not None and link.name == bridge and rec.get("restore", True)
-            and "prev_vlan_filtering" in rec):
-        try:
-            kernel.set_vlan_filtering(link.ifindex, rec["prev_vlan_filtering"])
-            LOG.info("bridge %s: vlan_filtering restored to %s (last managed guest gone)", bridge,
-                     "on" if rec["prev_vlan_filtering"] else "off")
-        except KernelError as exc:
-            LOG.error("bridge %s: restoring vlan_filtering failed: %s", bridge, exc)
-            return
-    if link is None or link.name != bridge or "prev_vlan_filtering" in rec:
+    same = link is not None and link.name == bridge and link.kind == "bridge"
+    if same and rec.get("restore", True) and "prev_vlan_filtering" in rec \
+            and kernel.bridge_vlan_filtering(link.ifindex) != bool(rec["prev_vlan_filtering"]):
+        store.save_bridge(name, dict(rec, pending=True))
+        txn.settle_bridges(kernel, store, [name])  # not in use: put back, then the record goes
+        return
+    if not same or "prev_vlan_filtering" in rec:
         store.remove_bridge(bridge)
 
 
@@ -622,37 +625,55 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         decisions = refuse_foreign_ports(domain, decisions, config, store.all(), kernel,
                                          lambda d: nic_security(d.nic, config, d.bridge, d.network).extra_macs)
         kept = _kept_records(kernel, record, prune)
-        kept_before = dict(kept)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
         hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
-        if not hold and not dry_run:
-            for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
-                                                    for d in decisions if d.managed}):
-                ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None)
-        results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
-        fail = config.on_error == "fail"
-        if fail and not dry_run and any(r.failed for r in results):
-            # a NIC could not even be planned: nothing is written
-            for i, d, _, _, _ in planned:
-                results[i] = NicResult(d, "held", "not applied: another NIC of the domain failed")
-            kept, planned = kept_before, []
-
-        def record_of(nics):
-            return DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
-                                nics=tuple(sorted(nics.values(), key=lambda r: r.mac)), paused=paused)
-
-        new_record = record_of(kept)
-        if not dry_run:
-            tx = txn.Transaction(store, domain.driver, domain.name, record)
-            tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
-            kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
-            new_record = record_of(kept)
-            _commit(kernel, tx, new_record, executed)
+        switched = []
+        try:
+            if not hold and not dry_run:
+                for bridge, ifindex, network in sorted({(d.bridge, d.bridge_ifindex, d.network or "")
+                                                        for d in decisions if d.managed}):
+                    try:
+                        ensure_bridge_policy(kernel, store, config, bridge, ifindex, network or None, switched)
+                    except KernelError as exc:  # every NIC on that bridge fails, with the reason
+                        reason = "bridge %s: setting vlan_filtering failed: %s" % (bridge, exc)
+                        decisions = tuple(replace(d, action="error", reason=reason, link=None)
+                                          if d.managed and d.bridge == bridge else d for d in decisions)
+                hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
+            results, new_record = _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
+                                                 dry_run, paused)
+        finally:
+            if switched:  # kept if a guest now uses the bridge, else put back (a refused start changes nothing)
+                txn.settle_bridges(kernel, store, switched)
     for result in results:
         if not dry_run:
             _log_line(domain.driver, domain.name, result, "apply")
     return Report(domain.driver, domain.name, tuple(results), new_record)
+
+
+def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused):
+    """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
+    kept_before = dict(kept)
+    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+    fail = config.on_error == "fail"
+    if fail and not dry_run and any(r.failed for r in results):
+        # a NIC could not even be planned: nothing is written
+        for i, d, _, _, _ in planned:
+            results[i] = NicResult(d, "held", "not applied: another NIC of the domain failed")
+        kept, planned = kept_before, []
+
+    def record_of(nics):
+        return DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
+                            nics=tuple(sorted(nics.values(), key=lambda r: r.mac)), paused=paused)
+
+    new_record = record_of(kept)
+    if not dry_run:
+        tx = txn.Transaction(store, domain.driver, domain.name, record)
+        tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
+        kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
+        new_record = record_of(kept)
+        _commit(kernel, tx, new_record, executed)
+    return results, new_record
 
 
 def recorded_decision(rec, bridge_ifindex=None, link=None):
@@ -735,12 +756,18 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             results.append(None)
             planned.append((len(results) - 1, rec, todo))
         if not dry_run:
-            tx = txn.Transaction(store, driver, name, record)
-            tx.begin(replace(record, nics=tuple(left)),
-                     [(want, before) for _, _, (_, want, before, ops) in planned if ops])
-            executed = _execute_teardown(kernel, tx, planned, results, left)
-            left.sort(key=lambda r: record.nics.index(r))
-            _commit(kernel, tx, replace(record, nics=tuple(left)), executed)
+            # the switched bridges this may leave unused: their undo is pending before anything changes
+            marked = txn.mark_bridges(store, {rec.bridge for rec in record.nics if rec not in left})
+            try:
+                tx = txn.Transaction(store, driver, name, record)
+                tx.begin(replace(record, nics=tuple(left)),
+                         [(want, before) for _, _, (_, want, before, ops) in planned if ops])
+                executed = _execute_teardown(kernel, tx, planned, results, left)
+                left.sort(key=lambda r: record.nics.index(r))
+                _commit(kernel, tx, replace(record, nics=tuple(left)), executed)
+            finally:
+                if marked:
+                    txn.settle_bridges(kernel, store, marked)
             release_bridges(kernel, store)
     for result in results:
         if not dry_run:

@@ -149,7 +149,8 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         # OBJECT is the same string from libvirt, so even broken XML tears down.
         name = _xml_name(data, driver, obj)
         store.clear_incoming(driver, name)
-        if not os.path.exists(store.path(driver, name)) and not store.has_intents():
+        if not os.path.exists(store.path(driver, name)) and not store.has_intents() \
+                and not store.has_pending_bridges():
             return HookResult(0)
         from fdbhook.engine import teardown_domain
         with _kernel(kernel) as k:
@@ -162,7 +163,7 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
     except Exception as exc:
         return _failure(driver, obj, op, config, str(exc))
     if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)) \
-            and not store.has_intents():
+            and not store.has_intents() and not store.has_pending_bridges():
         LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
         return HookResult(0)
     from fdbhook.engine import apply_domain

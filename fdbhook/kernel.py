@@ -59,7 +59,11 @@ def _teach_pyroute2():
     Debian 12's pyroute2 0.7.2 stops at IFLA_BRPORT_MRP_IN_OPEN (36) and
     NDA_MASTER (9); the kernel's numbering is fixed ABI (linux/if_link.h,
     linux/neighbour.h), so appending the missing names in order is exact.
-    Must run before pyroute2 compiles the maps (the first message parsed).
+    pyroute2 compiles a class's map once, when it first builds a message of
+    it, and keeps the result on the class for the whole process: a map
+    changed after that (anything in the process parsed a link or neighbour
+    message first, e.g. a test reading with pyroute2 itself) is compiled
+    again here, or the new names would never be decoded.
     """
     from pyroute2.netlink.rtnl.ifinfmsg import protinfo_bridge
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
@@ -69,11 +73,29 @@ def _teach_pyroute2():
         protinfo_bridge.nla_map = tuple(protinfo_bridge.nla_map) + (
             ("IFLA_BRPORT_MCAST_EHT_HOSTS_LIMIT", "uint32"), ("IFLA_BRPORT_MCAST_EHT_HOSTS_CNT", "uint32"),
             ("IFLA_BRPORT_LOCKED", "uint8"), ("IFLA_BRPORT_MAB", "uint8"))
+        _recompile(protinfo_bridge)
     names = [n[0] for n in ndmsg.nla_map]
     if "NDA_FLAGS_EXT" not in names and names[-1] == "NDA_MASTER":
         ndmsg.nla_map = tuple(ndmsg.nla_map) + (
             ("NDA_LINK_NETNSID", "uint32"), ("NDA_SRC_VNI", "uint32"), ("NDA_PROTOCOL", "uint8"),
             ("NDA_NH_ID", "uint32"), ("NDA_FDB_EXT_ATTRS", "hex"), ("NDA_FLAGS_EXT", "uint32"))
+        _recompile(ndmsg)
+
+
+def _recompile(cls):
+    """Make ``cls`` and its subclasses (ifinfmsg's bridge_slave_data is one) compile their maps again.
+
+    pyroute2 (0.7.x) marks a compiled class with ``nlmsg_base.__compiled_nla``
+    in the class's own dict; clearing it recompiles from the new ``nla_map``
+    when the next message of that class is built.
+    """
+    flag = "_nlmsg_base__compiled_nla"
+    todo = [cls]
+    while todo:
+        klass = todo.pop()
+        todo.extend(klass.__subclasses__())
+        if vars(klass).get(flag):
+            setattr(klass, flag, False)
 
 
 def _nl_errno(exc):
@@ -447,15 +469,6 @@ class Kernel:
                                 bool(flags & BRIDGE_VLAN_INFO_UNTAGGED)))
         return tuple(sorted(out))
 
-    def set_vlan_filtering(self, bridge_ifindex, enabled):
-        """Turn a bridge's VLAN filtering on or off (EOPNOTSUPP -> KernelError)."""
-        self.forget()
-        try:
-            self.ipr.link("set", index=bridge_ifindex, kind="bridge", br_vlan_filtering=int(enabled))
-        except Exception as exc:
-            raise KernelError(what="ip link set dev %d type bridge vlan_filtering %d" % (
-                bridge_ifindex, int(enabled)), reason=_reason(exc), errno=_nl_errno(exc)) from None
-
     # --- writes ----------------------------------------------------------
     def execute_many(self, ops):
         """Carry out one port's plan.Ops: the only write path (apply, verify, rollback, teardown).
@@ -512,6 +525,8 @@ class Kernel:
             return msg_brport_set(op.ifindex, _flag_attrs(op))
         if op.kind == "flush":
             return msg_brport_set(op.ifindex, [(IFLA_BRPORT_FLUSH, None)])
+        if op.kind == "bridge_set":
+            return msg_bridge_set(op.ifindex, op.vlan_filtering)
         if op.kind in ("vlan_add", "vlan_del"):
             flags = (BRIDGE_VLAN_INFO_PVID if op.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if op.untagged else 0)
             cmd = "add" if op.kind == "vlan_add" else "del"
@@ -521,6 +536,9 @@ class Kernel:
 
     def _written(self, op):
         """Forget the reads that ``op`` may change: its port's link, its entry (a flush: every entry)."""
+        if op.kind == "bridge_set":  # the bridge's filtering changes what every entry and VLAN read means
+            self.forget()
+            return
         self._seen.pop(("index", op.ifindex), None)
         self._seen.pop(("name", op.port), None)
         if op.kind in ("fdb_replace", "fdb_del"):
@@ -714,6 +732,13 @@ def msg_brport_set(ifindex, attrs):
     data = b"".join(_nla(kind, b"" if value is None else struct.pack("B", value)) for kind, value in attrs)
     info = _nla(IFLA_INFO_KIND, b"bridge_slave\0") + _nla(IFLA_INFO_SLAVE_DATA, data)
     return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(ifindex) + _nla(IFLA_LINKINFO, info))
+
+
+def msg_bridge_set(bridge_ifindex, vlan_filtering):
+    """RTM_NEWLINK setting a bridge's IFLA_BR_VLAN_FILTERING (``ip link set dev BR type bridge vlan_filtering N``)."""
+    data = _nla(IFLA_BR_VLAN_FILTERING, struct.pack("B", int(vlan_filtering)))
+    info = _nla(IFLA_INFO_KIND, b"bridge\0") + _nla(IFLA_INFO_DATA, data)
+    return _nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfmsg(bridge_ifindex) + _nla(IFLA_LINKINFO, info))
 
 
 def msg_fdb_dump(port_ifindex):

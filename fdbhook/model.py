@@ -131,7 +131,11 @@ class Decision:
 
 @dataclass(frozen=True)
 class Op:
-    """One kernel change: fdb_replace | fdb_del | set_flags | flush | vlan_add | vlan_del."""
+    """One kernel change: fdb_replace | fdb_del | set_flags | flush | vlan_add | vlan_del | bridge_set.
+
+    ``bridge_set`` changes the bridge itself (``ifindex`` and ``port`` name the
+    bridge): ``vlan_filtering`` on or off.
+    """
 
     kind: str
     port: str
@@ -147,6 +151,7 @@ class Op:
     vlan: int = 0  # 0: no VLAN (VID 0, the only one on a bridge without VLAN filtering)
     pvid: bool = False
     untagged: bool = False
+    vlan_filtering: Optional[bool] = None
 
 
 # One static FDB entry fdbhook wants or watches: (MAC, VID), VID 0 = no VLAN.

@@ -221,6 +221,8 @@ def render(op):
                                                       " untagged" if op.untagged else "")
     if op.kind == "vlan_del":
         return "bridge vlan del vid %d dev %s" % (op.vlan, op.port)
+    if op.kind == "bridge_set":
+        return "ip link set dev %s type bridge vlan_filtering %d" % (op.port, int(op.vlan_filtering))
     if op.kind == "set_flags":
         parts = []
         if op.learning is not None:

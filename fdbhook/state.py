@@ -257,6 +257,17 @@ class Store:
         except OSError as exc:
             raise StateError(path=self.bridge_path(bridge), reason=exc.strerror) from None
 
+    def has_pending_bridges(self):
+        """Is a bridge's vlan_filtering switch left pending (its writer died before settling it)? Cheap."""
+        for name in self.bridge_names():
+            try:
+                rec = self.load_bridge(name)
+            except StateError:
+                continue
+            if isinstance(rec, dict) and rec.get("pending"):
+                return True
+        return False
+
     def bridge_names(self):
         """Names of the bridges with a record (file names decoded as written)."""
         directory = os.path.dirname(self.bridge_path("x"))

@@ -23,7 +23,7 @@ import logging
 from fdbhook import plan as planner
 from fdbhook.current import read_port
 from fdbhook.errors import KernelError, StateError
-from fdbhook.model import CurrentPort, DesiredPort, FdbEntry
+from fdbhook.model import CurrentPort, DesiredPort, FdbEntry, Op
 from fdbhook.state import clean_temp_files, record_from_json, record_to_json
 
 LOG = logging.getLogger(__name__)
@@ -144,8 +144,6 @@ def recover(kernel, store):
     """
     left = {}
     intents = store.intents()
-    if not intents:
-        return left
     kernel.forget()
     for path, data in intents:
         try:
@@ -172,9 +170,85 @@ def recover(kernel, store):
             left[(driver, domain)] = str(exc)
         finally:
             kernel.forget()
-    for directory in (store.domain_dir, store.intent_dir()):
-        clean_temp_files(directory)
+    settle_bridges(kernel, store)
+    if intents:
+        for directory in (store.domain_dir, store.intent_dir()):
+            clean_temp_files(directory)
     return left
+
+
+# --- bridges: a VLAN filtering switch is a transaction of its own -------------------------
+#
+# The bridge record (STATE/bridges/NAME.json) is its intent: written with the
+# state-before and ``pending`` before the kernel write, settled once the
+# domain operation that needed it is over. A pending record that a later run
+# finds (its writer died) is finished when a managed guest uses the bridge,
+# else rolled back: the bridge put back as it was, the record removed.
+
+def bridge_op(name, ifindex, vlan_filtering):
+    """The plan.Op that sets a bridge's VLAN filtering (sent through Kernel.execute_many, like every write)."""
+    return Op(kind="bridge_set", port=name, ifindex=ifindex, bridge=name, bridge_ifindex=ifindex,
+              vlan_filtering=bool(vlan_filtering))
+
+
+def switch_bridge(kernel, store, name, ifindex, current, want, restore, rec):
+    """Record the bridge's state-before (pending) durably, then switch its VLAN filtering to ``want``.
+
+    StateError: the record could not be written, nothing changed. KernelError:
+    the kernel refused the one request; the pending record stays for the
+    caller (or a later run) to settle.
+    """
+    if rec is None or "prev_vlan_filtering" not in rec:
+        rec = {"bridge": name, "ifindex": ifindex, "prev_vlan_filtering": bool(current)}
+    rec = dict(rec, set_vlan_filtering=bool(want), restore=restore, pending=True)
+    store.save_bridge(name, rec)
+    kernel.execute_many([bridge_op(name, ifindex, want)])
+
+
+def restore_bridge(kernel, name, rec):
+    """Put a recorded bridge's VLAN filtering back as it was (if it is still the same bridge). KernelError."""
+    bridge = rec.get("bridge", name)
+    link = kernel.by_index(rec.get("ifindex"))
+    if link is None or link.name != bridge or link.kind != "bridge" or "prev_vlan_filtering" not in rec:
+        return False
+    prev = bool(rec["prev_vlan_filtering"])
+    if kernel.bridge_vlan_filtering(link.ifindex) != prev:
+        kernel.execute_many([bridge_op(bridge, link.ifindex, prev)])
+        return True
+    return False
+
+
+def settle_bridges(kernel, store, names=None, keep=False):
+    """Finish or roll back pending bridge switches (store lock held); ``keep``: finish them all.
+
+    A bridge a managed guest uses (a domain record names it) keeps its
+    switch; any other is put back as it was and its record goes. Errors are
+    logged and leave the record pending for the next run.
+    """
+    pending = []
+    for name in store.bridge_names() if names is None else names:
+        try:
+            rec = store.load_bridge(name)
+        except Exception:  # noqa: BLE001 - a bad record is never fatal
+            continue
+        if isinstance(rec, dict) and rec.get("pending"):
+            pending.append((name, rec))
+    if not pending:
+        return
+    in_use = set() if keep else {nic.bridge for record in store.all() for nic in record.nics}
+    for name, rec in pending:
+        bridge = rec.get("bridge", name)
+        try:
+            if keep or bridge in in_use:
+                store.save_bridge(name, {k: v for k, v in rec.items() if k != "pending"})
+                continue
+            kernel.forget()
+            if restore_bridge(kernel, name, rec):
+                LOG.warning("bridge %s: vlan_filtering put back to %s (no managed guest uses it)", bridge,
+                            "on" if rec["prev_vlan_filtering"] else "off")
+            store.remove_bridge(name)
+        except Exception as exc:  # noqa: BLE001 - the next run tries again
+            LOG.error("bridge %s: settling its vlan_filtering switch failed: %s", bridge, exc)
 
 
 def _set_aside(path):
@@ -213,6 +287,30 @@ class Transaction:
         if self.open:
             self.store.remove_intent(self.driver, self.domain)
             self.open = False
+
+
+def needs_recovery(store):
+    """Is anything left for ``recover`` (an intent, a pending bridge switch)? Cheap: for status and start-up."""
+    return store.has_intents() or store.has_pending_bridges()
+
+
+def mark_bridges(store, names):
+    """Before a teardown's intent: the switched bridges it may leave unused become pending (their undo).
+
+    Settled after the commit (or by any later run): a bridge a guest still
+    uses keeps its switch, any other is put back. Returns the names marked.
+    """
+    marked = []
+    for name in sorted(set(names)):
+        try:
+            rec = store.load_bridge(name)
+        except StateError:
+            continue
+        if isinstance(rec, dict) and "prev_vlan_filtering" in rec and rec.get("restore", True) \
+                and not rec.get("pending"):
+            store.save_bridge(name, dict(rec, pending=True))
+            marked.append(name)
+    return marked
 
 
 def refuse_unrecovered(left, driver, domain, store):

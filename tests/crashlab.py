@@ -3,9 +3,11 @@
 Run inside a network namespace the caller created (tests/kernel/test_crash_kernel.py, bench/crash.py):
 
     python -m tests.crashlab --nics 1,4 [--faults EINVAL,EBUSY,ENOBUFS] [--fault-nics 1] [--json OUT]
+                             [--bridge-vlan]
 
 For each operation (start, started, stopped, release, reconnect, hotplug
-attach and detach, a guest MAC change) and each kind of step (the k-th kernel
+attach and detach, a guest MAC change, fdbhookd's suspend and resume of a
+guest and its drift repair, resync) and each kind of step (the k-th kernel
 write request, the k-th durable state-file change), for k = 1, 2, ... until
 the operation completes without reaching k: reset the ports to their original
 state, bring the domain to the state before the operation, run the operation
@@ -15,14 +17,24 @@ invariant. Fault rows do the same with FDBHOOK_FAULT_AT=kernel:k:ERRNO and
 also check the exit code and the one-line error.
 
 The hooks run the real entry (fdbhook.cli.hook_main: stdin XML, exit code,
-stderr) and the daemon's operations run engine.reconcile, as fdbhookd's worker
-does; each in a child forked from this process after the imports (one Python
-start for hundreds of runs).
+stderr) and the daemon's operations run what fdbhookd's worker runs
+(engine.reconcile; engine.reapply_record with paused for SUSPENDED/RESUMED;
+engine.resync); each in a child forked from this process after the imports
+(one Python start for hundreds of runs).
+
+``--bridge-vlan``: the bridge starts with vlan_filtering off and the config
+turns it on (a first start must switch it, the last guest's stop must put it
+back); the invariant then covers the bridge too. Only a kernel with
+CONFIG_BRIDGE_VLAN_FILTERING switches (bench/crash.py --fullkernel and the
+full-kernel tier run it there); elsewhere it exercises the "cannot" path.
 
 Invariant: every port is either managed exactly as planned (learning and
 flood off, the static entries of its record, the record's "before" flags
-equal to the port's original ones) or exactly in its original state; no
-record without its port, no changed port without a record, no intent left.
+equal to the port's original ones; a paused record: no entries) or exactly
+in its original state; no record without its port, no changed port without
+a record, no intent left. Bridge (--bridge-vlan): vlan_filtering on only
+with a settled record whose state-before is "off" and a guest on it;
+off with no record of a switch.
 """
 
 import argparse
@@ -38,12 +50,16 @@ import time
 
 BRIDGE = "br0"
 MAX_POINTS = 400  # an operation of 16 NICs needs about 50
-OPS = ("start", "started", "stopped", "release", "reconnect", "attach", "detach", "macchange")
+OPS = ("start", "started", "stopped", "release", "reconnect", "attach", "detach", "macchange",
+       "suspend", "resume", "resync")
+BRIDGE_OPS = ("start", "stopped")  # --bridge-vlan: the first start switches the bridge, the last stop undoes it
 HOOK_OPS = ("start", "started", "stopped", "release", "reconnect")
 APPLY_HOOKS = ("start", "started", "reconnect")
-# The next lifecycle event after each operation (a new run: it recovers first).
+# The next lifecycle event after each operation (a new run: it recovers first). A killed
+# resync is followed by fdbhookd's next one (its restart resyncs at once).
 NEXT = {"start": "started", "started": "reconnect", "stopped": "release", "release": "start",
-        "reconnect": "stopped", "attach": "sync", "detach": "sync-detached", "macchange": "sync-mac"}
+        "reconnect": "stopped", "attach": "sync", "detach": "sync-detached", "macchange": "sync-mac",
+        "suspend": "resume", "resume": "resync", "resync": "resync"}
 
 
 def sh(*argv, check=True):
@@ -56,8 +72,9 @@ def sh(*argv, check=True):
 class Bench:
     """One bridge, ``nics`` persistent taps (odd ones with flood off originally), one domain."""
 
-    def __init__(self, nics, workdir, tag="c"):
+    def __init__(self, nics, workdir, tag="c", bridge_vlan=False):
         self.nics = nics
+        self.bridge_vlan = bridge_vlan
         self.ports = ["%s%dp%d" % (tag, nics, i) for i in range(nics)]
         self.macs = ["52:54:00:c%x:%02x:%02x" % (nics % 16, nics, i) for i in range(nics)]
         self.new_mac = "52:54:00:cc:%02x:ff" % nics
@@ -69,6 +86,10 @@ class Bench:
         if not os.path.exists("/sys/class/net/%s" % BRIDGE):
             sh("ip", "link", "add", BRIDGE, "type", "bridge")
             sh("ip", "link", "set", BRIDGE, "up")
+        # Can this kernel switch the bridge at all (CONFIG_BRIDGE_VLAN_FILTERING)?
+        sh("ip", "link", "set", BRIDGE, "type", "bridge", "vlan_filtering", "1", check=False)
+        self.can_filter = self.filtering()
+        sh("ip", "link", "set", BRIDGE, "type", "bridge", "vlan_filtering", "0", check=False)
         for port in self.ports:
             sh("ip", "tuntap", "add", port, "mode", "tap")
             sh("ip", "link", "set", port, "master", BRIDGE)
@@ -85,9 +106,15 @@ class Bench:
                 "</devices></domain>" % (self.name, self.nics, "".join(items))).encode()
 
     # --- state ---------------------------------------------------------------------------
+    def filtering(self):
+        link = json.loads(sh("ip", "-d", "-j", "link", "show", "dev", BRIDGE))[0]
+        return bool(link.get("linkinfo", {}).get("info_data", {}).get("vlan_filtering"))
+
     def reset(self):
         """Every port back to its original state, no records, no intents (by iproute2, not fdbhook)."""
         shutil.rmtree(self.state, ignore_errors=True)
+        if self.can_filter:
+            sh("ip", "link", "set", BRIDGE, "type", "bridge", "vlan_filtering", "0")
         lines = []
         for port in self.ports:
             orig = self.original[port]
@@ -126,13 +153,39 @@ class Bench:
                     out.append(json.load(handle))
         return out
 
+    def bridge_record(self):
+        path = os.path.join(self.state, "bridges", "%s.json" % BRIDGE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as handle:
+            return json.load(handle)
+
+    def bridge_violations(self, records):
+        """The bridge half of the invariant (--bridge-vlan)."""
+        rec = self.bridge_record() or {}
+        used = any(nic["bridge"] == BRIDGE for record in records for nic in record["nics"])
+        if rec.get("pending"):
+            return ["bridge record left pending: %s" % rec]
+        if self.filtering():
+            if rec.get("prev_vlan_filtering") is not False or not used:
+                return ["bridge %s switched on: record %s, a guest on it: %s" % (BRIDGE, rec or None, used)]
+        elif "prev_vlan_filtering" in rec:
+            return ["bridge %s back off but its record says we switched it: %s" % (BRIDGE, rec)]
+        elif used and self.can_filter:
+            return ["a guest is managed on %s but vlan_filtering is off" % BRIDGE]
+        return []
+
     def violations(self):
         """What breaks the invariant now (empty: holds)."""
         bad = []
         states = self.port_states()
-        recorded = {}
-        for record in self.records():
+        recorded, paused = {}, {}
+        records = self.records()
+        if self.bridge_vlan:
+            bad.extend(self.bridge_violations(records))
+        for record in records:
             for nic in record["nics"]:
+                paused[nic["port"]] = bool(record.get("paused"))
                 if nic["port"] not in states:
                     bad.append("record for %s without its port" % nic["port"])
                 recorded[nic["port"]] = nic
@@ -148,6 +201,8 @@ class Bench:
                                % (port, learning, flood, locked, sorted(macs)))
                 continue
             want_macs = frozenset([nic["mac"]] + list(nic.get("extra_macs") or ()))
+            if paused.get(port):
+                want_macs = frozenset()
             if (learning, flood, locked, macs) != (False, False, False, want_macs):
                 bad.append("%s recorded but not as planned: learning %s flood %s statics %s (want %s)"
                            % (port, learning, flood, sorted(macs), sorted(want_macs)))
@@ -174,7 +229,7 @@ def _child(bench, step, env):
     from fdbhook.config import load_config
     from fdbhook.daemon import with_guest_mac
     from fdbhook.domxml import parse_domain
-    from fdbhook.engine import reconcile
+    from fdbhook.engine import reapply_record, reconcile, resync
     from fdbhook.kernel import Kernel
     from fdbhook.logsetup import setup_logging
     from fdbhook.state import Store
@@ -194,7 +249,12 @@ def _child(bench, step, env):
     elif step == "macchange":
         alias = "net0"
     with Kernel() as kernel:
-        reconcile(domain, False, config, kernel, store, alias=alias)
+        if step in ("suspend", "resume"):
+            reapply_record("qemu", bench.name, kernel, store, config, paused=step == "suspend")
+        elif step == "resync":
+            resync(kernel, store, config)
+        else:
+            reconcile(domain, False, config, kernel, store, alias=alias)
     return 0
 
 
@@ -241,8 +301,11 @@ def prepare(bench, op):
             _ok(bench, "start-partial")
         return
     _ok(bench, "start")
-    if op == "reconnect":  # drift for reconnect to heal
+    if op == "resume":
+        _ok(bench, "suspend")
+    if op in ("reconnect", "resync"):  # drift to heal: a port learning again, an entry gone
         sh("bridge", "link", "set", "dev", bench.ports[0], "learning", "on")
+        sh("bridge", "fdb", "del", bench.macs[-1], "dev", bench.ports[-1], "master", check=False)
 
 
 def _ok(bench, step):
@@ -324,7 +387,8 @@ def table(rows):
                                                  "violations")]
     for row in rows:
         point = row["kind"] if row["mode"] == "crash" else row["errno"]
-        out.append("%-10s %4d %-6s %-8s %7d %6d %10d" % (row["op"], row["nics"], row["mode"], point, row["points"],
+        op = row["op"] + ("+br" if row.get("bridge_vlan") is not None else "")
+        out.append("%-10s %4d %-6s %-8s %7d %6d %10d" % (op, row["nics"], row["mode"], point, row["points"],
                                                        row["dirty"], len(row["violations"])))
     total = sum(r["points"] for r in rows)
     out.append("total: %d points, %d violations" % (total, sum(len(r["violations"]) for r in rows)))
@@ -334,11 +398,15 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nics", default="1,4")
-    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--ops", default=None, help="default: %s" % ",".join(OPS))
     parser.add_argument("--faults", default="EINVAL,EBUSY,ENOBUFS", help="errno names for fault rows ('' none)")
     parser.add_argument("--fault-nics", default=None, help="NIC counts that get fault rows (default: all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--bridge-vlan", action="store_true",
+                        help="the config turns the bridge's vlan_filtering on (ops default: %s)" % ",".join(BRIDGE_OPS))
     args = parser.parse_args(argv)
+    ops = [o for o in (args.ops if args.ops is not None else
+                       ",".join(BRIDGE_OPS if args.bridge_vlan else OPS)).split(",") if o]
     # Imported before forking: every child starts with them loaded.
     import fdbhook.cli  # noqa: F401
     import fdbhook.engine  # noqa: F401
@@ -349,20 +417,24 @@ def main(argv=None):
     conf = os.path.join(workdir, "fdbhook.conf")
     with open(conf, "w") as handle:
         handle.write("[manage]\nbridges = %s\n" % BRIDGE)
+        if args.bridge_vlan:
+            handle.write("[bridge %s]\nvlan_filtering = on\n" % BRIDGE)
     rows = []
     started = time.monotonic()
     try:
         for n in [int(x) for x in args.nics.split(",") if x]:
-            bench = Bench(n, workdir)
+            bench = Bench(n, workdir, bridge_vlan=args.bridge_vlan)
             os.environ.update(FDBHOOK_CONF=conf, FDBHOOK_STATE_DIR=bench.state,
                               FDBHOOK_LOG=os.path.join(workdir, "log%d" % n))
             fault_nics = args.fault_nics.split(",") if args.fault_nics is not None else [str(n)]
             errnos = [e for e in args.faults.split(",") if e] if str(n) in fault_nics else []
-            rows.extend(run_cases(bench, [o for o in args.ops.split(",") if o], ("kernel", "file"), errnos))
+            for row in run_cases(bench, ops, ("kernel", "file"), errnos):
+                row["bridge_vlan"] = bench.can_filter if args.bridge_vlan else None
+                rows.append(row)
             bench.reset()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result = {"rows": rows, "seconds": round(time.monotonic() - started, 1),
+    result = {"rows": rows, "seconds": round(time.monotonic() - started, 1), "kernel": os.uname().release,
               "points": sum(r["points"] for r in rows), "violations": sum(len(r["violations"]) for r in rows)}
     print(table(rows))
     for row in rows:

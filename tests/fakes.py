@@ -78,13 +78,6 @@ class FakeKernel:
     def port_vlans(self, ifindex):
         return tuple(sorted((vid,) + flags for vid, flags in self.vlans.get(ifindex, {}).items()))
 
-    def set_vlan_filtering(self, bridge_ifindex, enabled):
-        ifindex = bridge_ifindex
-        self.executed.append(("vlan_filtering", ifindex, enabled))
-        if enabled and not self.vlan_supported:
-            raise KernelError(what="vlan_filtering", reason="Operation not supported", errno=95)
-        self.filtering[ifindex] = enabled
-
     def forget(self):
         self.forgets = getattr(self, "forgets", 0) + 1
 
@@ -126,6 +119,11 @@ class FakeKernel:
         if self.fail_on == op.kind and self.fail_port in (None, op.port):
             raise KernelError(what=render(op), reason="injected failure")
         self.executed.append(op)
+        if op.kind == "bridge_set":
+            if op.vlan_filtering and not self.vlan_supported:
+                raise KernelError(what=render(op), reason="Operation not supported (errno 95)", errno=95)
+            self.filtering[op.ifindex] = op.vlan_filtering
+            return
         link = self.links_by_index.get(op.ifindex)
         if link is None:
             raise KernelError(what=render(op), reason="No such device (errno 19)", errno=19)

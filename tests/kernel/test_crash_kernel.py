@@ -30,7 +30,8 @@ def test_every_crash_and_fault_point_keeps_every_port_managed_or_original(lab, t
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {(r["nics"], r["op"], r["mode"], r["kind"] if r["mode"] == "crash" else r["errno"]): r
             for r in data["rows"]}
-    for op in ("start", "stopped", "release", "reconnect", "attach", "detach", "macchange"):
+    for op in ("start", "stopped", "release", "reconnect", "attach", "detach", "macchange", "suspend", "resume",
+               "resync"):
         for nics in (1, 4):
             assert rows[(nics, op, "crash", "kernel")]["points"] >= 1, (nics, op)
             assert rows[(nics, op, "crash", "file")]["points"] >= 1, (nics, op)
@@ -42,6 +43,11 @@ def test_every_crash_and_fault_point_keeps_every_port_managed_or_original(lab, t
         row = rows[(1, "start", "fault", errname)]
         assert row["points"] >= 1 and row["dirty"] == 0 and set(row["exit_codes"]) == {"1"}, row
         assert set(rows[(1, "stopped", "fault", errname)]["exit_codes"]) == {"0"}
+    # fdbhookd's suspend takes every entry out, resume puts them back, resync heals drift: a kill at each
+    # request of each leaves damage the next event repairs
+    for op in ("suspend", "resume", "resync"):
+        row = rows[(4, op, "crash", "kernel")]
+        assert row["points"] >= 3 and row["dirty"] == row["points"], row
 
 
 def killed_start(lab, tmp_path):

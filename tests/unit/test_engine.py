@@ -178,6 +178,56 @@ def test_vlan_filtering_policy_set_and_restored(tmp_path):
     assert k.filtering[10] is False and store.load_bridge("br0") is None
 
 
+def test_vlan_filtering_switch_is_one_request_of_the_one_write_path(tmp_path):
+    k, store, _ = make_lab(tmp_path)
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    first = k.executed[0]
+    assert (first.kind, first.ifindex, first.vlan_filtering) == ("bridge_set", 10, True)
+    assert "pending" not in store.load_bridge("br0")  # settled: a guest uses the bridge
+
+
+def test_a_refused_start_puts_the_switched_bridge_back(tmp_path):
+    k, store, _ = make_lab(tmp_path)
+    k.fail_on, k.fail_port = "set_flags", "vnet1"
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert report.failures
+    assert k.filtering[10] is False and store.load_bridge("br0") is None and store.load("qemu", "t1") is None
+
+
+def test_a_failed_bridge_switch_fails_the_nics_on_it_and_changes_nothing(tmp_path):
+    k, store, _ = make_lab(tmp_path)
+    k.fail_on = "bridge_set"  # the kernel can filter (probed); this one request fails
+    cfg = config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n")
+    report = apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    assert "bridge br0: setting vlan_filtering failed" in report.one_line()
+    assert k.filtering.get(10, False) is False and store.load_bridge("br0") is None
+    assert store.load("qemu", "t1") is None and k.by_name("vnet0").learning is True
+
+
+def test_a_pending_bridge_switch_is_finished_or_rolled_back_by_the_next_run(tmp_path):
+    from fdbhook import txn
+
+    k, store, _ = make_lab(tmp_path)
+    k.filtering[10] = True  # a run switched it and died before settling
+    pending = {"bridge": "br0", "ifindex": 10, "prev_vlan_filtering": False, "set_vlan_filtering": True,
+               "restore": True, "pending": True}
+    store.save_bridge("br0", pending)
+    assert txn.needs_recovery(store)
+    with store.lock():
+        txn.recover(k, store)
+    assert k.filtering[10] is False and store.load_bridge("br0") is None  # no guest on it: undone
+    cfg = config("[manage]\nbridges = br0\n")
+    apply_domain(domxml.parse_domain(XML), cfg, k, store)
+    k.filtering[10] = True
+    store.save_bridge("br0", pending)
+    with store.lock():
+        txn.recover(k, store)
+    assert k.filtering[10] is True and "pending" not in store.load_bridge("br0")  # a guest uses it: finished
+    assert not txn.needs_recovery(store)
+
+
 def test_vlan_filtering_unsupported_said_once(tmp_path, caplog):
     k, store, _ = make_lab(tmp_path)
     k.vlan_supported = False

@@ -47,6 +47,12 @@ def test_vlan_membership_flags():
         lambda b: b.vlan_filter("del", index=7, vlan_info={"vid": 100, "flags": 0}))
 
 
+def test_bridge_vlan_filtering_goes_through_the_one_write_path():
+    for on in (True, False):
+        assert request(Op(kind="bridge_set", port="br0", ifindex=2, vlan_filtering=on)) == pyroute2_bytes(
+            lambda b: b.link("set", index=2, kind="bridge", br_vlan_filtering=int(on)))
+
+
 def test_capabilities_come_from_the_kernel_version():
     assert K.Kernel.capabilities("4.19.0-27-amd64") == {"sticky": False, "locked": False, "mab": False}
     assert K.Kernel.capabilities("6.1.0-18-amd64") == {"sticky": True, "locked": True, "mab": False}
@@ -134,3 +140,32 @@ def test_an_ops_batch_request_matches_its_one_by_one_twin():
     op = Op(kind="set_flags", learning=False, flood=False, locked=True, **COMMON)
     assert k._request(op) == K.msg_brport_set(7, [(K.IFLA_BRPORT_LEARNING, 0), (K.IFLA_BRPORT_UNICAST_FLOOD, 0),
                                                   (K.IFLA_BRPORT_LOCKED, 1)])
+
+
+TEACH_AFTER_PARSE = """
+from fdbhook import kernel as K
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+data = K._nla(K.IFLA_BRPORT_LEARNING, b"\\1") + K._nla(K.IFLA_BRPORT_LOCKED, b"\\1")
+info = K._nla(K.IFLA_INFO_SLAVE_KIND, b"bridge\\0") + K._nla(K.IFLA_INFO_SLAVE_DATA, data)
+raw = K._nlmsg(K.RTM_NEWLINK, 0, K._ifinfmsg(7) + K._nla(K.IFLA_IFNAME, b"vnet0\\0") + K._nla(K.IFLA_LINKINFO, info))
+def decode():
+    msg = ifinfmsg(raw)
+    msg.decode()
+    return K.link_from_msg(msg).locked
+before = decode()  # pyroute2 compiles its maps here, before fdbhook taught them
+K._teach_pyroute2()
+print(before, decode(), K.link_from_raw(raw)[0].locked)
+"""
+
+
+def test_teaching_pyroute2_works_after_it_parsed_a_message():
+    """A process that parsed a link message with pyroute2 before fdbhook's first (a test reading with
+    pyroute2 itself) still decodes the port's lock afterwards (pyroute2 keeps compiled maps per class)."""
+    import os
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", TEACH_AFTER_PARSE], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=repo))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["None", "True", "True"]
