@@ -79,3 +79,26 @@ def test_config_is_read_again_only_when_the_file_changes(tmp_path):
     assert d.config() is first
     (tmp_path / "fdbhook.conf").write_text("[manage]\nbridges = br1 br2\n")
     assert d.config().bridges == ("br1", "br2")
+
+
+def test_a_failing_thread_is_restarted_and_reported(tmp_path, monkeypatch):
+    """Issue 18 item 4: every fdbhookd thread survives any exception; health() says it restarted."""
+    import threading
+
+    from fdbhook.daemon import Daemon
+
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path))
+    daemon = Daemon(config_path=str(tmp_path / "absent.conf"), socket_path=str(tmp_path / "s"), use_libvirt=False)
+    daemon.restart_pause = 0.01
+    calls, done = [], threading.Event()
+
+    def target():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ValueError("boom %d" % len(calls))
+        done.set()
+
+    daemon._spawn("resync", target)
+    assert done.wait(30)
+    assert daemon.health()["threads_restarted"] == {"resync": {"count": 2, "error": "ValueError: boom 2"}}
+    assert daemon.health()["config_fallback"] == ""

@@ -67,10 +67,67 @@ def test_on_error_continue(env):
 
 
 def test_invalid_xml_at_start(env):
-    result = hook(env, "start", b"<domain><name>t1</name><devices>")
+    result = hook(env, "start", b"<domain><name>t1</name><devices><interface type='bridge'><source bridge='br0'/>")
     assert result.code == 1 and result.stderr.startswith("fdbhook: domain t1: invalid XML:")
     assert "\n" not in result.stderr
     assert env[0].executed == []
+
+
+HOSTILE = [
+    b"<domain><name>t1</name><devices>",  # truncated
+    b"<!DOCTYPE d [<!ENTITY x 'y'>]><domain><name>t1</name></domain>",
+    b"\x00\xff garbage",
+    b"<domain xmlns:fdb='x'><metadata><fdb:fdb>bad</fdb:fdb></metadata><name>t1</name><devices>"
+    b"<interface type='bridge'><source bridge='other'/></interface></devices></domain>",
+    b"",
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_guest_not_ours_always_starts(env, data, on_error):
+    """Issue 18 item 5: XML naming no managed bridge/network exits 0 before any parser sees it."""
+    cfg = config("[manage]\nbridges = br0\n[hook]\non_error = %s\n" % on_error)
+    for op in ("start", "started", "reconnect"):
+        assert hook(env, op, data, cfg=cfg) == run_hook.__globals__["HookResult"](0)
+    assert env[0].executed == []
+
+
+def test_no_config_exits_0_for_any_input(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("FDBHOOK_CONF", str(tmp_path / "absent.conf"))
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path / "state"))
+    for data in HOSTILE + [XML]:
+        for op in ("prepare", "start", "started", "reconnect", "migrate", "stopped", "release"):
+            result = run_hook("qemu", ["t1", op, "begin", "-"], data, kernel=env[0])
+            assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert env[0].executed == []
+
+
+def test_maybe_ours_reads_names_from_bytes():
+    from fdbhook.hook import maybe_ours, xml_names
+
+    cfg = config("[manage]\nbridges = br*\n")
+    assert xml_names(b"<source bridge=\"br0\"/><source network='n1'/>") == {"bridge": {"br0"}, "network": {"n1"}}
+    assert xml_names(b"<source bridge='b&#114;0'/>") is None  # only a parser can read that: it decides
+    assert maybe_ours(cfg, "qemu", "t1", b"<source bridge='br7'/>", False)
+    assert not maybe_ours(cfg, "qemu", "t1", b"<source bridge='virbr0'/>", False)
+    assert maybe_ours(cfg, "qemu", "t1", b"", True)  # a record: ours whatever the XML says
+    assert maybe_ours(cfg, "qemu", "t1", b"<source network='default'/>", False)  # its bridge may be br*
+
+
+def test_bad_config_uses_last_good_in_hooks(env, tmp_path, monkeypatch):
+    from fdbhook.config import ConfigCache
+
+    conf, state = tmp_path / "f.conf", tmp_path / "state"
+    monkeypatch.setenv("FDBHOOK_CONF", str(conf))
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(state))
+    monkeypatch.setenv("FDBHOOK_LIBVIRT_NETWORK_DIRS", "/nonexistent-net")
+    conf.write_text("[manage]\nbridges = br0\n")
+    assert ConfigCache().get().bridges == ("br0",)  # fdbhookd read it: saved as the last good one
+    conf.write_text("[manage]\nbridgez = br0\n")
+    result = run_hook("qemu", ["t1", "start", "begin", "-"], XML, kernel=env[0])
+    assert result.code == 0
+    assert env[0].by_name("vnet0").learning is False  # managed with the last good config
 
 
 def test_bad_argv_and_driver(env):

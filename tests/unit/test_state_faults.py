@@ -6,6 +6,7 @@ place, so teardown still knows the ports' original state.
 """
 
 import json
+import logging
 import os
 
 import pytest
@@ -46,7 +47,7 @@ def test_parse_record_raises_only_bad_record(kind):
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 @pytest.mark.parametrize("reader", ["load", "all"])
-def test_bad_record_quarantined_and_salvaged(tmp_path, kind, reader, caplog):
+def test_bad_record_quarantined_and_salvaged(tmp_path, kind, reader, lines):
     store = Store(str(tmp_path))
     store.save(GOOD)
     with open(store.path("qemu", "g"), "wb") as handle:
@@ -56,7 +57,26 @@ def test_bad_record_quarantined_and_salvaged(tmp_path, kind, reader, caplog):
     assert len(store.quarantined()) == 1
     assert store.load("qemu", "g") == GOOD  # restored in place: read again without a new quarantine
     assert len(store.quarantined()) == 1
-    assert sum("moved to" in r.getMessage() for r in caplog.records) == 1
+    assert sum("moved to" in r.getMessage() for r in lines) == 1
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def lines():
+    """Records of fdbhook.state (fdbhook's logger may not propagate to pytest's caplog once set up)."""
+    handler = _Lines()
+    logger = logging.getLogger("fdbhook.state")
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
 
 
 def test_both_copies_bad_gives_no_record(tmp_path):
