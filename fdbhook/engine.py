@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 from fdbhook import plan as planner
 from fdbhook.current import locate, read_port
-from fdbhook.errors import ApplyError, KernelError
+from fdbhook.errors import ApplyError, KernelError, StateError
 from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain
@@ -580,7 +580,12 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
         new_record = DomainRecord(driver=domain.driver, domain=domain.name, uuid=domain.uuid,
                                   nics=tuple(sorted(kept.values(), key=lambda r: r.mac)), paused=paused)
         if not dry_run:
-            store.save(new_record)
+            try:
+                store.save(new_record)
+            except StateError:
+                # Full or read-only state dir: no port may stay changed without its record.
+                _undo_all(kernel, results, done, kept)
+                raise
     for result in results:
         if not dry_run:
             _log_line(domain.driver, domain.name, result, "apply")

@@ -184,6 +184,30 @@ def _atomic_write(path, data):
         raise StateError(path=path, reason=exc.strerror) from None
 
 
+def _create_if_absent(path, data):
+    """Like _atomic_write, but never replaces a file that is there (then False)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=TMP_PREFIX)
+    except OSError as exc:
+        raise StateError(path=path, reason=exc.strerror) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise StateError(path=path, reason=exc.strerror) from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 class Store:
     def __init__(self, state_dir):
         self.state_dir = state_dir
@@ -241,19 +265,29 @@ class Store:
         """The domain's record or None. Never raises for a bad file: see ``_load_path``."""
         return self._load_path(self.path(driver, domain))
 
-    def _load_path(self, path):
+    def _load_path(self, path, again=True):
         """A record file that is not a record is quarantined; its second copy (if good) takes its place.
 
-        Only an I/O error other than "no such file" raises (StateError).
+        Only an I/O error other than "no such file" raises (StateError). Safe
+        without the store lock: a file replaced meanwhile is read again, not
+        quarantined, and the salvaged copy goes back only where no file is
+        (a writer's newer record always wins).
         """
         try:
-            return _parsed(path)
+            st = os.stat(path)
+            return _parsed(path, st)
         except FileNotFoundError:
             return None
         except BadRecord as exc:
             reason = str(exc)
         except OSError as exc:
             raise StateError(path=path, reason="unreadable record: %s" % (exc.strerror or exc)) from None
+        try:
+            replaced = os.stat(path).st_ino != st.st_ino
+        except OSError:
+            replaced = True
+        if replaced and again:
+            return self._load_path(path, again=False)
         self.quarantine(path, reason)
         prev = self.prev_path(path)
         try:
@@ -268,8 +302,8 @@ class Store:
                       path)
             return None
         try:
-            _atomic_write(path, _encode(record))
-            LOG.warning("state %s: restored from its second copy %s", path, prev)
+            if _create_if_absent(path, _encode(record)):
+                LOG.warning("state %s: restored from its second copy %s", path, prev)
         except StateError as exc:  # still usable from the copy this time
             LOG.error("%s (the second copy %s is used)", exc, prev)
         return record
@@ -427,9 +461,9 @@ def _encode(record):
 _PARSED = {}
 
 
-def _parsed(path):
+def _parsed(path, st=None):
     """The record in ``path`` (cached); FileNotFoundError, BadRecord or another OSError."""
-    st = os.stat(path)
+    st = os.stat(path) if st is None else st
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     hit = _PARSED.get(path)
     if hit is not None and hit[0] == key:
