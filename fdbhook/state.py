@@ -9,7 +9,7 @@ never lose an update.
 Nothing read here may kill a reader: a record that does not parse, or parses
 into the wrong shape, is renamed aside into ``domains/.quarantine/`` (logged
 once, with its path; ``fdbhook status`` lists it) and the second copy every
-save writes first (``domains/.prev/``) takes its place, so teardown still
+save writes first (``domains.prev/``) takes its place, so teardown still
 finds the ports' original state. Only when both copies are bad is the record
 lost (then the ports keep fdbhook's flags until an admin looks).
 """
@@ -31,7 +31,7 @@ LOG = logging.getLogger(__name__)
 
 FORMAT = 1
 QUARANTINE = ".quarantine"
-PREV = ".prev"
+PREV = "domains.prev"  # beside domains/, whose listing stays one file per record
 TMP_PREFIX = ".tmp-"
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record of 1,000 NICs is ~0.5 MB
 
@@ -213,7 +213,7 @@ class Store:
         self.state_dir = state_dir
         self.domain_dir = os.path.join(state_dir, "domains")
         self.quarantine_dir = os.path.join(self.domain_dir, QUARANTINE)
-        self.prev_dir = os.path.join(self.domain_dir, PREV)
+        self.prev_dir = os.path.join(state_dir, PREV)
 
     def _ensure(self):
         try:

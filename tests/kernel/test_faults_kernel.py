@@ -120,7 +120,8 @@ def test_enospc_at_start_changes_nothing_and_stopped_still_restores(ports, fenv,
     before = {p: snapshot(lab, p) for p in PORTS}
 
     # The lock and the record directories exist; then the disk fills up.
-    os.makedirs(os.path.join(state, "domains", ".prev"), exist_ok=True)
+    os.makedirs(os.path.join(state, "domains"), exist_ok=True)
+    os.makedirs(os.path.join(state, "domains.prev"), exist_ok=True)
     open(os.path.join(state, "lock"), "a").close()
     _fill(state)
     result = hook(lab, fenv, "start", XML)

@@ -94,7 +94,7 @@ def test_remove_takes_both_copies(tmp_path):
     store = Store(str(tmp_path))
     store.save(GOOD)
     store.remove("qemu", "g")
-    assert os.listdir(store.domain_dir) == [".prev"] and os.listdir(store.prev_dir) == []
+    assert os.listdir(store.domain_dir) == [] and os.listdir(store.prev_dir) == []
 
 
 def test_bad_bridge_record_is_quarantined(tmp_path):
