@@ -221,3 +221,28 @@ def test_inert_hook_imports_no_lxml_or_pyroute2():
                          env={"FDBHOOK_NO_DAEMON": "1", "FDBHOOK_CONF": "/nonexistent", "PATH": "/usr/bin:/bin",
                               "PYTHONPATH": __file__.rsplit("/tests/", 1)[0]})
     assert out.stdout.strip().splitlines()[-1] == "[]", out
+
+
+def test_client_says_why_the_daemon_did_not_answer(tmp_path):
+    """Issue 18 item 6: absent (no socket / refused) vs busy (accepted, no answer in time)."""
+    import socket
+
+    from fdbhook import client
+
+    assert client.offer("qemu", ["t1", "prepare"], b"", path=str(tmp_path / "none.sock")) is None
+    assert client.last_failure == "absent"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "busy.sock"))
+        server.listen(1)  # listening, never accepting: the connect succeeds, no answer comes
+        assert client.offer("qemu", ["t1", "prepare"], b"", path=str(tmp_path / "busy.sock"), timeout=0.1) is None
+        assert client.last_failure == "busy"
+
+
+def test_standalone_marks_incoming_migration_and_busy_fallback_waits_for_resume(env, tmp_path, monkeypatch):
+    kernel, store, cfg = env
+    assert run_hook("qemu", ["t1", "migrate", "begin", "-"], XML, config=cfg, kernel=kernel, store=store).code == 0
+    assert store.is_incoming("qemu", "t1")  # marked without fdbhookd too
+    # fdbhookd busy: the fallback has its semantics (ports locked down, entry at RESUMED)
+    assert run_hook("qemu", ["t1", "start", "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                    daemon=True).code == 0
+    assert kernel.by_name("vnet0").learning is False and store.load("qemu", "t1").paused
