@@ -350,7 +350,16 @@ class Store:
         except OSError as exc:
             raise StateError(path=self.prev_dir, reason=exc.strerror) from None
         _atomic_write(self.prev_path(path), data)
-        _atomic_write(path, data)
+        try:
+            _atomic_write(path, data)
+        except StateError:
+            # The caller rolls the kernel back to the old record: a second copy
+            # of the new one must not outlive it (removing works on a full disk).
+            try:
+                os.unlink(self.prev_path(path))
+            except OSError:
+                pass
+            raise
 
     def remove(self, driver, domain):
         path = self.path(driver, domain)
