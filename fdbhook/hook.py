@@ -45,6 +45,18 @@ NETWORK_APPLY_OPS = ("start", "started")
 # Attribute values that can name a bridge or a network in domain XML:
 # <source bridge='..'/>, <source network='..' bridge='..'/>.
 _NAMES = re.compile(rb"""\b(bridge|network)\s*=\s*(?:'([^']*)'|"([^"]*)")""")
+# A type='ethernet' NIC is managed by the bridge its tap is on in the kernel,
+# which the XML does not name; a port may also sit on another bridge than
+# its XML says. Such NICs are read from /sys (a symlink, no netlink).
+_ETHERNET = re.compile(rb"""\btype\s*=\s*(?:'ethernet'|"ethernet")""")
+_TARGETS = re.compile(rb"""<target\s+dev\s*=\s*(?:'([^'/]*)'|"([^"/]*)")""")
+
+
+def _kernel_bridge(dev):
+    try:
+        return os.path.basename(os.readlink("/sys/class/net/%s/master" % dev))
+    except (OSError, ValueError):
+        return None
 
 
 def xml_names(data):
@@ -76,6 +88,13 @@ def maybe_ours(config, driver, obj, data, store_path_exists):
         return True
     if config.networks and any(config.network_managed(n) for n in names["network"]):
         return True
+    if _ETHERNET.search(data or b""):
+        return True
+    for match in _TARGETS.finditer(data or b""):
+        dev = (match.group(1) if match.group(1) is not None else match.group(2)).decode("utf-8", "replace")
+        bridge = _kernel_bridge(dev) if dev and dev not in (".", "..") else None
+        if bridge and config.bridge_managed(bridge):
+            return True
     # A network's bridge may be managed too ([manage] bridges naming virbr*): the
     # stopped-guest XML at prepare/start names the network only.
     if config.bridges and names["network"]:

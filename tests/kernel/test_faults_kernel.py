@@ -311,3 +311,28 @@ def test_200_concurrent_hooks_are_served(lab, fenv, daemon, tmp_path):
     assert served == 200, [o for o in outs if o[0] != b"served"][:3]
     marks = os.listdir(os.path.join(fenv["FDBHOOK_STATE_DIR"], "incoming"))
     assert len(marks) == 200  # each migrate hook marked its incoming migration
+
+
+# --- a guest that is none of ours always starts -------------------------------------------------------------
+
+def test_guest_not_ours_starts_whatever_its_xml(lab, fenv):
+    """Issue 18 item 5, on real ports: refused-by-the-parser XML on an unmanaged bridge exits 0, changes nothing;
+    a type='ethernet' tap on the managed bridge (the XML names no bridge) is still managed."""
+    lab.add_bridge("br0")
+    lab.add_bridge("other")
+    lab.add_tap("vnet0", bridge="other")
+    lab.add_tap("tap5", bridge="br0")
+    before = snapshot(lab, "vnet0")
+    hostile = (b"<!DOCTYPE d [<!ENTITY x 'y'>]><domain><name>t1</name><devices><interface type='bridge'>"
+               b"<mac address='52:54:00:00:00:01'/><source bridge='other'/><target dev='vnet0'/></interface>"
+               b"</devices></domain>")
+    for op in ("start", "started", "reconnect"):
+        result = hook(lab, fenv, op, hostile)
+        assert (result.returncode, result.stderr) == (0, b""), result.stderr
+    assert snapshot(lab, "vnet0") == before and record_files(fenv) == []
+    eth = domain_xml(["<interface type='ethernet'><mac address='52:54:00:00:00:05'/><target dev='tap5'/>"
+                      "</interface>"], name="t5")
+    assert hook(lab, fenv, "start", eth, name="t5").returncode == 0
+    assert pyroute2_view(lab, "tap5") == (False, False, ["52:54:00:00:00:05"])
+    assert hook(lab, fenv, "stopped", name="t5").returncode == 0
+    assert pyroute2_view(lab, "tap5") == (True, True, [])

@@ -113,6 +113,7 @@ def test_maybe_ours_reads_names_from_bytes():
     assert not maybe_ours(cfg, "qemu", "t1", b"<source bridge='virbr0'/>", False)
     assert maybe_ours(cfg, "qemu", "t1", b"", True)  # a record: ours whatever the XML says
     assert maybe_ours(cfg, "qemu", "t1", b"<source network='default'/>", False)  # its bridge may be br*
+    assert maybe_ours(cfg, "qemu", "t1", b"<interface type='ethernet'><target dev='tap5'/>", False)  # kernel decides
 
 
 def test_bad_config_uses_last_good_in_hooks(env, tmp_path, monkeypatch):
