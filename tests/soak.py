@@ -184,7 +184,8 @@ class Host:
         log = open(self.path("var/log/libvirt/fdbhookd.log"), "ab")
         self.fdbhookd = subprocess.Popen(
             self.enter(self.env(PYTHONPATH=self.src, FDBHOOK_LOG="/var/log/libvirt/fdbhookd.log")
-                       + [sys.executable, "-m", "fdbhook", "daemon", "--uri", "qemu:///system", "--uri", "lxc:///system"]),
+                       + [sys.executable, "-m", "fdbhook", "daemon", "--uri", "qemu:///system",
+                          "--uri", "lxc:///system"]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         _remember(self.fdbhookd.pid)
@@ -198,9 +199,8 @@ class Host:
     def kill_fdbhookd(self):
         proc, self.fdbhookd = self.fdbhookd, None
         if proc is not None:
-            proc.kill()  # nsenter's child dies with... no: kill the daemon itself below
+            proc.kill()  # SIGKILL to fdbhookd itself: nsenter and env exec it in place (same pid)
             proc.wait(timeout=30)
-        # nsenter execs the command in place (same pid): the kill above was the daemon itself
 
     def start_libvirtd(self):
         log = open(self.path("var/log/libvirt/libvirtd.stdout"), "ab")
@@ -305,15 +305,6 @@ def cleanup():
                 pid = int(handle.read().strip())
             if "qemu-system" in os.readlink("/proc/%d/exe" % pid):
                 os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-    ldir = os.path.join(BASE, "host", "run", "libvirt", "lxc")
-    for pidfile in glob.glob(os.path.join(ldir, "*.pid")):
-        try:
-            with open(pidfile) as handle:
-                pid = int(handle.read().strip())
-            if "libvirt_lxc" in os.readlink("/proc/%d/exe" % pid) or os.path.exists("/proc/%d" % pid):
-                pass  # the container's init; its controller is in pids below or gone with the host
         except (OSError, ValueError):
             pass
     pids = os.path.join(BASE, "pids")
