@@ -298,15 +298,15 @@ def _start_time(pid):
 
 def cleanup():
     """What an earlier (killed) run left: its processes (exact pids), QEMUs, netns, mounts, files."""
-    qdir = os.path.join(BASE, "host", "run", "libvirt", "qemu")
-    for pidfile in glob.glob(os.path.join(qdir, "*.pid")):
-        try:
-            with open(pidfile) as handle:
-                pid = int(handle.read().strip())
-            if "qemu-system" in os.readlink("/proc/%d/exe" % pid):
-                os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+    for driver, exe in (("qemu", "qemu-system"), ("lxc", "libvirt_lxc")):  # guests (their controllers)
+        for pidfile in glob.glob(os.path.join(BASE, "host", "run", "libvirt", driver, "*.pid")):
+            try:
+                with open(pidfile) as handle:
+                    pid = int(handle.read().strip())
+                if exe in os.readlink("/proc/%d/exe" % pid):
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
     pids = os.path.join(BASE, "pids")
     if os.path.exists(pids):
         with open(pids) as handle:
