@@ -312,10 +312,11 @@ def _thaw_and_kill(pid):
 
 
 def reap_namespace(holder):
-    """Kill whatever still runs in the host's mount namespace (exactly: same /proc/PID/ns/mnt as the holder),
-    and the containers of the LXC controllers among them (thawed first)."""
+    """Kill whatever still runs in the host's mount or network namespace (exactly: the same
+    /proc/PID/ns/mnt or ns/net as the holder; an LXC controller has a mount namespace of its own but
+    stays in the host's network namespace), and the containers of those controllers (thawed first)."""
     try:
-        mine = os.readlink("/proc/%d/ns/mnt" % holder)
+        mine = {os.readlink("/proc/%d/ns/%s" % (holder, ns)) for ns in ("mnt", "net")}
     except OSError:
         return
     for name in os.listdir("/proc"):
@@ -323,7 +324,7 @@ def reap_namespace(holder):
             continue
         pid = int(name)
         try:
-            if os.readlink("/proc/%d/ns/mnt" % pid) != mine:
+            if not mine & {os.readlink("/proc/%d/ns/%s" % (pid, ns)) for ns in ("mnt", "net")}:
                 continue
             exe = os.readlink("/proc/%d/exe" % pid)
         except OSError:
@@ -535,6 +536,11 @@ class Soak:
                                                                                                    BRIDGE)
             v.domain(guest.driver, guest.name, lambda dom: dom.detachDeviceFlags(xml, live))
         elif op == "libvirtd-restart":
+            # libvirt 9.0 reports a suspended LXC guest as running after a restart, and then cannot
+            # destroy it (frozen: "Some processes refused to die"): LXC guests are resumed first.
+            for other in self.guests:
+                if other.driver == "lxc" and self.state(other) == "paused":
+                    v.domain(other.driver, other.name, lambda dom: dom.resume())
             h.stop_libvirtd()
             h.start_libvirtd()
         elif op == "fdbhookd-kill":
