@@ -1,7 +1,8 @@
 """The ``fdbhook`` command. Maps fdbhook errors to exit codes, never tracebacks.
 
 Exit codes: 0 ok, 1 a managed NIC could not be managed, 2 bad usage, config
-or XML, 3 libvirt unreachable, 4 ``status`` found drift.
+or XML, 3 libvirt unreachable, 4 ``status`` found drift, 5 ``status`` found
+no drift but a bad config (the last good one in use) or a quarantined record.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import sys
 from fdbhook.errors import FdbhookError, UsageError
 
 EXIT_DRIFT = 4
+EXIT_DAMAGED = 5
 
 
 def _say(text, file=None):
@@ -108,16 +110,30 @@ def _need_root(command):
         raise UsageError(reason="%s needs root (fdbhook's records and bridge state are root's only)" % command)
 
 
+def status_config(path):
+    """The config status reports on: the file, else the last good one, else "nothing" (never raises)."""
+    import os
+
+    from fdbhook.config import Config, _env_overrides, load_config_or_last_good
+    from fdbhook.errors import ConfigError
+
+    try:
+        return load_config_or_last_good(path)
+    except ConfigError as exc:
+        return Config(path=path or os.environ.get("FDBHOOK_CONF") or Config.path, exists=False,
+                      fallback="%s; no good config was ever saved: nothing is managed" % exc,
+                      **_env_overrides(os.environ))
+
+
 def cmd_status(args):
     _need_root("status")
-    from fdbhook.config import load_config
     from fdbhook.kernel import Kernel
     from fdbhook.state import Store
     from fdbhook.status import collect, render_text
 
     from fdbhook.evpn import read_macs
 
-    config = load_config(args.config)
+    config = status_config(args.config)
     store = Store(config.state_dir)
     with Kernel() as kernel:
         from fdbhook.txn import needs_recovery, recover
@@ -133,7 +149,10 @@ def cmd_status(args):
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         _say(render_text(data))
-    return EXIT_DRIFT if data["drift"] else 0
+    if data["drift"]:
+        return EXIT_DRIFT
+    return EXIT_DAMAGED if data["config_fallback"] or data["quarantined"] or data["daemon"].get("config_fallback") \
+        else 0
 
 
 def cmd_explain(args):

@@ -21,8 +21,13 @@ from fdbhook import MAX_INPUT_BYTES
 DEFAULT_SOCKET = "/run/fdbhook/fdbhookd.sock"
 MAGIC = b"FDB1"
 MAX_STDIN = MAX_INPUT_BYTES + 1  # one byte over the limit: the parser then refuses it
-CONNECT_TIMEOUT = 0.2
+# 200 hooks at once must be served, not shed (fdbhookd listens with a backlog
+# of 1024): a connect waits up to 1 s for a free slot.
+CONNECT_TIMEOUT = 1.0
 ANSWER_TIMEOUT = 5.0
+# Why the last offer() got no answer: "absent" (no socket, nobody listening)
+# or "busy" (fdbhookd runs but did not accept or answer in time).
+last_failure = None
 
 
 def socket_path():
@@ -53,12 +58,19 @@ def encode_request(driver, argv, data):
 
 
 def offer(driver, argv, data, path=None, timeout=ANSWER_TIMEOUT):
-    """Ask the daemon to serve this hook. (code, stdout, stderr), or None."""
+    """Ask the daemon to serve this hook. (code, stdout, stderr), or None (``last_failure`` says why)."""
+    global last_failure
     path = path or socket_path()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    last_failure = "busy"
     try:
         sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            if exc.errno in (2, 20, 111):  # ENOENT, ENOTDIR, ECONNREFUSED (Linux; no errno import here)
+                last_failure = "absent"
+            raise
         sock.settimeout(timeout)
         sock.sendall(encode_request(driver, argv, data))
         sock.shutdown(_socket.SHUT_WR)
@@ -103,7 +115,9 @@ def main(driver, argv=None, stdin=None):
             site.main()
 
         from fdbhook.hook import answer as serve_here
-        return serve_here(driver, argv, data)
+        # fdbhookd runs but is busy: its semantics (an incoming migration's
+        # entries wait for RESUMED, which fdbhookd sees); absent: ours.
+        return serve_here(driver, argv, data, daemon=last_failure == "busy")
     code, out, err = answer
     if out:
         sys.stdout.write(out)

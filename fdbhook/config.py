@@ -2,10 +2,16 @@
 
 No config file means nothing is managed: installing fdbhook must never change
 a bridge until the admin names it.
+
+A config that does not parse never stops fdbhook: fdbhookd keeps the last
+good one it read (and saves its text as STATE_DIR/config.last-good, so a
+restarted fdbhookd and the standalone hooks use it too); ``Config.fallback``
+then says why, and ``fdbhook status`` shows it.
 """
 
 import configparser
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -16,6 +22,9 @@ DEFAULT_CONF = "/etc/fdbhook/fdbhook.conf"
 DEFAULT_STATE_DIR = "/run/fdbhook"
 DEFAULT_NETWORK_DIRS = "/run/libvirt/network:/etc/libvirt/qemu/networks"
 DEFAULT_METRICS_TEXTFILE = "/var/lib/prometheus/node-exporter/fdbhook.prom"  # node_exporter's textfile dir
+LAST_GOOD = "config.last-good"
+
+LOG = logging.getLogger(__name__)
 
 _BOOL = {"1": True, "yes": True, "true": True, "on": True,
          "0": False, "no": False, "false": False, "off": False}
@@ -73,6 +82,7 @@ class Config:
     network_dirs: Tuple[str, ...] = tuple(DEFAULT_NETWORK_DIRS.split(":"))
     bridge_policies: Tuple[Tuple[str, Policy], ...] = ()
     network_policies: Tuple[Tuple[str, Policy], ...] = ()
+    fallback: str = ""  # non-empty: the file at ``path`` is bad (this says why); this is the last good config
 
     def bridge_policy(self, bridge):
         """The [bridge NAME] section matching ``bridge`` (exact or glob)."""
@@ -302,11 +312,77 @@ def load_config(path=None, env=None):
     return parse_config(text, path, env)
 
 
+def last_good_path(env=None):
+    return os.path.join(_env_overrides(os.environ if env is None else env)["state_dir"], LAST_GOOD)
+
+
+def save_last_good(config, env=None):
+    """Keep the text of a config that parsed (STATE_DIR/config.last-good) unless it is already there."""
+    path = last_good_path(env)
+    try:
+        with open(config.path, "rb") as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            if handle.read() == text:
+                return True
+    except OSError:
+        pass
+    from fdbhook.errors import StateError
+    from fdbhook.state import _atomic_write
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _atomic_write(path, text)
+    except (OSError, StateError) as exc:
+        LOG.warning("cannot save the last good config to %s: %s", path, exc)
+        return False
+    return True
+
+
+def load_last_good(path, error, env=None):
+    """The saved last good config, marked with ``error`` (why the file at ``path`` is not used), or None."""
+    env = os.environ if env is None else env
+    saved = last_good_path(env)
+    try:
+        with open(saved, encoding="utf-8") as handle:
+            text = handle.read()
+        config = parse_config(text, path, env)
+    except (OSError, ValueError):
+        return None
+    return _with_fallback(config, "%s; using the last good config (saved in %s)" % (error, saved))
+
+
+def _with_fallback(config, why):
+    from dataclasses import replace
+    return replace(config, fallback=why)
+
+
+def load_config_or_last_good(path=None, env=None):
+    """``load_config``; when the file is bad, the saved last good one (``fallback`` says so).
+
+    Raises ConfigError only when the file is bad and no good one was ever saved.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("FDBHOOK_CONF") or DEFAULT_CONF
+    try:
+        return load_config(path, env)
+    except ConfigError as exc:
+        config = load_last_good(path, str(exc), env)
+        if config is None:
+            raise
+        return config
+
+
 class ConfigCache:
     """``load_config``, read again only when the file changed (fdbhookd serves many hooks).
 
     The file's (inode, size, mtime) decide; a file that appears or goes is a
     change too. Thread-safe enough: a race loads the same file twice.
+    A file that does not parse keeps the last good config (in memory, else
+    the one saved in STATE_DIR/config.last-good, else "manage nothing");
+    the error is logged once per change of the file and kept in ``fallback``.
     """
 
     def __init__(self, path=None, env=None):
@@ -322,8 +398,29 @@ class ConfigCache:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def get(self):
+        """The config to use now; never raises."""
         stamp = self._stat()
         if self._config is None or stamp != self._stamp:
-            self._config = load_config(self.path, self.env)
+            self._config = self._load(self._config)
             self._stamp = stamp
         return self._config
+
+    def _load(self, last):
+        try:
+            config = load_config(self.path, self.env)
+        except ConfigError as exc:
+            error = str(exc)
+            if last is not None and last.exists:
+                config = _with_fallback(last, "%s; still using the last good config, read before" % error)
+            else:
+                config = load_last_good(self.path, error, self.env)
+            if config is None:
+                config = Config(path=self.path, exists=False, fallback="%s; no good config was ever read: "
+                                "nothing is managed" % error, **_env_overrides(self.env))
+            LOG.error("%s", config.fallback)
+            return config
+        if config.exists:
+            save_last_good(config, self.env)
+        elif last is not None and last.exists:
+            LOG.warning("config %s is gone: nothing is managed any more", self.path)
+        return config

@@ -20,8 +20,14 @@ Threads, and what each may do:
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.
+
+Every thread's target runs under ``Daemon._spawn``: an exception is logged
+and the target started again (after a pause that grows to 30 s), so no bad
+file, config or event can leave fdbhookd "running" with a dead thread;
+``fdbhook status`` shows the restarts (the ping answer carries them).
 """
 
+import json
 import logging
 import os
 import queue
@@ -176,7 +182,7 @@ class _HookHandler(socketserver.StreamRequestHandler):
                 del raw
                 trim_heap()
         if driver == "ping":  # `fdbhook status` asking whether we run: no hook, no capture
-            self._answer(0, "", "")
+            self._answer(0, json.dumps(daemon.health(), sort_keys=True), "")
             return
         result = daemon.serve_hook(driver, argv, data)
         self._answer(result.code, result.stdout, result.stderr)
@@ -269,6 +275,9 @@ class _Bounded:
 class _Server(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    # 200 hooks arriving at once queue here instead of being refused (the
+    # kernel caps it at net.core.somaxconn, 4096 on these kernels).
+    request_queue_size = 1024
 
 
 # --- the daemon ------------------------------------------------------------------------
@@ -295,6 +304,8 @@ class Daemon:
         self.kernels = KernelPool()
         self._server = None
         self.metrics = self.exporter = None  # fdbhook.metrics, when python3-prometheus-client is there
+        self.restarts = {}  # thread name -> [times restarted, last error]
+        self.restart_pause = 1.0  # seconds before the first restart of a failed thread (doubles, up to 30)
 
     # --- shared helpers ----------------------------------------------------------------
     def put(self, job):
@@ -312,9 +323,19 @@ class Daemon:
     def store(self, config=None):
         return Store((config or self.config()).state_dir)
 
+    def health(self):
+        """What `fdbhook status` shows about fdbhookd itself (JSON-ready)."""
+        config = self.config()
+        return {"threads_restarted": {name: {"count": n, "error": err} for name, (n, err) in self.restarts.items()},
+                "config_fallback": config.fallback, "hooks_served": self.hooks_served}
+
     def note_ports_changed(self):
         """Refresh the set of ports that records know (used by the link monitor)."""
-        ports = {nic.ifindex for record in self.store().all() for nic in record.nics}
+        try:
+            ports = {nic.ifindex for record in self.store().all() for nic in record.nics}
+        except Exception:  # never fatal to the caller (a hook answer, a job): the next call refreshes
+            LOG.exception("cannot read the records")
+            return
         with self._known_lock:
             self._known_ports = ports
 
@@ -367,6 +388,12 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------
     def start(self):
         self._recover()
+        store = self.store()
+        try:
+            with store.lock():
+                store.clean_temp_files()
+        except Exception as exc:  # a full or read-only state dir must not stop fdbhookd
+            LOG.error("state %s: %s", store.state_dir, exc)
         self.note_ports_changed()
         self._start_metrics()
         self._start_server()
@@ -419,7 +446,24 @@ class Daemon:
         self._spawn("metrics", self.exporter.run)
 
     def _spawn(self, name, target, *args):
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+        threading.Thread(target=self._survive, args=(name, target) + args, name=name, daemon=True).start()
+
+    def _survive(self, name, target, *args):
+        """Run ``target`` until fdbhookd stops: an exception is logged and the target runs again."""
+        pause = self.restart_pause
+        while True:
+            try:
+                target(*args)
+                return  # a target returns only when fdbhookd stops
+            except Exception as exc:  # a thread must outlive anything a file, config or event can raise
+                if self.stopping.is_set():
+                    return
+                count = self.restarts.get(name, (0, ""))[0] + 1
+                self.restarts[name] = (count, "%s: %s" % (exc.__class__.__name__, exc))
+                LOG.exception("thread %s failed (restart %d in %.0f s)", name, count, pause)
+                if self.stopping.wait(pause):
+                    return
+                pause = min(pause * 2, 30.0)
 
     def stop(self):
         sd_notify("STOPPING=1")
@@ -614,8 +658,6 @@ class Daemon:
                         LOG.exception("looking up joined ports %s", sorted(name for name, _ in pending.values()))
                         pending.clear()
                     wait = max(0.002, 2 * (time.monotonic() - started))
-        except Exception:
-            LOG.exception("link monitor died")
         finally:
             monitor.close()
             kernel.close()

@@ -11,13 +11,18 @@ and the domain XML on stdin, and waits. What we promise it:
 * prepare, restore, attach, migrate and anything else: do nothing, exit 0,
   print nothing (for migrate/restore an empty stdout means "keep the XML").
 * never call back into libvirt: libvirtd is blocked on us.
+* a guest that is none of ours always starts: ``maybe_ours`` decides from
+  the config, the records and the raw XML bytes, before anything that can
+  fail parses them (no config at all: exit 0 for any input).
 
 This module imports no pyroute2 or lxml at load time, so the no-op
 operations cost only the interpreter start.
 """
 
+import fnmatch
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -37,6 +42,65 @@ class HookResult:
 
 NETWORK_APPLY_OPS = ("start", "started")
 
+# Attribute values that can name a bridge or a network in domain XML:
+# <source bridge='..'/>, <source network='..' bridge='..'/>.
+_NAMES = re.compile(rb"""\b(bridge|network)\s*=\s*(?:'([^']*)'|"([^"]*)")""")
+# A type='ethernet' NIC is managed by the bridge its tap is on in the kernel,
+# which the XML does not name; a port may also sit on another bridge than
+# its XML says. Such NICs are read from /sys (a symlink, no netlink).
+_ETHERNET = re.compile(rb"""\btype\s*=\s*(?:'ethernet'|"ethernet")""")
+_TARGETS = re.compile(rb"""<target\s+dev\s*=\s*(?:'([^'/]*)'|"([^"/]*)")""")
+
+
+def _kernel_bridge(dev):
+    try:
+        return os.path.basename(os.readlink("/sys/class/net/%s/master" % dev))
+    except (OSError, ValueError):
+        return None
+
+
+def xml_names(data):
+    """{"bridge": {...}, "network": {...}} named anywhere in the raw XML; None if a value hides behind '&'."""
+    out = {"bridge": set(), "network": set()}
+    for match in _NAMES.finditer(data or b""):
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        if b"&" in value:
+            return None  # an entity or character reference: only a parser can say
+        out[match.group(1).decode()].add(value.decode("utf-8", "replace"))
+    return out
+
+
+def maybe_ours(config, driver, obj, data, store_path_exists):
+    """Could this domain hook concern anything fdbhook manages? Decided without parsing the XML.
+
+    ``store_path_exists``: does a record of ``obj`` exist (then it is ours:
+    its NICs may need pruning). Otherwise only a managed bridge or network
+    named in the XML bytes makes it ours.
+    """
+    if store_path_exists:
+        return True
+    if not config.exists or (not config.bridges and not config.networks):
+        return False
+    names = xml_names(data)
+    if names is None:
+        return True
+    if any(config.bridge_managed(b) for b in names["bridge"]):
+        return True
+    if config.networks and any(config.network_managed(n) for n in names["network"]):
+        return True
+    if _ETHERNET.search(data or b""):
+        return True
+    for match in _TARGETS.finditer(data or b""):
+        dev = (match.group(1) if match.group(1) is not None else match.group(2)).decode("utf-8", "replace")
+        bridge = _kernel_bridge(dev) if dev and dev not in (".", "..") else None
+        if bridge and config.bridge_managed(bridge):
+            return True
+    # A network's bridge may be managed too ([manage] bridges naming virbr*): the
+    # stopped-guest XML at prepare/start names the network only.
+    if config.bridges and names["network"]:
+        return True
+    return False
+
 
 def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=False, capture_it=True):
     """Serve one hook invocation. ``data`` is stdin (bytes). Never raises.
@@ -45,9 +109,12 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=Fa
     ``migrate`` hook on the destination) then gets its ports locked down at
     start/started but no FDB entries until the daemon sees the guest resume.
     Without the daemon nobody would add them later, so the standalone hook
-    adds them at start/started.
+    adds them at start/started. The standalone fallback of a daemon that
+    runs but did not answer in time (busy) passes ``daemon`` True: it does
+    exactly what fdbhookd would (fdbhookd adds the entries at RESUMED).
+    The ``migrate`` hook marks the incoming migration in both cases.
     """
-    from fdbhook.errors import FdbhookError
+    from fdbhook.errors import ConfigError, FdbhookError
 
     if driver not in DRIVERS:
         return HookResult(2, stderr="fdbhook: unknown hook driver %r" % driver)
@@ -57,12 +124,22 @@ def run_hook(driver, argv, data, config=None, kernel=None, store=None, daemon=Fa
     acts = op in NETWORK_APPLY_OPS if driver == "network" else (op in APPLY_OPS or op in TEARDOWN_OPS)
     try:
         if config is None:
-            from fdbhook.config import load_config
-            config = load_config()
+            from fdbhook.config import DEFAULT_CONF, load_config_or_last_good
+            if not os.path.exists(os.environ.get("FDBHOOK_CONF") or DEFAULT_CONF) and not acts:
+                return HookResult(0)  # no config: nothing to mark or capture
+            try:
+                config = load_config_or_last_good()
+            except ConfigError as exc:
+                # No good config was ever read: nothing is managed; records still tear down.
+                LOG.error("%s/%s %s: %s; no good config was ever saved: nothing is managed", driver, obj, op, exc)
+                from fdbhook.config import Config, _env_overrides
+                config = Config(exists=False, fallback=str(exc), **_env_overrides(os.environ))
+            if config.fallback:
+                LOG.warning("%s/%s %s: %s", driver, obj, op, config.fallback)
         if config.capture and capture_it:
             from fdbhook.capture import capture
             capture(config, driver, argv, data)
-        if daemon and driver == "qemu" and op == "migrate":
+        if driver == "qemu" and op == "migrate" and config.exists:
             from fdbhook.state import Store
             (store or Store(config.state_dir)).mark_incoming(driver, obj)
             LOG.info("%s/%s: incoming migration: entries wait for the guest to resume", driver, obj)
@@ -157,15 +234,21 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
             teardown_domain(driver, name, k, store)
         return HookResult(0)
 
+    if not maybe_ours(config, driver, obj, data, os.path.exists(store.path(driver, obj))):
+        LOG.debug("%s/%s %s: nothing of ours (%s)", driver, obj, op, config.path)
+        return HookResult(0)
     from fdbhook.domxml import parse_domain
     try:
         domain = parse_domain(data, driver=driver, what=obj)
     except Exception as exc:
         return _failure(driver, obj, op, config, str(exc))
+<<<<<<< HEAD
     if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)) \
             and not store.has_intents() and not store.has_pending_bridges():
         LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
         return HookResult(0)
+=======
+>>>>>>> i18-robust
     from fdbhook.engine import apply_domain
     paused = True if daemon and store.is_incoming(driver, domain.name) else None
     with _kernel(kernel) as k:
@@ -194,18 +277,19 @@ class _kernel:
             self._own.close()
 
 
-def answer(driver, argv, data, verbose=False, capture=True):
+def answer(driver, argv, data, verbose=False, capture=True, daemon=False):
     """Serve one hook call in this process and write libvirt's answer: the exit code.
 
     The standalone path of the installed hooks (fdbhook.client, when
     fdbhookd does not answer) and of ``fdbhook hook``/``replay``. stdout only
     for migrate/restore (empty: keep the XML), stderr only the one line.
+    ``daemon`` True: fdbhookd runs but was busy; serve it with its semantics.
     """
     from fdbhook.logsetup import setup_logging
 
     # -v (manual replay) shows every log line on stderr as well.
     setup_logging(verbose=verbose, hook=not verbose)
-    result = run_hook(driver, argv, data, capture_it=capture)
+    result = run_hook(driver, argv, data, capture_it=capture, daemon=daemon)
     if result.stdout:
         sys.stdout.write(result.stdout)
     if result.stderr:

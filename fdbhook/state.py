@@ -5,19 +5,39 @@ from these records. One JSON file per domain (``domains/DRIVER-NAME.json``),
 written atomically (temp file, fsync, rename); one lock file serialises every
 read-modify-write, so concurrent hooks for different domains on one bridge
 never lose an update.
+
+Nothing read here may kill a reader: a record that does not parse, or parses
+into the wrong shape, is renamed aside into ``domains/.quarantine/`` (logged
+once, with its path; ``fdbhook status`` lists it) and the second copy every
+save writes first (``domains.prev/``) takes its place, so teardown still
+finds the ports' original state. Only when both copies are bad is the record
+lost (then the ports keep fdbhook's flags until an admin looks).
 """
 
 import dataclasses
+import errno
 import fcntl
 import json
+import logging
 import os
+import time
 from contextlib import contextmanager
 
 from fdbhook import faults, safefile
 from fdbhook.errors import StateError
 from fdbhook.model import DomainRecord, NicRecord
 
+LOG = logging.getLogger(__name__)
+
 FORMAT = 1
+QUARANTINE = ".quarantine"
+PREV = "domains.prev"  # beside domains/, whose listing stays one file per record
+TMP_PREFIX = ".tmp-"
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record of 1,000 NICs is ~0.5 MB
+
+
+class BadRecord(ValueError):
+    """A record file that is not a record (any shape, any content)."""
 
 
 def record_to_json(record):
@@ -31,7 +51,49 @@ def record_to_json(record):
     }
 
 
-def _nic_from_json(nic):
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v):
+    return isinstance(v, str)
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _is_membership(v):
+    return isinstance(v, list) and all(isinstance(m, list) and len(m) == 3 and _is_int(m[0])
+                                       and isinstance(m[1], bool) and isinstance(m[2], bool) for m in v)
+
+
+# Every NicRecord field and what JSON must hold for it; required ones first.
+_NIC_REQUIRED = {"mac": _is_str, "port": _is_str, "ifindex": _is_int, "bridge": _is_str}
+_NIC_OPTIONAL = {
+    "network": _opt(_is_str), "prev_learning": lambda v: isinstance(v, bool),
+    "prev_flood": lambda v: isinstance(v, bool), "sticky": lambda v: isinstance(v, bool),
+    "applied": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "alias": _opt(_is_str), "vids": _opt(_list_of(_is_int)), "prev_vlans": _opt(_is_membership),
+    "set_vlans": _opt(_is_membership), "config_mac": _opt(_is_str), "extra_macs": _opt(_list_of(_is_str)),
+    "locked": lambda v: isinstance(v, bool), "prev_locked": lambda v: isinstance(v, bool),
+    "mab": lambda v: isinstance(v, bool), "floating_macs": _opt(_list_of(_is_str)),
+}
+
+
+def _nic_from_json(nic, i):
+    if not isinstance(nic, dict):
+        raise BadRecord("nics[%d] is %s, not an object" % (i, type(nic).__name__))
+    for key, check in _NIC_REQUIRED.items():
+        if key not in nic or not check(nic[key]):
+            raise BadRecord("nics[%d].%s missing or of the wrong type" % (i, key))
+    for key, check in _NIC_OPTIONAL.items():
+        if key in nic and not check(nic[key]):
+            raise BadRecord("nics[%d].%s of the wrong type" % (i, key))
     fields = {f.name for f in dataclasses.fields(NicRecord)}
     values = {k: v for k, v in nic.items() if k in fields}
     # JSON has no tuples; the records compare equal only with them.
@@ -43,9 +105,50 @@ def _nic_from_json(nic):
 
 
 def record_from_json(data):
-    nics = tuple(_nic_from_json(nic) for nic in data.get("nics", ()))
-    return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"), nics=nics,
-                        paused=bool(data.get("paused", False)))
+    """A DomainRecord from parsed JSON; BadRecord (a ValueError) for anything else."""
+    if not isinstance(data, dict):
+        raise BadRecord("a record is an object, not %s" % type(data).__name__)
+    for key in ("driver", "domain"):
+        if not isinstance(data.get(key), str):
+            raise BadRecord("%s missing or not a string" % key)
+    nics = data.get("nics", [])
+    if not isinstance(nics, list):
+        raise BadRecord("nics is not a list")
+    if not _opt(_is_str)(data.get("uuid")) or not isinstance(data.get("paused", False), bool):
+        raise BadRecord("uuid or paused of the wrong type")
+    return DomainRecord(driver=data["driver"], domain=data["domain"], uuid=data.get("uuid"),
+                        nics=tuple(_nic_from_json(nic, i) for i, nic in enumerate(nics)),
+                        paused=data.get("paused", False))
+
+
+def parse_record(raw):
+    """Bytes of a record file -> DomainRecord; BadRecord for anything else (never another exception)."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise BadRecord("larger than %d bytes" % MAX_RECORD_BYTES)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRecord("not JSON: %s" % str(exc).splitlines()[0][:120]) from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply") from None
+    try:
+        return record_from_json(data)
+    except BadRecord:
+        raise
+    except (RecursionError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BadRecord("%s: %s" % (exc.__class__.__name__, exc)) from None
+
+
+def read_record(path):
+    """The record in ``path``, None if there is none; BadRecord if it is not a record."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECORD_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise BadRecord("a directory") from None
+    return parse_record(raw)
 
 
 def _safe_name(name):
@@ -108,7 +211,7 @@ def clean_temp_files(directory):
         return 0
     removed = 0
     for name in names:
-        if name.startswith(".tmp-"):
+        if name.startswith(TMP_PREFIX):
             try:
                 os.unlink(os.path.join(directory, name))
                 removed += 1
@@ -117,10 +220,41 @@ def clean_temp_files(directory):
     return removed
 
 
+def _create_if_absent(path, data):
+    """Like _atomic_write, but never replaces a file that is there (then False): temp file, link."""
+    tmp = safefile.tmp_name()
+    try:
+        dir_fd = safefile.open_dir(os.path.dirname(path))
+    except OSError as exc:
+        raise StateError(path=path, reason=_why(exc)) from None
+    try:
+        fd = safefile.open_at(dir_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, os.path.basename(path), src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        os.fsync(dir_fd)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise StateError(path=path, reason=_why(exc)) from None
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        os.close(dir_fd)
+
+
 class Store:
     def __init__(self, state_dir):
         self.state_dir = state_dir
         self.domain_dir = os.path.join(state_dir, "domains")
+        self.quarantine_dir = os.path.join(self.domain_dir, QUARANTINE)
+        self.prev_dir = os.path.join(state_dir, PREV)
 
     def _ensure(self):
         _ensure_dir(self.domain_dir)
@@ -144,30 +278,121 @@ class Store:
         finally:
             os.close(fd)
 
+    def clean_temp_files(self):
+        """Remove the temp files of writes a kill interrupted. Call with the lock held."""
+        removed = sum(clean_temp_files(d) for d in (self.state_dir, self.domain_dir, self.prev_dir,
+                                                     self.intent_dir(), os.path.join(self.state_dir, "bridges")))
+        if removed:
+            LOG.info("state: removed %d temp file(s) of interrupted writes", removed)
+        return removed
+
     def path(self, driver, domain):
         return os.path.join(self.domain_dir, "%s-%s.json" % (driver, _safe_name(domain)))
 
+    def prev_path(self, path):
+        return os.path.join(self.prev_dir, os.path.basename(path))
+
     def load(self, driver, domain):
-        path = self.path(driver, domain)
+        """The domain's record or None. Never raises for a bad file: see ``_load_path``."""
+        return self._load_path(self.path(driver, domain))
+
+    def _load_path(self, path, again=True):
+        """A record file that is not a record is quarantined; its second copy (if good) takes its place.
+
+        Only an I/O error other than "no such file" raises (StateError). Safe
+        without the store lock: a file replaced meanwhile is read again, not
+        quarantined, and the salvaged copy goes back only where no file is
+        (a writer's newer record always wins).
+        """
         try:
-            with open(path, encoding="utf-8") as handle:
-                return record_from_json(json.load(handle))
+            st = os.stat(path)
+            return _parsed(path, st)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StateError(path=path, reason="unreadable record: %s" % exc) from None
+        except BadRecord as exc:
+            reason = str(exc)
+        except OSError as exc:
+            raise StateError(path=path, reason="unreadable record: %s" % (exc.strerror or exc)) from None
+        try:
+            replaced = os.stat(path).st_ino != st.st_ino
+        except OSError:
+            replaced = True
+        if replaced and again:
+            return self._load_path(path, again=False)
+        self.quarantine(path, reason)
+        prev = self.prev_path(path)
+        try:
+            record = read_record(prev)
+        except BadRecord as exc:
+            self.quarantine(prev, "second copy: %s" % exc)
+            record = None
+        except OSError:
+            record = None
+        if record is None:
+            LOG.error("state %s: no good second copy: the record is lost (ports it named keep fdbhook's flags)",
+                      path)
+            return None
+        try:
+            if _create_if_absent(path, _encode(record)):
+                LOG.warning("state %s: restored from its second copy %s", path, prev)
+        except StateError as exc:  # still usable from the copy this time
+            LOG.error("%s (the second copy %s is used)", exc, prev)
+        return record
+
+    def quarantine(self, path, reason):
+        """Rename a bad file aside (logged once: it is gone from where it was read)."""
+        target = os.path.join(self.quarantine_dir, "%s.%s" % (os.path.basename(path),
+                                                             time.strftime("%Y%m%dT%H%M%S")))
+        try:
+            safefile.ensure_dir(self.quarantine_dir, 0o700)
+            n = 0
+            while os.path.exists(target + ("" if not n else ".%d" % n)):
+                n += 1
+            target += "" if not n else ".%d" % n
+            os.rename(path, target)
+        except OSError as exc:
+            LOG.error("state %s: bad record (%s); cannot quarantine it: %s", path, reason, exc.strerror or exc)
+            return None
+        _PARSED.pop(path, None)
+        LOG.error("state %s: bad record (%s): moved to %s", path, reason, target)
+        return target
+
+    def quarantined(self):
+        """Paths of the files in quarantine (``fdbhook status`` lists them)."""
+        try:
+            return sorted(os.path.join(self.quarantine_dir, n) for n in os.listdir(self.quarantine_dir))
+        except OSError:
+            return []
 
     def save(self, record):
-        """Write (or, with no NICs left, remove) a domain's record atomically."""
+        """Write (or, with no NICs left, remove) a domain's record atomically.
+
+        The second copy goes first: at every instant at least one of the two
+        files holds the last committed record or the new one, whole.
+        """
         path = self.path(record.driver, record.domain)
         if not record.nics:
             self.remove(record.driver, record.domain)
             return
         self._ensure()
-        _atomic_write(path, json.dumps(record_to_json(record), indent=1, sort_keys=True).encode())
+        data = _encode(record)
+        _ensure_dir(self.prev_dir)
+        _atomic_write(self.prev_path(path), data)
+        try:
+            _atomic_write(path, data)
+        except StateError:
+            # The caller rolls the kernel back to the old record: a second copy
+            # of the new one must not outlive it (removing works on a full disk).
+            try:
+                os.unlink(self.prev_path(path))
+            except OSError:
+                pass
+            raise
 
     def remove(self, driver, domain):
-        _unlink(self.path(driver, domain))
+        path = self.path(driver, domain)
+        for victim in (self.prev_path(path), path):
+            _unlink(victim)
 
     # --- intents: one domain operation's plan, written before its first kernel write ----
     def intent_dir(self):
@@ -237,13 +462,23 @@ class Store:
         return os.path.join(self.state_dir, "bridges", "%s.json" % _safe_name(bridge))
 
     def load_bridge(self, bridge):
+        """The bridge's record (a dict) or None; a bad file is quarantined (None)."""
+        path = self.bridge_path(bridge)
         try:
-            with open(self.bridge_path(bridge), encoding="utf-8") as handle:
-                return json.load(handle)
+            with open(path, "rb") as handle:
+                raw = handle.read(MAX_RECORD_BYTES + 1)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise StateError(path=self.bridge_path(bridge), reason="unreadable record: %s" % exc) from None
+        except OSError as exc:
+            raise StateError(path=path, reason="unreadable record: %s" % (exc.strerror or exc)) from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            return data
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            self.quarantine(path, str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__)
+            return None
 
     def save_bridge(self, bridge, data):
         path = self.bridge_path(bridge)
@@ -277,20 +512,27 @@ class Store:
             return []
 
     def all(self):
-        """Every record, sorted by file name. Broken files are skipped."""
+        """Every record, sorted by file name. Bad files are quarantined (their second copy used); never raises."""
         try:
             names = sorted(os.listdir(self.domain_dir))
-        except FileNotFoundError:
+        except OSError:
             return []
         out = []
         for name in names:
             if not name.endswith(".json") or name.startswith("."):
                 continue
             try:
-                out.append(_parsed(os.path.join(self.domain_dir, name)))
-            except (OSError, ValueError, KeyError, TypeError):
+                record = self._load_path(os.path.join(self.domain_dir, name))
+            except StateError as exc:
+                LOG.error("%s", exc)
                 continue
+            if record is not None:
+                out.append(record)
         return out
+
+
+def _encode(record):
+    return json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
 
 
 # Parsed records by path: a record is written whole under a new inode
@@ -300,14 +542,16 @@ class Store:
 _PARSED = {}
 
 
-def _parsed(path):
-    st = os.stat(path)
+def _parsed(path, st=None):
+    """The record in ``path`` (cached); FileNotFoundError, BadRecord or another OSError."""
+    st = os.stat(path) if st is None else st
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     hit = _PARSED.get(path)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with open(path, encoding="utf-8") as handle:
-        record = record_from_json(json.load(handle))
+    record = read_record(path)
+    if record is None:
+        raise FileNotFoundError(errno.ENOENT, "gone", path)
     if len(_PARSED) > 100000:
         _PARSED.clear()
     _PARSED[path] = (key, record)

@@ -5,6 +5,7 @@
 one bridge's dict into sentences.
 """
 
+import json
 import os
 
 from fdbhook.current import read_port
@@ -112,7 +113,15 @@ def daemon_info():
     from fdbhook.client import offer, socket_path
     from fdbhook.virt import version_facts
 
-    info = {"socket": socket_path(), "answering": offer("ping", [], b"", timeout=1.0) is not None}
+    answer = offer("ping", [], b"", timeout=1.0)
+    info = {"socket": socket_path(), "answering": answer is not None, "threads_restarted": {},
+            "config_fallback": ""}
+    try:
+        health = json.loads(answer[1]) if answer is not None and answer[1] else {}
+        info["threads_restarted"] = dict(health.get("threads_restarted") or {})
+        info["config_fallback"] = str(health.get("config_fallback") or "")
+    except (ValueError, TypeError, AttributeError):
+        pass  # an older fdbhookd answers the ping with nothing
     info.update(version_facts())
     return info
 
@@ -251,6 +260,8 @@ def collect(config, kernel, store, frr=None):
     return {
         "config": config.path,
         "config_exists": config.exists,
+        "config_fallback": config.fallback,
+        "quarantined": store.quarantined(),
         "manage": {"bridges": list(config.bridges), "networks": list(config.networks)},
         "state_dir": config.state_dir,
         "bridges": out,
@@ -295,6 +306,8 @@ def explain_bridge(bridge):
 def render_text(data):
     """Human-readable status."""
     lines = []
+    if data.get("config_fallback"):
+        lines.append("CONFIG BAD: %s" % data["config_fallback"])
     if not data["config_exists"]:
         lines.append("no config at %s: nothing is managed" % data["config"])
     else:
@@ -328,10 +341,17 @@ def render_text(data):
     for stale in data["stale_records"]:
         lines.append("record %s %s on %s: port %s is gone" % (stale["domain"], stale["mac"], stale["bridge"],
                                                               stale["port"]))
+    for path in data.get("quarantined") or ():
+        lines.append("QUARANTINED record %s: it did not parse; its second copy (if any) was used. Read it, then "
+                     "remove it" % path)
     lines.append("")
     daemon = data["daemon"]
     lines.append("fdbhookd: %s (%s)" % ("running" if daemon["answering"] else "not running: hooks work standalone, "
                                         "no hotplug/pause/resume/drift repair", daemon["socket"]))
+    if daemon.get("config_fallback") and daemon["config_fallback"] != data.get("config_fallback"):
+        lines.append("fdbhookd: CONFIG BAD: %s" % daemon["config_fallback"])
+    for name, info in sorted((daemon.get("threads_restarted") or {}).items()):
+        lines.append("fdbhookd: thread %s restarted %d time(s) (last: %s)" % (name, info["count"], info["error"]))
     lines.extend(mac_change_sentences(daemon))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
     if data.get("first_run"):

@@ -203,7 +203,8 @@ def test_failure_exits_1_and_changes_nothing(lab, env):
     assert result.returncode == 1
     assert result.stderr == b"fdbhook: domain t1: NIC net1 (52:54:00:00:00:02): port vnet404 does not exist\n"
     assert snapshot(lab, "vnet0") == before
-    bad = hook(lab, env, "qemu", "t1", "start", b"<domain><name>t1</name><devices><interface")
+    bad = hook(lab, env, "qemu", "t1", "start", b"<domain><name>t1</name><devices><interface type='bridge'>"
+               b"<source bridge='br0'/")  # names a managed bridge: ours, and refused
     assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"Traceback" not in bad.stderr
     assert snapshot(lab, "vnet0") == before
     # Failing teardown input never fails libvirt's stop path.

@@ -1,7 +1,28 @@
+import logging
+
 import pytest
 
 from fdbhook.config import load_config, parse_config
 from fdbhook.errors import ConfigError
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def lines():
+    """Records of fdbhook.config (fdbhook's logger may not propagate to pytest's caplog once set up)."""
+    handler = _Lines()
+    logger = logging.getLogger("fdbhook.config")
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
 
 
 def test_no_file_manages_nothing(tmp_path):
@@ -42,3 +63,35 @@ def test_bad_config_is_one_line_error(text, match):
 def test_per_bridge_sections_are_accepted():
     cfg = parse_config("[manage]\nbridges = br0\n[bridge br0]\nvlan_filtering = on\n", env={})
     assert cfg.bridges == ("br0",)
+
+
+def test_cache_keeps_last_good_config(tmp_path, lines):
+    """Issue 18 item 4: a typo keeps the last good config (memory, then STATE/config.last-good) and says so."""
+    import os
+
+    from fdbhook.config import ConfigCache
+
+    conf = tmp_path / "f.conf"
+    env = {"FDBHOOK_STATE_DIR": str(tmp_path / "state")}
+    conf.write_text("[manage]\nbridges = br0\n")
+    cache = ConfigCache(str(conf), env=env)
+    assert cache.get().bridges == ("br0",) and not cache.get().fallback
+    assert os.path.exists(tmp_path / "state" / "config.last-good")
+    conf.write_text("[manage]\nbridgez = br1\n")
+    got = cache.get()
+    assert got.bridges == ("br0",) and "unknown key 'bridgez'" in got.fallback
+    assert sum("bridgez" in r.getMessage() for r in lines) == 1
+    assert cache.get() is got  # unchanged file: not read (nor logged) again
+    fresh = ConfigCache(str(conf), env=env).get()  # a restarted fdbhookd: from the saved copy
+    assert fresh.bridges == ("br0",) and "config.last-good" in fresh.fallback
+    conf.write_text("[manage]\nbridges = br2\n")
+    assert cache.get().bridges == ("br2",) and not cache.get().fallback
+
+
+def test_cache_bad_config_never_good_manages_nothing(tmp_path):
+    from fdbhook.config import ConfigCache
+
+    conf = tmp_path / "f.conf"
+    conf.write_text("[manage\n")
+    got = ConfigCache(str(conf), env={"FDBHOOK_STATE_DIR": str(tmp_path / "s")}).get()
+    assert got.bridges == () and "nothing is managed" in got.fallback

@@ -147,3 +147,26 @@ def test_a_libvirt_style_port_nothing_knows_is_looked_up_until_libvirt_lists_it(
     d._known_ports = {11}
     d._look_up_joined(k, pending)
     assert pending == {} and d.watchers["qemu:///system"].looks == -100
+
+
+def test_a_failing_thread_is_restarted_and_reported(tmp_path, monkeypatch):
+    """Issue 18 item 4: every fdbhookd thread survives any exception; health() says it restarted."""
+    import threading
+
+    from fdbhook.daemon import Daemon
+
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path))
+    daemon = Daemon(config_path=str(tmp_path / "absent.conf"), socket_path=str(tmp_path / "s"), use_libvirt=False)
+    daemon.restart_pause = 0.01
+    calls, done = [], threading.Event()
+
+    def target():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ValueError("boom %d" % len(calls))
+        done.set()
+
+    daemon._spawn("resync", target)
+    assert done.wait(30)
+    assert daemon.health()["threads_restarted"] == {"resync": {"count": 2, "error": "ValueError: boom 2"}}
+    assert daemon.health()["config_fallback"] == ""

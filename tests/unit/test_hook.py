@@ -67,10 +67,68 @@ def test_on_error_continue(env):
 
 
 def test_invalid_xml_at_start(env):
-    result = hook(env, "start", b"<domain><name>t1</name><devices>")
+    result = hook(env, "start", b"<domain><name>t1</name><devices><interface type='bridge'><source bridge='br0'/>")
     assert result.code == 1 and result.stderr.startswith("fdbhook: domain t1: invalid XML:")
     assert "\n" not in result.stderr
     assert env[0].executed == []
+
+
+HOSTILE = [
+    b"<domain><name>t1</name><devices>",  # truncated
+    b"<!DOCTYPE d [<!ENTITY x 'y'>]><domain><name>t1</name></domain>",
+    b"\x00\xff garbage",
+    b"<domain xmlns:fdb='x'><metadata><fdb:fdb>bad</fdb:fdb></metadata><name>t1</name><devices>"
+    b"<interface type='bridge'><source bridge='other'/></interface></devices></domain>",
+    b"",
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_guest_not_ours_always_starts(env, data, on_error):
+    """Issue 18 item 5: XML naming no managed bridge/network exits 0 before any parser sees it."""
+    cfg = config("[manage]\nbridges = br0\n[hook]\non_error = %s\n" % on_error)
+    for op in ("start", "started", "reconnect"):
+        assert hook(env, op, data, cfg=cfg) == run_hook.__globals__["HookResult"](0)
+    assert env[0].executed == []
+
+
+def test_no_config_exits_0_for_any_input(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("FDBHOOK_CONF", str(tmp_path / "absent.conf"))
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path / "state"))
+    for data in HOSTILE + [XML]:
+        for op in ("prepare", "start", "started", "reconnect", "migrate", "stopped", "release"):
+            result = run_hook("qemu", ["t1", op, "begin", "-"], data, kernel=env[0])
+            assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert env[0].executed == []
+
+
+def test_maybe_ours_reads_names_from_bytes():
+    from fdbhook.hook import maybe_ours, xml_names
+
+    cfg = config("[manage]\nbridges = br*\n")
+    assert xml_names(b"<source bridge=\"br0\"/><source network='n1'/>") == {"bridge": {"br0"}, "network": {"n1"}}
+    assert xml_names(b"<source bridge='b&#114;0'/>") is None  # only a parser can read that: it decides
+    assert maybe_ours(cfg, "qemu", "t1", b"<source bridge='br7'/>", False)
+    assert not maybe_ours(cfg, "qemu", "t1", b"<source bridge='virbr0'/>", False)
+    assert maybe_ours(cfg, "qemu", "t1", b"", True)  # a record: ours whatever the XML says
+    assert maybe_ours(cfg, "qemu", "t1", b"<source network='default'/>", False)  # its bridge may be br*
+    assert maybe_ours(cfg, "qemu", "t1", b"<interface type='ethernet'><target dev='tap5'/>", False)  # kernel decides
+
+
+def test_bad_config_uses_last_good_in_hooks(env, tmp_path, monkeypatch):
+    from fdbhook.config import ConfigCache
+
+    conf, state = tmp_path / "f.conf", tmp_path / "state"
+    monkeypatch.setenv("FDBHOOK_CONF", str(conf))
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(state))
+    monkeypatch.setenv("FDBHOOK_LIBVIRT_NETWORK_DIRS", "/nonexistent-net")
+    conf.write_text("[manage]\nbridges = br0\n")
+    assert ConfigCache().get().bridges == ("br0",)  # fdbhookd read it: saved as the last good one
+    conf.write_text("[manage]\nbridgez = br0\n")
+    result = run_hook("qemu", ["t1", "start", "begin", "-"], XML, kernel=env[0])
+    assert result.code == 0
+    assert env[0].by_name("vnet0").learning is False  # managed with the last good config
 
 
 def test_bad_argv_and_driver(env):
@@ -164,3 +222,28 @@ def test_inert_hook_imports_no_lxml_or_pyroute2():
                          env={"FDBHOOK_NO_DAEMON": "1", "FDBHOOK_CONF": "/nonexistent", "PATH": "/usr/bin:/bin",
                               "PYTHONPATH": __file__.rsplit("/tests/", 1)[0]})
     assert out.stdout.strip().splitlines()[-1] == "[]", out
+
+
+def test_client_says_why_the_daemon_did_not_answer(tmp_path):
+    """Issue 18 item 6: absent (no socket / refused) vs busy (accepted, no answer in time)."""
+    import socket
+
+    from fdbhook import client
+
+    assert client.offer("qemu", ["t1", "prepare"], b"", path=str(tmp_path / "none.sock")) is None
+    assert client.last_failure == "absent"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "busy.sock"))
+        server.listen(1)  # listening, never accepting: the connect succeeds, no answer comes
+        assert client.offer("qemu", ["t1", "prepare"], b"", path=str(tmp_path / "busy.sock"), timeout=0.1) is None
+        assert client.last_failure == "busy"
+
+
+def test_standalone_marks_incoming_migration_and_busy_fallback_waits_for_resume(env, tmp_path, monkeypatch):
+    kernel, store, cfg = env
+    assert run_hook("qemu", ["t1", "migrate", "begin", "-"], XML, config=cfg, kernel=kernel, store=store).code == 0
+    assert store.is_incoming("qemu", "t1")  # marked without fdbhookd too
+    # fdbhookd busy: the fallback has its semantics (ports locked down, entry at RESUMED)
+    assert run_hook("qemu", ["t1", "start", "begin", "-"], XML, config=cfg, kernel=kernel, store=store,
+                    daemon=True).code == 0
+    assert kernel.by_name("vnet0").learning is False and store.load("qemu", "t1").paused

@@ -29,16 +29,14 @@ def test_odd_domain_names_stay_inside(tmp_path):
     assert len(store.all()) == 4
 
 
-def test_corrupt_record_is_reported(tmp_path):
+def test_corrupt_record_is_quarantined(tmp_path):
     store = Store(str(tmp_path))
     os.makedirs(store.domain_dir)
     with open(store.path("qemu", "x"), "w") as handle:
         handle.write("{not json")
-    import pytest
-    from fdbhook.errors import StateError
-    with pytest.raises(StateError, match="unreadable"):
-        store.load("qemu", "x")
+    assert store.load("qemu", "x") is None
     assert store.all() == []
+    assert [os.path.basename(p).split(".json")[0] for p in store.quarantined()] == ["qemu-x"]
 
 
 def _bump(path, n):

@@ -1,0 +1,118 @@
+"""Nothing in the state directory may kill a reader (issue 18 item 4): the seven bad-record kinds.
+
+Each bad main record is quarantined (renamed aside, listed by ``quarantined``)
+and its second copy (written by every save before the main file) takes its
+place, so teardown still knows the ports' original state.
+"""
+
+import json
+import logging
+import os
+
+import pytest
+
+from fdbhook.model import DomainRecord, NicRecord
+from fdbhook.state import BadRecord, Store, parse_record
+
+GOOD = DomainRecord(driver="qemu", domain="g", nics=(
+    NicRecord(mac="52:54:00:00:00:01", port="vnet1", ifindex=11, bridge="br0", prev_learning=True,
+              prev_flood=False),))
+
+BAD = {
+    "invalid JSON": b"{not json",
+    "null": b"null",
+    "nics of numbers": b'{"driver": "qemu", "domain": "g", "nics": [5]}',
+    "deeply nested": b"[" * 100000 + b"]" * 100000,
+    "wrong types": b'{"driver": "qemu", "domain": "g", "nics": [{"mac": 1, "port": "v", "ifindex": "x", '
+                   b'"bridge": "br0"}]}',
+    "truncated": None,  # the good record cut in half
+    "binary garbage": bytes(range(256)) * 4,
+}
+
+
+def _bad_bytes(kind, store):
+    if BAD[kind] is None:
+        with open(store.path("qemu", "g"), "rb") as handle:
+            raw = handle.read()
+        return raw[:len(raw) // 2]
+    return BAD[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_parse_record_raises_only_bad_record(kind):
+    raw = BAD[kind] if BAD[kind] is not None else json.dumps({"driver": "qemu"}).encode()[:9]
+    with pytest.raises(BadRecord):
+        parse_record(raw)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+@pytest.mark.parametrize("reader", ["load", "all"])
+def test_bad_record_quarantined_and_salvaged(tmp_path, kind, reader, lines):
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    with open(store.path("qemu", "g"), "wb") as handle:
+        handle.write(_bad_bytes(kind, store))
+    got = store.load("qemu", "g") if reader == "load" else store.all()
+    assert got == (GOOD if reader == "load" else [GOOD])
+    assert len(store.quarantined()) == 1
+    assert store.load("qemu", "g") == GOOD  # restored in place: read again without a new quarantine
+    assert len(store.quarantined()) == 1
+    assert sum("moved to" in r.getMessage() for r in lines) == 1
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def lines():
+    """Records of fdbhook.state (fdbhook's logger may not propagate to pytest's caplog once set up)."""
+    handler = _Lines()
+    logger = logging.getLogger("fdbhook.state")
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+
+
+def test_both_copies_bad_gives_no_record(tmp_path):
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    for path in (store.path("qemu", "g"), store.prev_path(store.path("qemu", "g"))):
+        with open(path, "wb") as handle:
+            handle.write(b"null")
+    assert store.load("qemu", "g") is None
+    assert store.all() == []
+    assert len(store.quarantined()) == 2
+
+
+def test_remove_takes_both_copies(tmp_path):
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    store.remove("qemu", "g")
+    assert os.listdir(store.domain_dir) == [] and os.listdir(store.prev_dir) == []
+
+
+def test_bad_bridge_record_is_quarantined(tmp_path):
+    store = Store(str(tmp_path))
+    store.save_bridge("br0", {"bridge": "br0"})
+    with open(store.bridge_path("br0"), "w") as handle:
+        handle.write("[1, 2")
+    assert store.load_bridge("br0") is None
+    assert len(store.quarantined()) == 1
+
+
+def test_orphan_temp_files_cleaned(tmp_path):
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    for directory in (store.domain_dir, store.prev_dir):
+        with open(os.path.join(directory, ".tmp-abc"), "w") as handle:
+            handle.write("{")
+    with store.lock():
+        assert len(store.clean_temp_files()) == 2
+    assert not [n for n in os.listdir(store.domain_dir) + os.listdir(store.prev_dir) if n.startswith(".tmp-")]
+    assert store.load("qemu", "g") == GOOD
