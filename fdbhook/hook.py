@@ -242,13 +242,6 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         domain = parse_domain(data, driver=driver, what=obj)
     except Exception as exc:
         return _failure(driver, obj, op, config, str(exc))
-<<<<<<< HEAD
-    if not config.bridges and not config.networks and not os.path.exists(store.path(driver, domain.name)) \
-            and not store.has_intents() and not store.has_pending_bridges():
-        LOG.debug("%s/%s %s: nothing managed (%s)", driver, obj, op, config.path)
-        return HookResult(0)
-=======
->>>>>>> i18-robust
     from fdbhook.engine import apply_domain
     paused = True if daemon and store.is_incoming(driver, domain.name) else None
     with _kernel(kernel) as k:
