@@ -113,6 +113,6 @@ def test_orphan_temp_files_cleaned(tmp_path):
         with open(os.path.join(directory, ".tmp-abc"), "w") as handle:
             handle.write("{")
     with store.lock():
-        assert len(store.clean_temp_files()) == 2
+        assert store.clean_temp_files() == 2
     assert not [n for n in os.listdir(store.domain_dir) + os.listdir(store.prev_dir) if n.startswith(".tmp-")]
     assert store.load("qemu", "g") == GOOD
