@@ -65,58 +65,88 @@ def new_adapter(kernel):
 VXLAN_DRIVER_LOADED = K.vxlan_driver_loaded
 
 
-def scale(others, repeat):
-    """Median ms of one guest's start+stopped with OTHERS ports of 4 VLANs beside it: {variant: ms}."""
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp, Lab(prefix="fdbvs") as lab:
-        lab.add_bridge("br0")
-        lab.ip("link", "set", "br0", "type", "bridge", "vlan_filtering", "1")
-        batch(lab, "ip", [line for i in range(others) for line in
-                          ("tuntap add o%d mode tap" % i, "link set o%d master br0" % i)]
-              + ["tuntap add vnetx mode tap", "link set vnetx master br0"])
-        batch(lab, "bridge", ["vlan add vid 10-13 dev o%d" % i for i in range(others)])
-        config = parse_config("[manage]\nbridges = br0\n", env={})
-        dom = parse_domain(GUEST)
-        for variant, setup in (("new", new_adapter), ("old", old_adapter)):
-            store = Store(os.path.join(tmp, variant))
-            with in_netns(lab.ns):
-                kernel = K.Kernel()
-                try:
-                    setup(kernel)
-                    samples = []
-                    for i in range(repeat + 1):  # the first run warms the adapter up (fdbhookd's steady state)
-                        started = time.perf_counter()
-                        report = apply_domain(dom, config, kernel, store)
-                        assert [r.status for r in report.results] == ["changed"], report.one_line()
-                        teardown_domain("qemu", "vs1", kernel, store)
-                        if i:
-                            samples.append((time.perf_counter() - started) * 1000)
-                finally:
-                    new_adapter(kernel)
-                    kernel.close()
-            out[variant] = round(statistics.median(samples), 1)
+def scale(sizes, repeat, old_repeat):
+    """Median ms of one guest's start+stopped beside N ports of 4 VLANs, N in SIZES: [{others, new, old}].
+
+    Every size has its own namespace, built first; then the runs go round
+    the sizes and variants in turn, so that the load of this shared machine
+    falls on every figure alike.
+    """
+    import contextlib
+    config = parse_config("[manage]\nbridges = br0\n", env={})
+    dom = parse_domain(GUEST)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        runs = []
+        for others in sizes:
+            lab = stack.enter_context(Lab(prefix="fdbvs"))
+            lab.add_bridge("br0")
+            lab.ip("link", "set", "br0", "type", "bridge", "vlan_filtering", "1")
+            batch(lab, "ip", [line for i in range(others) for line in
+                              ("tuntap add o%d mode tap" % i, "link set o%d master br0" % i)]
+                  + ["tuntap add vnetx mode tap", "link set vnetx master br0"])
+            batch(lab, "bridge", ["vlan add vid 10-13 dev o%d" % i for i in range(others)])
+            for variant in ("new", "old"):
+                with in_netns(lab.ns):
+                    kernel = stack.enter_context(K.Kernel())
+                runs.append(dict(others=others, variant=variant, lab=lab, kernel=kernel, samples=[],
+                                 store=Store(os.path.join(tmp, "%d-%s" % (others, variant)))))
+
+        def once(run):
+            (old_adapter if run["variant"] == "old" else new_adapter)(run["kernel"])
+            try:
+                with in_netns(run["lab"].ns):
+                    started = time.perf_counter()
+                    report = apply_domain(dom, config, run["kernel"], run["store"])
+                    assert [r.status for r in report.results] == ["changed"], report.one_line()
+                    teardown_domain("qemu", "vs1", run["kernel"], run["store"])
+                    return (time.perf_counter() - started) * 1000
+            finally:
+                new_adapter(run["kernel"])
+
+        for run in runs:
+            once(run)  # the first run warms the adapter up (fdbhookd's steady state)
+        for i in range(repeat):
+            for run in runs:
+                if run["variant"] == "new" or i < old_repeat:
+                    run["samples"].append(once(run))
+        out = []
+        for others in sizes:
+            row = {"others": others}
+            for run in runs:
+                if run["others"] == others:
+                    row[run["variant"]] = round(statistics.median(run["samples"]), 1)
+                    row[run["variant"] + "_runs"] = len(run["samples"])
+            out.append(row)
     return out
 
 
 BRIDGE_PORTS = 512  # a bridge takes at most 1,023 ports (BR_MAX_PORTS): 4,096 ports need several bridges
 
 
-def resync_ports(nports, filtering, repeat):
+def resync_ports(nports, filtering, repeat, lab=None):
     """Resync of NPORTS ports x 4 MACs: {"ports", "macs", "filtering", "apply_s", "resync_s", ...}."""
+    if lab is None:
+        with Lab(prefix="fdbvr") as lab:
+            return resync_ports(nports, filtering, repeat, lab)
     per = 4
     nbridges = (nports + BRIDGE_PORTS - 1) // BRIDGE_PORTS
-    with tempfile.TemporaryDirectory() as tmp, Lab(prefix="fdbvr") as lab:
+    # Both variants in one namespace, on bridges and taps of their own: deleting a namespace with
+    # thousands of devices takes minutes under TCG, and holds up the next `ip netns add`.
+    tag = "f" if filtering else "n"
+    with tempfile.TemporaryDirectory() as tmp:
         for b in range(nbridges):
-            lab.add_bridge("br%d" % b)
+            lab.add_bridge("%sbr%d" % (tag, b))
             if filtering:
-                lab.ip("link", "set", "br%d" % b, "type", "bridge", "vlan_filtering", "1")
+                lab.ip("link", "set", "%sbr%d" % (tag, b), "type", "bridge", "vlan_filtering", "1")
         batch(lab, "ip", [line for i in range(nports) for line in
-                          ("tuntap add t%d mode tap" % i, "link set t%d master br%d" % (i, i // BRIDGE_PORTS))])
-        config = parse_config("[manage]\nbridges = %s\n" % " ".join("br%d" % b for b in range(nbridges)), env={})
+                          ("tuntap add %s%d mode tap" % (tag, i), "link set %s%d master %sbr%d" % (
+                              tag, i, tag, i // BRIDGE_PORTS))])
+        config = parse_config("[manage]\nbridges = %s\n" % " ".join("%sbr%d" % (tag, b) for b in range(nbridges)),
+                              env={})
         store = Store(os.path.join(tmp, "state"))
 
         def mac(i, j):
-            return "52:54:%02x:%02x:%02x:%02x" % (j, i >> 16, (i >> 8) & 255, i & 255)
+            return "52:%s:%02x:%02x:%02x:%02x" % ("54" if filtering else "55", j, i >> 16, (i >> 8) & 255, i & 255)
 
         with in_netns(lab.ns):
             kernel = K.Kernel()
@@ -127,11 +157,11 @@ def resync_ports(nports, filtering, repeat):
                     for i in range(d * per, (d + 1) * per):
                         meta.append("<fdb:interface mac='%s' extra-macs='%s'/>" % (
                             mac(i, 0), " ".join(mac(i, j) for j in (1, 2, 3))))
-                        nics.append("<interface type='bridge'><mac address='%s'/><source bridge='br%d'/>"
-                                    "<target dev='t%d'/><alias name='net%d'/></interface>" % (
-                                        mac(i, 0), i // BRIDGE_PORTS, i, i % per))
-                    xml = ("<domain type='kvm'><name>r%d</name><metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'>%s"
-                           "</fdb:fdb></metadata><devices>%s</devices></domain>" % (d, "".join(meta), "".join(nics)))
+                        nics.append("<interface type='bridge'><mac address='%s'/><source bridge='%sbr%d'/>"
+                                    "<target dev='%s%d'/><alias name='net%d'/></interface>" % (
+                                        mac(i, 0), tag, i // BRIDGE_PORTS, tag, i, i % per))
+                    xml = ("<domain type='kvm'><name>r%s%d</name><metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'>%s"
+                           "</fdb:fdb></metadata><devices>%s</devices></domain>" % (tag, d, "".join(meta), "".join(nics)))
                     report = apply_domain(parse_domain(xml.encode()), config, kernel, store)
                     assert all(r.status == "changed" for r in report.results), report.one_line()
                 apply_s = time.perf_counter() - started
@@ -143,7 +173,7 @@ def resync_ports(nports, filtering, repeat):
                     assert (checked, repaired, failed) == (nports, 0, 0), (checked, repaired, failed)
             finally:
                 kernel.close()
-        entries = sum(1 for b in range(nbridges) for e in lab.fdb(br="br%d" % b) if e["state"] == "static")
+        entries = sum(1 for b in range(nbridges) for e in lab.fdb(br="%sbr%d" % (tag, b)) if e["state"] == "static")
     return {"ports": nports, "bridges": nbridges, "macs_per_port": per, "filtering": filtering,
             "static_entries": entries,
             "apply_s": round(apply_s, 2), "resync_s": round(statistics.median(samples), 3),
@@ -154,31 +184,34 @@ def inner(args):
     subprocess.run(["modprobe", "-a", "bridge", "tun"], check=True)
     result = {"kernel": os.uname().release, "vxlan_driver_loaded": K.vxlan_driver_loaded(), "repeat": args.repeat,
               "scale": [], "resync": []}
-    for others in args.others:
-        row = dict(others=others, **scale(others, args.repeat))
-        print("vlan_scale: %s" % row, file=sys.stderr, flush=True)
-        result["scale"].append(row)
-    for filtering in (True, False):
-        if args.resync_ports:
-            row = resync_ports(args.resync_ports, filtering, args.resync_repeat)
-            print("vlan_scale: %s" % row, file=sys.stderr, flush=True)
-            result["resync"].append(row)
-    print(MARKER + json.dumps(result), flush=True)
+    result["scale"] = scale(args.others, args.repeat, args.old_repeat)
+    print(MARKER + json.dumps(result), flush=True)  # printed again below: a later failure keeps these
+    if args.resync_ports:
+        with Lab(prefix="fdbvr") as lab:
+            for filtering in (True, False):
+                row = resync_ports(args.resync_ports, filtering, args.resync_repeat, lab)
+                print("vlan_scale: %s" % row, file=sys.stderr, flush=True)
+                result["resync"].append(row)
+                print(MARKER + json.dumps(result), flush=True)
 
 
 def in_full_kernel(kernel, args):
     runner = os.path.join(REPO, "tests", "fullkernel", "vng-run.sh")
     ports = args.resync_ports if kernel in args.resync_kernels.split(",") else 0
-    command = "cd %s && /usr/bin/python3 bench/vlan_scale.py --inner --repeat %d --others %s --resync-ports %d " \
-              "--resync-repeat %d" % (REPO, args.repeat, " ".join(map(str, args.others)), ports, args.resync_repeat)
+    command = "cd %s && /usr/bin/python3 bench/vlan_scale.py --inner --repeat %d --old-repeat %d --others %s " \
+              "--resync-ports %d --resync-repeat %d" % (REPO, args.repeat, args.old_repeat,
+                                                        " ".join(map(str, args.others)), ports, args.resync_repeat)
     proc = subprocess.run([runner, "run", command], capture_output=True, text=True, timeout=args.timeout + 120,
                           env=dict(os.environ, VNG_KERNEL=kernel, VNG_RUN_TIMEOUT=str(args.timeout),
                                    VNG_RUN_MEMORY="2G"))
     sys.stderr.write(proc.stderr[-2000:])
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)), None)
-    if line is None:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if not lines:
         return {"kernel": kernel, "skipped": "exit %d: %s" % (proc.returncode, (proc.stdout + proc.stderr)[-500:])}
-    return json.loads(line[len(MARKER):])
+    out = json.loads(lines[-1][len(MARKER):])
+    if proc.returncode:
+        out["incomplete"] = "exit %d: %s" % (proc.returncode, (proc.stdout + proc.stderr)[-500:])
+    return out
 
 
 def print_table(result):
@@ -190,11 +223,15 @@ def print_table(result):
             continue
         print("\nDebian kernel %s under virtme-ng (TCG), vxlan driver loaded: %s" % (
             run["kernel"], run["vxlan_driver_loaded"]))
-        print("one guest's start+stopped (access VLAN + trunk), median of %d, ms" % run["repeat"])
-        print("%14s %12s %16s" % ("other ports", "fdbhook", "before (baseline)"))
-        base = run["scale"][0]["new"]
+        print("one guest's start+stopped (access VLAN + trunk), median ms (runs interleaved across sizes)")
+        print("%14s %18s %22s" % ("other ports", "fdbhook", "before issue 20"))
+        base, old_base = run["scale"][0]["new"], run["scale"][0]["old"]
         for row in run["scale"]:
-            print("%14d %7.1f (%4.2fx) %10.1f" % (row["others"], row["new"], row["new"] / base, row["old"]))
+            print("%14d %7.1f (%4.2fx, n=%d) %9.1f (%4.2fx, n=%d)" % (
+                row["others"], row["new"], row["new"] / base, row["new_runs"], row["old"], row["old"] / old_base,
+                row["old_runs"]))
+        if "incomplete" in run:
+            print("(incomplete: %s)" % run["incomplete"][-200:])
         for row in run["resync"]:
             print("resync %d ports x %d MACs (%d bridges), vlan_filtering %s: %.3f s (TCG; %d static entries, "
                   "apply %.1f s)" % (row["ports"], row["macs_per_port"], row["bridges"],
@@ -227,7 +264,8 @@ def judge(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inner", action="store_true", help="run inside the full kernel (vng-run.sh does)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--old-repeat", type=int, default=3, help="runs of the baseline (3 s each at 1,000 ports)")
     parser.add_argument("--others", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--resync-ports", type=int, default=4096)
     parser.add_argument("--resync-repeat", type=int, default=3)

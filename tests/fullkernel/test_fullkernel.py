@@ -34,13 +34,13 @@ def test_vlan_filtering_bridge_on_debian_kernel(kernel, release):
     if check.returncode == 77:
         unavailable("full-kernel tier (%s) unavailable: %s" % (kernel, (check.stdout + check.stderr).strip()))
     command = ("cd %s && echo \"guest kernel: $(uname -r)\" && /usr/bin/python3 -m pytest -q -p no:cacheprovider "
-               "-s -rA %s" % (REPO, " ".join(INNER)))
+               "-s -rA --durations=8 %s" % (REPO, " ".join(INNER)))
     result = subprocess.run([RUNNER, "run", command], capture_output=True, text=True, timeout=900, env=env)
     output = result.stdout + result.stderr
     if result.returncode == 77:
         unavailable("full-kernel tier (%s) unavailable: %s" % (kernel, output.strip()[-300:]))
     assert result.returncode == 0, output[-4000:]
     assert "guest kernel: " + release in output
-    assert "4 passed" in output
+    assert "4 passed" in output, output[-4000:]
     assert "bond0 promiscuity: 1 -> 0" in output
     print(output[-1500:])
