@@ -648,7 +648,8 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             return Report(driver, name, ())
         fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
         kernel.prefetch(names=sorted({rec.bridge for rec in record.nics}), indexes=[rec.ifindex for rec in record.nics],
-                        fdb=[key for key in fdb if key[1]], vlans=_recorded_vlan_ports(record.nics))
+                        fdb=[key for key in fdb if key[1]],  # VLANs: only where teardown puts them back
+                        vlans=[rec.ifindex for rec in record.nics if rec.prev_vlans is not None])
         results, left = [], []
         for rec in record.nics:
             if macs is not None and rec.mac not in macs:
@@ -699,7 +700,7 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None)
             return Report(driver, name, ())
         fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
         kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]],
-                        vlans=_recorded_vlan_ports(record.nics))
+                        vlans=[rec.ifindex for rec in record.nics if rec.set_vlans is not None])  # what repair checks
         paused = record.paused if paused is None else paused
         facts = facts or BridgeFacts(kernel)
         results, kept = [], []
