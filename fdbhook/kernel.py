@@ -5,7 +5,7 @@ Everything the rest of fdbhook knows about the kernel passes through
 membership, and ``execute`` for every kind of plan.Op; ``LinkMonitor`` for
 the daemon's link events. Every request costs O(1) netlink messages per NIC;
 nothing here dumps a whole bridge except ``links`` (status, explain). VLAN
-membership is one port's filtered RTM_GETVLAN dump (Linux >= 5.10), not the
+membership is one port's filtered RTM_GETVLAN dump (Linux >= 5.8), not the
 whole namespace's.
 """
 
