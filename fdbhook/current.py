@@ -19,20 +19,21 @@ def read_port(kernel, want, link=None, membership=None):
     The port counts as existing only with the same name and ifindex, still
     enslaved to ``want.bridge_ifindex``.
     """
-    # One round trip for the link and every entry (what was read already is not asked again).
+    # One round trip for the link, every entry and the VLANs (what was read already is not asked again).
     fdb = [(mac, want.bridge_ifindex, vid) for mac, vid in sorted(want.keys)]
+    read_vlans = want.membership is not None if membership is None else membership
+    vlans = [want.ifindex] if read_vlans else []
     if link is None or link.ifindex != want.ifindex:
-        kernel.prefetch(indexes=[want.ifindex], fdb=fdb)
+        kernel.prefetch(indexes=[want.ifindex], fdb=fdb, vlans=vlans)
         link = kernel.by_index(want.ifindex)
     else:
-        kernel.prefetch(fdb=fdb)
+        kernel.prefetch(fdb=fdb, vlans=vlans)
     exists = (link is not None and link.name == want.port and link.is_bridge_port
               and link.master == want.bridge_ifindex)
     if not exists:
         return CurrentPort(port=want.port, ifindex=want.ifindex, exists=False)
     entries = tuple((key, _mark_vxlan(kernel, kernel.fdb_get(key[0], want.bridge_ifindex, key[1]), want))
                     for key in want.keys)
-    read_vlans = want.membership is not None if membership is None else membership
     return CurrentPort(port=want.port, ifindex=want.ifindex, exists=True, learning=bool(link.learning),
                        flood=bool(link.flood), locked=link.locked, mab=link.mab, entries=entries,
                        membership=kernel.port_vlans(want.ifindex) if read_vlans else None)

@@ -193,7 +193,8 @@ def _prefetch_domain(kernel, domain, record):
 
     The ports by name, their bridges by name (the XML names them) and the
     entries of the NICs' MACs without a VLAN on bridges seen before (their
-    ifindex is a guess the replies check); the recorded ports by ifindex.
+    ifindex is a guess the replies check); the recorded ports by ifindex,
+    with their recorded entries and, where we set VLANs, their VLANs.
     """
     names, fdb, vxlan = [], [], []
     for nic in domain.nics:
@@ -205,8 +206,25 @@ def _prefetch_domain(kernel, domain, record):
                 vxlan.append(bridge_ifindex)
                 if nic.mac:
                     fdb.extend((mac, bridge_ifindex, 0) for mac in (nic.mac,) + tuple(nic.extra_macs))
-    indexes = [rec.ifindex for rec in record.nics] if record is not None else []
-    kernel.prefetch(names=[n for n in names if n], indexes=indexes, fdb=fdb, vxlan=vxlan)
+    recs = record.nics if record is not None else ()
+    for rec in recs:
+        bridge_ifindex = kernel.bridge_for(rec.bridge)
+        if bridge_ifindex:
+            fdb.extend((mac, bridge_ifindex, vid) for mac, vid in sorted(rec.keys))
+    kernel.prefetch(names=[n for n in names if n], indexes=[rec.ifindex for rec in recs], fdb=fdb, vxlan=vxlan,
+                    vlans=_recorded_vlan_ports(recs))
+
+
+def _recorded_vlan_ports(recs):
+    """The recorded ports whose VLANs a run will read: those on a VLAN-filtering bridge when recorded
+    (entries on VLANs, or VLANs we set)."""
+    return [rec.ifindex for rec in recs if rec.vids or rec.set_vlans is not None or rec.prev_vlans is not None]
+
+
+def _prefetch_vlans(kernel, decisions, facts):
+    """Every managed port of VLAN-filtering bridges: their VLANs in one round trip (one per domain)."""
+    kernel.prefetch(vlans=[d.ifindex for d in decisions
+                           if d.action == "manage" and d.ifindex and facts.filtering(d.bridge_ifindex)])
 
 
 def rollback(kernel, want, before):
@@ -548,6 +566,8 @@ def _commit(kernel, tx, record, executed, changed=True):
 def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused):
     """(results, planned) for every decision, nothing written; ``kept`` gets the planned records."""
     facts = BridgeFacts(kernel)
+    if not hold:
+        _prefetch_vlans(kernel, decisions, facts)
     results, planned = [], []
     for d in decisions:
         if d.action != "manage" or hold:
@@ -736,7 +756,8 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             return Report(driver, name, ())
         fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
         kernel.prefetch(names=sorted({rec.bridge for rec in record.nics}), indexes=[rec.ifindex for rec in record.nics],
-                        fdb=[key for key in fdb if key[1]])
+                        fdb=[key for key in fdb if key[1]],  # VLANs: only where teardown puts them back
+                        vlans=[rec.ifindex for rec in record.nics if rec.prev_vlans is not None])
         results, left, planned = [], [], []
         for rec in record.nics:
             if macs is not None and rec.mac not in macs:
@@ -808,7 +829,8 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None,
         if record is None:
             return Report(driver, name, ())
         fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
-        kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]])
+        kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]],
+                        vlans=[rec.ifindex for rec in record.nics if rec.set_vlans is not None])  # what repair checks
         paused = record.paused if paused is None else paused
         facts = facts or BridgeFacts(kernel)
         results, kept, planned = [], [], []

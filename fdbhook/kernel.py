@@ -4,7 +4,9 @@ Everything the rest of fdbhook knows about the kernel passes through
 ``Kernel``: link lookups by name or index, single FDB lookups, VLAN
 membership, and ``execute`` for every kind of plan.Op; ``LinkMonitor`` for
 the daemon's link events. Every request costs O(1) netlink messages per NIC;
-nothing here dumps a whole bridge except ``links`` (status, explain).
+nothing here dumps a whole bridge except ``links`` (status, explain). VLAN
+membership is one port's filtered RTM_GETVLAN dump (Linux >= 5.8), not the
+whole namespace's.
 """
 
 import errno
@@ -184,6 +186,8 @@ class Kernel:
         # lets the first batch ask for FDB entries too; every reply checks it.
         self._bridges = {}
         self._vlan_capable = {}
+        # The kernel refused RTM_GETVLAN (EOPNOTSUPP): port_vlans dumps the old way.
+        self._old_vlan_dump = False
 
     @property
     def ipr(self):
@@ -292,9 +296,9 @@ class Kernel:
         """The ifindex this bridge had when we last saw it (a guess to check), or None."""
         return self._bridges.get(name)
 
-    def prefetch(self, names=(), indexes=(), fdb=(), vxlan=()):
-        """Read links (by name, by ifindex), FDB entries ((mac, bridge_ifindex, vid)) and bridges' VXLAN ports
-        in one round trip.
+    def prefetch(self, names=(), indexes=(), fdb=(), vxlan=(), vlans=()):
+        """Read links (by name, by ifindex), FDB entries ((mac, bridge_ifindex, vid)), bridges' VXLAN ports
+        and ports' VLAN membership (by ifindex) in one round trip.
 
         Every request goes out in one send and the answers are collected
         together; later reads of the same things are answered from them until
@@ -302,7 +306,7 @@ class Kernel:
         A failure here is not an error: the read that needs it asks again and
         reports it.
         """
-        self._fetch(dict(names=names, indexes=indexes, fdb=fdb, vxlan=vxlan), strict=False)
+        self._fetch(dict(names=names, indexes=indexes, fdb=fdb, vxlan=vxlan, vlans=vlans), strict=False)
 
     def _fetch(self, wanted, strict):
         requests = []
@@ -318,7 +322,16 @@ class Kernel:
                 requests.append((key, msg_fdb_get(mac, bridge_ifindex, vlan)))
         for bridge_ifindex in dict.fromkeys(wanted.get("vxlan", ())):
             if bridge_ifindex and ("vxlan", bridge_ifindex) not in self._seen:
+                if not vxlan_driver_loaded():
+                    # No driver, no VXLAN device. And the kernel filters a link
+                    # dump by kind only when it knows the kind: without the
+                    # module it sends every port of the bridge (1,000 links).
+                    self._seen[("vxlan", bridge_ifindex)] = ()
+                    continue
                 requests.append((("vxlan", bridge_ifindex), msg_vxlan_ports(bridge_ifindex)))
+        for ifindex in dict.fromkeys(wanted.get("vlans", ())):
+            if ifindex and ("vlans", ifindex) not in self._seen and not self._old_vlan_dump:
+                requests.append((("vlans", ifindex), msg_vlan_dump(ifindex)))
         if not requests:
             return
         try:
@@ -331,11 +344,21 @@ class Kernel:
         for (key, _), (msgs, code) in zip(requests, answers):
             gone = code in (errno.ENODEV, errno.ENOENT)
             if code and not gone:
+                if key[0] == "vlans" and code == errno.EINVAL:
+                    self._seen[key] = ()  # not a bridge port (or a bridge): no VLANs of its own
+                    continue
+                if key[0] == "vlans" and code == errno.EOPNOTSUPP:
+                    # No RTM_GETVLAN (Linux < 5.8, or no CONFIG_BRIDGE_VLAN_FILTERING):
+                    # port_vlans asks with the old whole-namespace dump from now on.
+                    self._old_vlan_dump = True
+                    continue
                 if strict:
                     raise KernelError(what=_describe(key), reason="%s (errno %d)" % (os.strerror(code), code))
                 continue  # not kept: the read that needs it asks again and says why
             if key[0] == "fdb":
                 self._seen[key] = None if code else _master_entry_raw(msgs)
+            elif key[0] == "vlans":
+                self._seen[key] = () if code else vlans_from_raw(msgs, key[1])  # gone: no VLANs
             elif key[0] == "vxlan":
                 if not code:
                     self._seen[key] = _vxlan_links(msgs, key[1])
@@ -391,7 +414,9 @@ class Kernel:
                     out[i] = (out[i][0], -struct.unpack_from("=i", raw, 16)[0])
                     left -= 1
                 elif msg_type == NLMSG_DONE:  # a dump ends here (no acknowledgement follows)
-                    out[i] = (out[i][0], 0)
+                    # Its payload, when there is one, is the dump's status: 0 or -errno.
+                    status = struct.unpack_from("=i", raw, 16)[0] if len(raw) >= 20 else 0
+                    out[i] = (out[i][0], -status if status < 0 else 0)
                     left -= 1
                 else:
                     out[i][0].append(raw)
@@ -446,11 +471,23 @@ class Kernel:
         return out
 
     def port_vlans(self, ifindex):
-        """A port's VLAN membership: ((vid, pvid, untagged), ...).
+        """A port's VLAN membership: ((vid, pvid, untagged), ...). Kept until a VLAN write to the port.
 
-        The kernel answers AF_BRIDGE link requests only as dumps; this costs
-        one dump of the bridge ports, and runs only on VLAN-filtering bridges.
+        One RTM_GETVLAN dump filtered by the port's ifindex (``bridge vlan
+        show dev PORT``): the kernel sends that port's VLANs only, so the cost
+        does not grow with the bridge. ``prefetch(vlans=...)`` asks for every
+        port of a domain in one round trip. Kernels without RTM_GETVLAN
+        (before 5.8) get the old AF_BRIDGE link dump of every port.
         """
+        key = ("vlans", ifindex)
+        if key not in self._seen and not self._old_vlan_dump:
+            self._fetch(dict(vlans=[ifindex]), strict=True)
+        if key in self._seen:
+            return self._seen[key]
+        return self._port_vlans_from_link_dump(ifindex)
+
+    def _port_vlans_from_link_dump(self, ifindex):
+        """port_vlans on kernels without RTM_GETVLAN: an AF_BRIDGE link dump of every port, filtered here."""
         try:
             msgs = self.ipr.get_vlans()
         except Exception as exc:
@@ -546,6 +583,7 @@ class Kernel:
         elif op.kind in ("flush", "vlan_add", "vlan_del"):
             for key in [key for key in self._seen if key[0] == "fdb"]:
                 del self._seen[key]
+            self._seen.pop(("vlans", op.ifindex), None)
 
 
 def kernel_version(release):
@@ -673,6 +711,7 @@ class LinkMonitor:
 # compiler (0.1-0.5 ms a message in 0.7); tests/unit/test_kernel_adapter.py
 # checks every one against the bytes pyroute2's IPBatch makes for it.
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 16, 18, 28, 29, 30
+RTM_NEWVLAN, RTM_GETVLAN = 112, 114
 NLM_F_REQUEST, NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x01, 0x100, 0x400, 0x300
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_SLAVE_DATA = 3, 10, 18, 1, 5
 IFLA_BRPORT_LEARNING, IFLA_BRPORT_UNICAST_FLOOD, IFLA_BRPORT_FLUSH = 8, 9, 24
@@ -758,6 +797,21 @@ def msg_vxlan_ports(bridge_ifindex):
     return _nlmsg(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body)
 
 
+def vxlan_driver_loaded():
+    """Can a VXLAN device exist? /sys/module/vxlan is there when the driver is loaded or built in
+    (it has module parameters, so a built-in vxlan shows there too)."""
+    return os.path.exists("/sys/module/vxlan")
+
+
+def msg_vlan_dump(port_ifindex):
+    """RTM_GETVLAN (AF_BRIDGE) dump of one port's VLANs (``bridge vlan show dev PORT``; Linux >= 5.8).
+
+    struct br_vlan_msg {u8 family; u8 reserved1; u16 reserved2; u32 ifindex}:
+    with ifindex set the kernel dumps that device only (br_vlan_rtm_dump).
+    """
+    return _nlmsg(RTM_GETVLAN, NLM_F_REQUEST | NLM_F_DUMP, struct.pack("=BBHI", AF_BRIDGE, 0, 0, port_ifindex))
+
+
 def _vxlan_links(msgs, bridge_ifindex):
     # Kernels before 4.8 ignore the dump filter: check again here.
     links = [link_from_raw(m)[0] for m in msgs]
@@ -780,6 +834,8 @@ def _describe(key):
         return "ip link show (ifindex %d)" % key[1]
     if kind == "fdb":
         return "bridge fdb get %s br %d%s" % (key[1], key[2], " vlan %d" % key[3] if key[3] else "")
+    if kind == "vlans":
+        return "bridge vlan show (ifindex %d)" % key[1]
     return "ip link show master %d type vxlan" % key[1]
 
 
@@ -862,6 +918,45 @@ def entry_from_raw(data):
                     sticky=bool(flags & NTF_STICKY), vlan=vlan,
                     locked=bool((_u32(a.get(NDA_FLAGS_EXT)) or 0) & NTF_EXT_LOCKED),
                     extern_learn=bool(flags & NTF_EXT_LEARNED))
+
+
+# RTM_NEWVLAN answers (linux/if_bridge.h): after struct br_vlan_msg (8 bytes),
+# BRIDGE_VLANDB_ENTRY nests, each with ENTRY_INFO (struct bridge_vlan_info
+# {u16 flags; u16 vid}) and, for a run of VLANs with the same flags and
+# options, ENTRY_RANGE (u16: the last vid of the run).
+BRIDGE_VLANDB_ENTRY, BRIDGE_VLANDB_ENTRY_INFO, BRIDGE_VLANDB_ENTRY_RANGE = 1, 1, 2
+
+
+def vlans_from_raw(msgs, ifindex):
+    """((vid, pvid, untagged), ...) of ``ifindex`` from RTM_NEWVLAN messages' bytes, sorted.
+
+    A range shares the flags of its first VLAN; the PVID is one VLAN, so
+    PVID counts for the first vid of an entry only (the kernel never puts
+    the PVID inside a range).
+    """
+    out = []
+    for raw in msgs:
+        if len(raw) < 24 or struct.unpack_from("=H", raw, 4)[0] != RTM_NEWVLAN:
+            continue
+        if struct.unpack_from("=I", raw, 20)[0] != ifindex & 0xFFFFFFFF:
+            continue
+        pos, end = 24, struct.unpack_from("=I", raw, 0)[0]
+        while pos + 4 <= min(end, len(raw)):
+            size, kind = struct.unpack_from("=HH", raw, pos)
+            if size < 4:
+                break
+            if kind & 0x3FFF == BRIDGE_VLANDB_ENTRY:
+                entry = _attrs(raw, pos + 4, pos + size)
+                info = entry.get(BRIDGE_VLANDB_ENTRY_INFO)
+                if info is not None and len(info) >= 4:
+                    flags, vid = struct.unpack_from("=HH", info)
+                    last = entry.get(BRIDGE_VLANDB_ENTRY_RANGE)
+                    last = struct.unpack_from("=H", last)[0] if last is not None and len(last) >= 2 else vid
+                    for v in range(vid, max(vid, last) + 1):
+                        out.append((v, bool(flags & BRIDGE_VLAN_INFO_PVID) and v == vid,
+                                    bool(flags & BRIDGE_VLAN_INFO_UNTAGGED)))
+            pos += (size + 3) & ~3
+    return tuple(sorted(out))
 
 
 def _master_entry_raw(msgs):

@@ -81,7 +81,7 @@ class FakeKernel:
     def forget(self):
         self.forgets = getattr(self, "forgets", 0) + 1
 
-    def prefetch(self, names=(), indexes=(), fdb=(), vxlan=()):
+    def prefetch(self, names=(), indexes=(), fdb=(), vxlan=(), vlans=()):
         """The real adapter batches these reads; the fake answers every read directly."""
         self.prefetched = getattr(self, "prefetched", []) + [(tuple(names), tuple(indexes), tuple(fdb))]
 

@@ -9,10 +9,17 @@
 # them; virtme-ng boots it with this machine's own filesystem as the
 # guest's root, so the guest runs the same binaries, Python and work tree.
 #
-#   vng-run.sh setup            install what is needed (idempotent)
+#   vng-run.sh setup            install what is needed (idempotent), Debian
+#                               13's kernel included (see fetch_trixie)
 #   vng-run.sh run 'COMMAND'    boot, run COMMAND with bash as root in the
 #                               current directory, exit with its status
 #   vng-run.sh check            exit 0 if `run` can work now, else 77
+#   vng-run.sh kernel           print the kernel image `run` would boot
+#
+# Which kernel (VNG_KERNEL): bookworm (default) = Debian 12's 6.1 from
+# /boot (linux-image-amd64 installed on this machine); trixie = Debian 13's
+# 6.12, unpacked under $VENV/kernels/trixie by setup (never installed: the
+# machine's apt sources and /boot stay as they are).
 #
 # Exit status of `run`:
 #   COMMAND's own status when the guest reported one;
@@ -31,6 +38,7 @@
 #                             host; /tmp, /etc, /var, ... are throw-away
 #                             overlays, so nothing written there comes back)
 #   VNG_RUN_VERBOSE=1         show the guest kernel's console on stderr
+#   VNG_KERNEL=bookworm       bookworm (6.1) or trixie (6.12)
 set -uo pipefail
 
 VENV=${VNG_VENV:-/opt/fdbhook-vng}
@@ -53,10 +61,27 @@ say() { printf 'vng-run: %s\n' "$*" >&2; }
 step() { printf 'vng-run setup: %s\n' "$*"; }
 skip() { printf 'SKIP: %s\n' "$*"; exit 77; }
 
+TRIXIE_DIR=$VENV/kernels/trixie
+KERNEL=${VNG_KERNEL:-bookworm}
+
 # Newest distribution kernel image by version, never the running kernel:
 # the point is to get a kernel other than this machine's.
 find_kernel() {
     local running k
+    case "$KERNEL" in
+        bookworm) ;;
+        trixie)
+            # virtme-ng finds the modules beside the image (DIR/usr/lib/modules/VERSION).
+            for k in $(printf '%s\n' "$TRIXIE_DIR"/boot/vmlinuz-*-amd64 | sort -V -r); do
+                [ -f "$k" ] || continue
+                [ -d "$TRIXIE_DIR/usr/lib/modules/${k##*/vmlinuz-}/kernel" ] ||
+                    [ -d "$TRIXIE_DIR/lib/modules/${k##*/vmlinuz-}/kernel" ] || continue
+                printf '%s\n' "$k"
+                return 0
+            done
+            return 1 ;;
+        *) return 1 ;;
+    esac
     running=$(uname -r)
     for k in $(printf '%s\n' /boot/vmlinuz-*-amd64 | sort -V -r); do
         [ -f "$k" ] || continue
@@ -68,6 +93,41 @@ find_kernel() {
     done
     return 1
 }
+
+# Debian 13's kernel image package, downloaded with a private apt state (its
+# own sources list, lists and cache under $VENV/apt-trixie: nothing of the
+# machine's apt configuration changes) and unpacked with dpkg-deb -x.
+fetch_trixie() {
+    find_kernel_of trixie >/dev/null && { step "kernel trixie: $(find_kernel_of trixie) already unpacked"; return 0; }
+    local apt=$VENV/apt-trixie tmp deb pkg
+    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/etc" "$VENV/kernels" || return 1
+    echo "deb http://deb.debian.org/debian trixie main" > "$apt/etc/sources.list"
+    local opts=(-o "Dir::State=$apt" -o "Dir::State::Lists=$apt/lists" -o "Dir::State::status=/dev/null"
+                -o "Dir::Cache=$apt" -o "Dir::Cache::archives=$apt/archives"
+                -o "Dir::Etc::sourcelist=$apt/etc/sources.list" -o "Dir::Etc::sourceparts=-"
+                -o "APT::Get::List-Cleanup=0" -o "Debug::NoLocking=1")
+    step "kernel trixie: apt-get update (private state in $apt)"
+    apt-get "${opts[@]}" -q update >/dev/null 2>&1 || { step "kernel trixie: apt-get update failed"; return 1; }
+    # linux-image-amd64 is a metapackage: the image is what it depends on.
+    pkg=$(apt-cache "${opts[@]}" depends linux-image-amd64 2>/dev/null |
+          awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    [ -n "$pkg" ] || { step "kernel trixie: no linux-image-*-amd64 in trixie's lists"; return 1; }
+    tmp=$(mktemp -d "$VENV/kernels/.trixie.XXXXXX") || return 1
+    step "kernel trixie: downloading $pkg"
+    ( cd "$tmp" && apt-get "${opts[@]}" -q download "$pkg" >/dev/null 2>&1 ) ||
+        { step "kernel trixie: download of $pkg failed"; rm -rf "$tmp"; return 1; }
+    deb=$(ls "$tmp"/*.deb 2>/dev/null | head -1)
+    { mkdir "$tmp/root" && dpkg-deb -x "$deb" "$tmp/root"; } ||
+        { step "kernel trixie: dpkg-deb -x $deb failed"; rm -rf "$tmp"; return 1; }
+    # Into place with a rename: a run that looks meanwhile sees all or nothing.
+    rm -rf "$TRIXIE_DIR.old"
+    [ -e "$TRIXIE_DIR" ] && mv "$TRIXIE_DIR" "$TRIXIE_DIR.old"
+    mv "$tmp/root" "$TRIXIE_DIR" && rm -rf "$tmp" "$TRIXIE_DIR.old"
+    find_kernel_of trixie >/dev/null || { step "kernel trixie: no image in $pkg"; return 1; }
+    step "kernel trixie: $(find_kernel_of trixie)"
+}
+
+find_kernel_of() { KERNEL=$1 find_kernel; }
 
 pkg_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
@@ -110,14 +170,19 @@ do_setup() {
     fi
 
     local k
-    k=$(find_kernel) || { step "kernel: no /boot/vmlinuz-*-amd64 other than the running one"; return 1; }
-    step "kernel: $k"
+    k=$(find_kernel_of bookworm) || { step "kernel: no /boot/vmlinuz-*-amd64 other than the running one"; return 1; }
+    step "kernel bookworm: $k"
+    fetch_trixie || return 1
     step "setup: ok"
 }
 
 # Prints the reason `run` cannot work, or nothing.
 missing() {
-    find_kernel >/dev/null || { echo "no /boot/vmlinuz-*-amd64 (with modules) other than the running kernel"; return; }
+    case "$KERNEL" in bookworm|trixie) ;; *) echo "VNG_KERNEL=$KERNEL: not bookworm or trixie"; return ;; esac
+    if ! find_kernel >/dev/null; then
+        [ "$KERNEL" = trixie ] && { echo "no Debian 13 kernel in $TRIXIE_DIR"; return; }
+        echo "no /boot/vmlinuz-*-amd64 (with modules) other than the running kernel"; return
+    fi
     command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 not installed"; return; }
     [ -x "$VENV/bin/vng" ] || { echo "virtme-ng not installed in $VENV"; return; }
     # The initramfs virtme-ng builds for Debian's modular 9p needs busybox.
@@ -211,8 +276,9 @@ do_run() {
 case "${1:-}" in
     setup) do_setup; exit $? ;;
     check) why=$(missing); [ -z "$why" ] && { echo "ready: $(find_kernel)"; exit 0; }; skip "$why" ;;
+    kernel) find_kernel || exit 77 ;;
     run)
         [ $# -eq 2 ] || { say "usage: $0 run 'COMMAND'"; exit 2; }
         do_run "$2" ;;
-    *) say "usage: $0 setup | check | run 'COMMAND'"; exit 2 ;;
+    *) say "usage: $0 setup | check | kernel | run 'COMMAND'"; exit 2 ;;
 esac

@@ -167,11 +167,13 @@ def test_journal_has_the_per_nic_fields(box):
     lines = _journal(box, "FDBHOOK_DOMAIN=web1", "FDBHOOK_ACTION=apply", "FDBHOOK_RESULT=changed")
     assert lines, "journalctl FDBHOOK_DOMAIN=web1 found nothing"
     line = lines[0]
-    assert line["FDBHOOK_NIC"] == "net0" and line["FDBHOOK_MAC"] == "52:54:00:5d:00:01"
+    # fdbhookd may manage the port as it joins the bridge, from the prepare
+    # hook's XML, before libvirt has named the NIC (its alias): then no NIC field.
+    assert line.get("FDBHOOK_NIC", "net0") == "net0" and line["FDBHOOK_MAC"] == "52:54:00:5d:00:01"
     assert line["FDBHOOK_PORT"] == "fdbsdt1" and line["FDBHOOK_BRIDGE"] == "fdbsd0"
     assert line["MESSAGE_ID"] == "6f0c1d2a9b3e4f5a8c7d6e5f4a3b2c10" and line["SYSLOG_IDENTIFIER"] == "fdbhook"
     assert line["_SYSTEMD_UNIT"] == "fdbhookd.service"
-    assert line["MESSAGE"].startswith("qemu/web1: net0 (52:54:00:5d:00:01) fdbsdt1 on fdbsd0: ")
+    assert line["MESSAGE"].startswith("qemu/web1: ") and " (52:54:00:5d:00:01) fdbsdt1 on fdbsd0: " in line["MESSAGE"]
     # Once, not also through stderr (JOURNAL_STREAM) or syslog.
     same = _journal(box, "_SYSTEMD_UNIT=fdbhookd.service")
     assert len([l for l in same if l.get("MESSAGE") == line["MESSAGE"]]) == 1
