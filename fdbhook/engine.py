@@ -739,6 +739,23 @@ def _execute_teardown(kernel, tx, planned, results, left):
     return executed
 
 
+def _begin_teardown(store, record, left, planned):
+    """The teardown's transaction, its intent written: StateError if it cannot be, unless the teardown is whole.
+
+    A full or read-only state dir at stopped: the record alone says how to
+    finish a whole teardown (it goes last, by an unlink, which a full disk
+    allows), so a run killed meanwhile is finished by the next teardown.
+    """
+    tx = txn.Transaction(store, record.driver, record.domain, record)
+    try:
+        tx.begin(replace(record, nics=tuple(left)), [(want, before) for _, _, (_, want, before, ops) in planned if ops])
+    except StateError as exc:
+        if left:
+            raise
+        LOG.warning("%s/%s: no intent (%s): tearing down from the record alone", record.driver, record.domain, exc)
+    return tx
+
+
 def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
     """Undo what the record of ``driver/name`` says we applied.
 
@@ -780,9 +797,7 @@ def teardown_domain(driver, name, kernel, store, dry_run=False, macs=None):
             # the switched bridges this may leave unused: their undo is pending before anything changes
             marked = txn.mark_bridges(store, {rec.bridge for rec in record.nics if rec not in left})
             try:
-                tx = txn.Transaction(store, driver, name, record)
-                tx.begin(replace(record, nics=tuple(left)),
-                         [(want, before) for _, _, (_, want, before, ops) in planned if ops])
+                tx = _begin_teardown(store, record, left, planned)
                 executed = _execute_teardown(kernel, tx, planned, results, left)
                 left.sort(key=lambda r: record.nics.index(r))
                 _commit(kernel, tx, replace(record, nics=tuple(left)), executed)

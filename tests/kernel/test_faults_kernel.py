@@ -115,7 +115,7 @@ def test_enospc_at_start_changes_nothing_and_stopped_still_restores(ports, fenv,
     lab = ports
     state = fenv["FDBHOOK_STATE_DIR"]
     os.makedirs(state)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64", "tb-state", state], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64,mode=0700", "tb-state", state], check=True)
     mounts.append(state)
     before = {p: snapshot(lab, p) for p in PORTS}
 
