@@ -23,7 +23,6 @@ from fdbhook.logsetup import nic_fields
 from fdbhook.model import Decision, DesiredPort, DomainRecord, Nic, NicRecord, Op
 from fdbhook.policy import decide_domain, refuse_foreign_ports
 from fdbhook.resolve import load_networks
-from fdbhook.state import clean_temp_files
 
 LOG = logging.getLogger(__name__)
 
@@ -886,8 +885,7 @@ def resync(kernel, store, config):
     facts = BridgeFacts(kernel)
     with store.lock():
         left = txn.recover(kernel, store)
-        for directory in (store.domain_dir, store.intent_dir()):
-            clean_temp_files(directory)  # what a writer killed outside any transaction left
+        store.clean_temp_files()  # what a writer killed outside any transaction left
     for record in store.all():
         if (record.driver, record.domain) in left:
             failed += len(record.nics)

@@ -24,7 +24,7 @@ from fdbhook import plan as planner
 from fdbhook.current import read_port
 from fdbhook.errors import KernelError, StateError
 from fdbhook.model import CurrentPort, DesiredPort, FdbEntry, Op
-from fdbhook.state import clean_temp_files, record_from_json, record_to_json
+from fdbhook.state import record_from_json, record_to_json
 
 LOG = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def recover(kernel, store):
             kernel.forget()
     settle_bridges(kernel, store)
     if intents:
-        for directory in (store.domain_dir, store.intent_dir()):
-            clean_temp_files(directory)
+        store.clean_temp_files()
     return left
 
 
