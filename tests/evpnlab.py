@@ -144,9 +144,15 @@ class Host:
             pidfile = os.path.join(self.dir, daemon + ".pid")
             argv = [os.path.join(FRR_BIN, daemon), "-d", "-N", self.ns, "-f",
                     os.path.join(self.dir, daemon + ".conf"), "-i", pidfile]
-            proc = subprocess.run(self.lab.exec_argv(argv), capture_output=True, text=True, timeout=30)
+            # Its output to a file, never a pipe: FRR 10's daemon keeps its stderr open, and
+            # a captured pipe would never reach EOF (subprocess waits until the timeout).
+            start_log = os.path.join(self.dir, daemon + ".start")
+            with open(start_log, "w") as out:
+                proc = subprocess.run(self.lab.exec_argv(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=30)
             if proc.returncode != 0:
-                raise LabError("%s on %s: exit %d: %s" % (daemon, self.name, proc.returncode, proc.stderr.strip()))
+                with open(start_log) as out:
+                    raise LabError("%s on %s: exit %d: %s" % (daemon, self.name, proc.returncode, out.read().strip()))
             if not poll(lambda: _read_pid(pidfile) is not None, timeout=10):
                 raise LabError("%s on %s wrote no pid file" % (daemon, self.name))
             self.pids[daemon] = _read_pid(pidfile)
@@ -524,7 +530,9 @@ class LibvirtFabric:
         for path in (run_dir, outside) + tuple(os.path.join(outside, f) for f in os.listdir(outside)):
             os.chown(path, uid, gid)
         for daemon in ("zebra", "bgpd"):
-            host.run([os.path.join(FRR_BIN, daemon), "-d", "-f", "%s/%s.conf" % (inside, daemon)], timeout=30)
+            # Output to a file inside the host, never the captured pipe (FRR 10 keeps stderr open).
+            host.run(["sh", "-c", 'exec "$0" -d -f "$1" </dev/null >"$2" 2>&1', os.path.join(FRR_BIN, daemon),
+                      "%s/%s.conf" % (inside, daemon), "%s/%s.start" % (inside, daemon)], timeout=30)
             pidfile = os.path.join(run_dir, daemon + ".pid")
             if not poll(lambda: _read_pid(pidfile) is not None, timeout=10):
                 raise LabError("%s on %s wrote no pid file" % (daemon, host.name))

@@ -34,7 +34,7 @@ def _copy_tree(dest):
 
 
 def _build(src):
-    out = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, capture_output=True, text=True,
+    out = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b", "-d"], cwd=src, capture_output=True, text=True,
                          timeout=600)
     if out.returncode != 0:
         pytest.fail("dpkg-buildpackage failed:\n%s" % (out.stdout + out.stderr)[-4000:], pytrace=False)
