@@ -9,6 +9,7 @@ Debian 13's 6.12 (VNG_KERNEL=trixie; vng-run.sh setup unpacks it).
 """
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -46,6 +47,13 @@ def test_vlan_filtering_bridge_on_debian_kernel(kernel, release):
                "-s -rA --durations=8 %s" % (REPO, " ".join(INNER)))
     result = subprocess.run([RUNNER, "run", command], capture_output=True, text=True, timeout=1200, env=env)
     output = result.stdout + result.stderr
+    if result.returncode == 125 and re.search(r"qemu-system-\S+: \S+: .*Assertion", output):
+        # QEMU itself died under TCG (seen once with Debian 13's QEMU 10: "iotlb_to_section:
+        # Assertion ... failed"), before the guest reported anything: the emulator's crash, not
+        # a result of the tests inside. One more boot; a second crash fails the test.
+        print("full-kernel tier (%s): QEMU crashed, booting once more:\n%s" % (kernel, output[-600:]))
+        result = subprocess.run([RUNNER, "run", command], capture_output=True, text=True, timeout=1200, env=env)
+        output = result.stdout + result.stderr
     if result.returncode == 77:
         unavailable("full-kernel tier (%s) unavailable: %s" % (kernel, output.strip()[-300:]))
     assert result.returncode == 0, output[-4000:]
