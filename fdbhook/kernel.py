@@ -446,16 +446,7 @@ class Kernel:
         Decoded from the bytes: pyroute2's maps differ between 0.7.2 and 0.7.7
         and not every version knows NDA_FLAGS_EXT, the attribute that says so.
         """
-        (msgs, code), = self._round_trip([msg_fdb_dump(port_ifindex)])
-        if code:
-            raise KernelError(what="bridge fdb show dev %d" % port_ifindex,
-                              reason="%s (errno %d)" % (os.strerror(code), code))
-        out = []
-        for raw in msgs:
-            entry = entry_from_raw(raw)
-            if entry.ifindex == port_ifindex and entry.locked and not struct.unpack_from("=B", raw, 26)[0] & NTF_SELF:
-                out.append((entry.mac, entry.vlan))
-        return sorted(out)
+        return sorted((entry.mac, entry.vlan) for entry in self.port_entries(port_ifindex) if entry.locked)
 
     def port_entries(self, port_ifindex):
         """The bridge (master) FDB entries pointing at one port: [FdbEntry]. One dump (port ownership checks)."""

@@ -1,5 +1,7 @@
 """Small builders shared by the unit tests."""
 
+import logging
+
 from fdbhook.config import parse_config
 
 MANAGE_BR = "[manage]\nbridges = br0 br-*\nnetworks = isolated*\n"
@@ -27,3 +29,22 @@ def network_nic(mac="52:54:00:00:00:02", network="isolated1", bridge=None, dev="
                                           " macTableManager='%s'" % mtm if mtm else "")
     target = "<target dev='%s'/>" % dev if dev else ""
     return "<interface type='network'><mac address='%s'/>%s%s</interface>" % (mac, src, target)
+
+
+class LogRecords(logging.Handler):
+    """Collects the records of one fdbhook logger (it may not propagate to pytest's caplog once set up)."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.records = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)

@@ -1,4 +1,3 @@
-import logging
 
 import pytest
 
@@ -6,23 +5,13 @@ from fdbhook.config import load_config, parse_config
 from fdbhook.errors import ConfigError
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture
 def lines():
-    """Records of fdbhook.config (fdbhook's logger may not propagate to pytest's caplog once set up)."""
-    handler = _Lines()
-    logger = logging.getLogger("fdbhook.config")
-    logger.addHandler(handler)
-    yield handler.records
-    logger.removeHandler(handler)
+    """Records of fdbhook.config."""
+    from tests.helpers import LogRecords
+
+    with LogRecords("fdbhook.config") as records:
+        yield records
 
 
 def test_no_file_manages_nothing(tmp_path):

@@ -6,7 +6,6 @@ place, so teardown still knows the ports' original state.
 """
 
 import json
-import logging
 import os
 
 import pytest
@@ -60,23 +59,13 @@ def test_bad_record_quarantined_and_salvaged(tmp_path, kind, reader, lines):
     assert sum("moved to" in r.getMessage() for r in lines) == 1
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture
 def lines():
-    """Records of fdbhook.state (fdbhook's logger may not propagate to pytest's caplog once set up)."""
-    handler = _Lines()
-    logger = logging.getLogger("fdbhook.state")
-    logger.addHandler(handler)
-    yield handler.records
-    logger.removeHandler(handler)
+    """Records of fdbhook.state."""
+    from tests.helpers import LogRecords
+
+    with LogRecords("fdbhook.state") as records:
+        yield records
 
 
 def test_both_copies_bad_gives_no_record(tmp_path):
