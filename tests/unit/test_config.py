@@ -1,4 +1,3 @@
-
 import pytest
 
 from fdbhook.config import load_config, parse_config
