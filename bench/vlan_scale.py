@@ -165,11 +165,13 @@ def resync_ports(nports, filtering, repeat, lab=None):
                     report = apply_domain(parse_domain(xml.encode()), config, kernel, store)
                     assert all(r.status == "changed" for r in report.results), report.one_line()
                 apply_s = time.perf_counter() - started
-                samples = []
+                samples, cpu = [], []
                 for _ in range(repeat):
-                    started = time.perf_counter()
+                    started, times = time.perf_counter(), os.times()
                     checked, repaired, failed = resync(kernel, store, config)
                     samples.append(time.perf_counter() - started)
+                    after = os.times()
+                    cpu.append((after.user - times.user, after.system - times.system))
                     assert (checked, repaired, failed) == (nports, 0, 0), (checked, repaired, failed)
             finally:
                 kernel.close()
@@ -177,7 +179,10 @@ def resync_ports(nports, filtering, repeat, lab=None):
     return {"ports": nports, "bridges": nbridges, "macs_per_port": per, "filtering": filtering,
             "static_entries": entries,
             "apply_s": round(apply_s, 2), "resync_s": round(statistics.median(samples), 3),
-            "resync_runs": [round(s, 3) for s in samples]}
+            "resync_runs": [round(s, 3) for s in samples],
+            # where the time goes: Python (user) vs the kernel's netlink work in this process (system)
+            "resync_user_s": round(statistics.median(u for u, _ in cpu), 3),
+            "resync_system_s": round(statistics.median(s for _, s in cpu), 3)}
 
 
 def inner(args):
@@ -233,14 +238,24 @@ def print_table(result):
         if "incomplete" in run:
             print("(incomplete: %s)" % run["incomplete"][-200:])
         for row in run["resync"]:
-            print("resync %d ports x %d MACs (%d bridges), vlan_filtering %s: %.3f s (TCG; %d static entries, "
-                  "apply %.1f s)" % (row["ports"], row["macs_per_port"], row["bridges"],
-                                     "on " if row["filtering"] else "off", row["resync_s"], row["static_entries"],
-                                     row["apply_s"]))
+            print("resync %d ports x %d MACs (%d bridges), vlan_filtering %s: %.3f s (TCG; user %s s, system %s s; "
+                  "%d static entries, apply %.1f s)" % (
+                      row["ports"], row["macs_per_port"], row["bridges"], "on " if row["filtering"] else "off",
+                      row["resync_s"], row.get("resync_user_s", "?"), row.get("resync_system_s", "?"),
+                      row["static_entries"], row["apply_s"]))
+        on = [r for r in run["resync"] if r["filtering"]]
+        off = [r for r in run["resync"] if not r["filtering"]]
+        if on and off:
+            print("resync filtering / non-filtering, same boot: %.2fx" % (on[0]["resync_s"] / off[0]["resync_s"]))
     native = result.get("native_resync")
     if native:
-        print("\nnative (host kernel %s, no VLAN filtering): resync %d ports x %d MACs %.3f s" % (
-            m["kernel"], native["ports"], native["macs_per_port"], native["resync_s"]))
+        print("\nnative (host kernel %s, no VLAN filtering): resync %d ports x %d MACs %.3f s (user %s s, system %s s)"
+              % (m["kernel"], native["ports"], native["macs_per_port"], native["resync_s"],
+                 native.get("resync_user_s", "?"), native.get("resync_system_s", "?")))
+        estimate = result.get("native_filtering_estimate_s")
+        if estimate is not None:
+            print("native resync on VLAN-filtering bridges, estimated (native non-filtering x TCG ratio): %.3f s"
+                  % estimate)
     print("\ntargets")
     for name, (value, target, ok) in result["targets"].items():
         print("  %-58s %8s  target %-7s %s" % (name, value, target, "met" if ok else "MISSED"))
@@ -258,6 +273,17 @@ def judge(result):
             if row["filtering"]:
                 checks["%s: resync %d ports, filtering, TCG (s)" % (run["kernel"], row["ports"])] = (
                     row["resync_s"], "<= 2", row["resync_s"] <= 2.0)
+    native = result.get("native_resync")
+    for run in result["full_kernel"]:
+        on = [r for r in run.get("resync", []) if r["filtering"]]
+        off = [r for r in run.get("resync", []) if not r["filtering"]]
+        if native and on and off and on[0]["ports"] == native["ports"]:
+            # Not a measurement: this machine's kernel cannot filter. Same ports, same boot for the ratio.
+            result["native_filtering_estimate_s"] = round(native["resync_s"] * on[0]["resync_s"] / off[0]["resync_s"],
+                                                          3)
+            estimate = result["native_filtering_estimate_s"]
+            checks["resync %d ports, filtering, native estimate (s)" % native["ports"]] = (estimate, "<= 2",
+                                                                                           estimate <= 2.0)
     result["targets"] = checks
 
 

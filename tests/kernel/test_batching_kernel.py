@@ -7,6 +7,8 @@ at most 3 for a NIC that needs changes (read, write, verify) and 1 for a whole
 domain that is already right. The results are checked with iproute2.
 """
 
+import subprocess
+
 import pytest
 
 from fdbhook import domxml
@@ -108,5 +110,33 @@ def test_batched_answers_decode_as_pyroute2_decodes_them(lab):
             (msgs, code), = kernel._round_trip([K.msg_fdb_get("52:54:00:00:0c:99", br0)])
             assert code == 2 and msgs == []  # ENOENT
             assert kernel.links() == [K.link_from_msg(m) for m in kernel.ipr.get_links()]
+        finally:
+            kernel.close()
+
+
+def test_a_port_dump_brings_only_that_port_entries(lab):
+    """The ownership check's dump (``bridge fdb show dev PORT``) is filtered by the kernel, not in Python.
+
+    Sent as a bare ndmsg, the kernel ignores the port and answers every entry
+    of every bridge: with a big FDB on the uplink each guest start decoded
+    all of them (100,000 entries: half a second). Counted in messages.
+    """
+    from fdbhook import kernel as K
+
+    lab.add_bridge("br0")
+    lab.add_veth("uplink", "wan", bridge="br0")
+    lab.add_tap("vnet0", bridge="br0", mac="52:54:00:00:0d:01")
+    subprocess.run(["bridge", "-n", lab.ns, "-batch", "-"], check=True, input="".join(
+        "fdb add 02:aa:00:00:%02x:%02x dev uplink master static\n" % (i >> 8, i & 255) for i in range(500)).encode())
+    lab.bridge("fdb", "add", "02:bb:00:00:00:01", "dev", "vnet0", "master", "static")
+    with in_netns(lab.ns):
+        kernel = Kernel()
+        try:
+            port = kernel.by_name("vnet0").ifindex
+            (msgs, code), = kernel._round_trip([K.msg_fdb_dump(port)])
+            assert code == 0 and len(msgs) < 20  # the port's own entries (and the tap's local/self ones) only
+            assert [(e.mac, e.static) for e in kernel.port_entries(port) if e.mac == "02:bb:00:00:00:01"] == [
+                ("02:bb:00:00:00:01", True)]
+            assert not [e for e in kernel.port_entries(port) if e.mac.startswith("02:aa:")]
         finally:
             kernel.close()
