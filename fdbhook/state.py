@@ -164,16 +164,17 @@ def _safe_name(name):
     return "%2e" + safe[1:] if safe.startswith(".") else safe
 
 
-def _atomic_write(path, data):
+def _atomic_write(path, data, durable=True):
     """Write ``data`` to ``path`` so readers see the old or the new file, never half; durable on return.
 
     The one write path of the state directory, through fdbhook.safefile: the
     directory verified (root's, no symlink on the way), an O_EXCL temp file
     with a random name, fsync, rename, fsync of the directory. fdbhook.faults
-    counts here.
+    counts here. ``durable=False`` skips both fsyncs (a kill loses nothing
+    either way; a power loss may keep the old file).
     """
     try:
-        safefile.write_file(path, data, mode=0o600, dir_mode=0o700)
+        safefile.write_file(path, data, mode=0o600, dir_mode=0o700, fsync=durable)
     except OSError as exc:
         raise StateError(path=path, reason=_why(exc)) from None
     if faults.armed():
@@ -368,7 +369,10 @@ class Store:
         """Write (or, with no NICs left, remove) a domain's record atomically.
 
         The second copy goes first: at every instant at least one of the two
-        files holds the last committed record or the new one, whole.
+        files holds the last committed record or the new one, whole. Only the
+        record itself is synced (the second copy is for a record damaged
+        later, not for a crash: the record is whole on disk before its
+        rename), which keeps a start at four fsyncs instead of six.
         """
         path = self.path(record.driver, record.domain)
         if not record.nics:
@@ -377,7 +381,7 @@ class Store:
         self._ensure()
         data = _encode(record)
         _ensure_dir(self.prev_dir)
-        _atomic_write(self.prev_path(path), data)
+        _atomic_write(self.prev_path(path), data, durable=False)
         try:
             _atomic_write(path, data)
         except StateError:
