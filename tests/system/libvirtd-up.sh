@@ -105,13 +105,26 @@ hybrid_cgroups() {
 # may have pyenv shims first in PATH). LIBVIRTD_PATH overrides the PATH.
 DAEMON_ENV=(env -i "PATH=${LIBVIRTD_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}" HOME=/root)
 
+# Start a daemon with no descriptor of ours but 0-2: a daemon that inherits,
+# say, the descriptor of a `flock` the caller holds keeps that lock (and any
+# pipe the caller reads to its end) for as long as it runs.
+daemon_run() {
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-"
+        done
+        exec "${DAEMON_ENV[@]}" "$@"
+    )
+}
+
 start_libvirtd() {
     if hybrid_cgroups; then
-        "${DAEMON_ENV[@]}" unshare -m --propagation private \
+        daemon_run unshare -m --propagation private \
             sh -c 'umount /sys/fs/cgroup/unified && exec libvirtd -d'
         step "started libvirtd (private mount namespace without /sys/fs/cgroup/unified, for LXC)"
     else
-        "${DAEMON_ENV[@]}" libvirtd -d
+        daemon_run libvirtd -d
         step "started libvirtd"
     fi
 }
@@ -257,7 +270,7 @@ step "directories /var/log/libvirt /run/libvirt ready"
 if [ -n "$(daemon_pids virtlogd)" ]; then
     step "virtlogd already running (pid $(echo $(daemon_pids virtlogd)))"
 else
-    "${DAEMON_ENV[@]}" virtlogd -d
+    daemon_run virtlogd -d
     record started virtlogd
     step "started virtlogd"
 fi
