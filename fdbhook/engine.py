@@ -705,7 +705,10 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         tx.begin(new_record, [(want, before) for _, _, (want, before, ops), _, _ in planned if ops])
         kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
         new_record = record_of(kept)
-        _commit(kernel, tx, new_record, executed)
+        # A domain that was already right (a repeated hook, the join and the start hook of one port)
+        # writes nothing: its record and second copy already say this.
+        _commit(kernel, tx, new_record, executed,
+                changed=not new_record.nics or new_record != record or not store.is_saved(new_record))
     return results, new_record
 
 

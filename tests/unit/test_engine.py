@@ -1,5 +1,7 @@
 """Engine logic over the fake kernel adapter: records, idempotency, rollback."""
 
+import os
+
 from fdbhook import domxml
 from fdbhook.engine import apply_domain, reconcile, resync, teardown_domain
 from fdbhook.model import FdbEntry
@@ -30,6 +32,25 @@ def test_apply_then_again_is_idempotent(tmp_path):
     rec = store.load("qemu", "t1")
     assert [n.port for n in rec.nics] == ["vnet0", "vnet1"]
     assert rec.nics[0].prev_learning is True  # the second run kept the original
+
+
+def test_an_apply_that_changes_nothing_writes_no_file(tmp_path, monkeypatch):
+    """A repeated hook (or the join and the start hook of one port) costs no write and no fsync."""
+    import fdbhook.state as state
+
+    k, store, cfg = make_lab(tmp_path)
+    dom = domxml.parse_domain(XML)
+    apply_domain(dom, cfg, k, store)
+    writes = []
+    real = state._atomic_write
+    monkeypatch.setattr(state, "_atomic_write", lambda path, *a, **kw: writes.append(path) or real(path, *a, **kw))
+    apply_domain(dom, cfg, k, store)
+    assert writes == []
+    # A record whose second copy is missing (written by an older fdbhook) is written again, whole.
+    path = store.path("qemu", "t1")
+    os.unlink(store.prev_path(path))
+    apply_domain(dom, cfg, k, store)
+    assert sorted(writes) == sorted([store.prev_path(path), path]) and store.is_saved(store.load("qemu", "t1"))
 
 
 def test_teardown_restores_and_removes_record(tmp_path):
