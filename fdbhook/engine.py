@@ -1016,6 +1016,6 @@ def announce_to_frr(kernel, store, frr):
             entries += [e for e in kernel.port_entries(nic.ifindex)
                         if e.mac == mac.lower() and e.static and not e.extern_learn and not e.local]
         announced = kernel.announce(entries)
-    LOG.info("EVPN: FRR did not know %s: announced %d entries again",
+    LOG.log(logging.INFO if announced else logging.DEBUG, "EVPN: FRR did not know %s: announced %d entries again",
              ", ".join(sorted({mac for _, mac in unknown})), announced)
     return announced, len(unknown)
