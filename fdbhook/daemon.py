@@ -480,6 +480,7 @@ class Daemon:
     def stop(self):
         sd_notify("STOPPING=1")
         self.stopping.set()
+        self._announce_wake.set()  # the announce thread leaves its wait
         self.jobs.put(Stop())
         if self._server is not None:
             self._server.shutdown()
