@@ -3,7 +3,7 @@
 #
 #   ./install.sh [--bridges 'br0 br-*'] [--networks 'default'] [--restart]
 #                [--deb FILE] [--demo|--no-demo] [--dry-run]
-#   ./install.sh --venv [--prefix /opt/fdbhook] [--bindir /usr/local/bin]
+#   ./install.sh --venv [--bindir /usr/local/bin]
 #                [--no-apt] [--no-hooks] [--bridges ..] [--networks ..]
 #                [--restart] [--demo|--no-demo] [--dry-run]
 #   ./install.sh --venv --uninstall [--force] [--restart] [--dry-run]
@@ -17,7 +17,7 @@
 # Then --bridges/--networks set [manage] in /etc/fdbhook/fdbhook.conf.
 #
 # --venv: the developers' and test labs' install (tests/run uses it): a
-# virtualenv at PREFIX that sees Debian's lxml, pyroute2, libvirt
+# virtualenv at /opt/fdbhook that sees Debian's lxml, pyroute2, libvirt
 # (--system-site-packages), BINDIR/fdbhook, hooks whose interpreter is that
 # virtualenv, a manifest for --venv --uninstall.
 #
@@ -27,16 +27,14 @@
 # arguments, clean environment). With no libvirt on the machine, the first
 # install runs `fdbhook demo` once (--demo: again). Idempotent.
 #
-# Environment: FDBHOOK_HOOK_DIR (default /etc/libvirt/hooks,
-# --venv); FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
+# Environment: FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
 set -euo pipefail
 umask 022
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PREFIX=/opt/fdbhook
 BIN_DIR=/usr/local/bin
-HOOK_DIR=${FDBHOOK_HOOK_DIR:-/etc/libvirt/hooks}
-HOOK_DIR=${HOOK_DIR%/}
+HOOK_DIR=/etc/libvirt/hooks
 CONF_DIR=/etc/fdbhook
 STATE_DIR=/run/fdbhook
 BRIDGES=""
@@ -83,8 +81,6 @@ while [ $# -gt 0 ]; do
         --venv) MODE=venv; shift ;;
         --deb) DEB=${2?--deb needs a file}; shift 2 ;;
         --deb=*) DEB=${1#*=}; shift ;;
-        --prefix) PREFIX=${2?--prefix needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
-        --prefix=*) PREFIX=${1#*=}; VENV_ONLY="$VENV_ONLY --prefix"; shift ;;
         --bindir) BIN_DIR=${2?--bindir needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
         --bindir=*) BIN_DIR=${1#*=}; VENV_ONLY="$VENV_ONLY --bindir"; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
@@ -102,15 +98,11 @@ done
 
 if [ "$MODE" = deb ]; then
     [ -z "$VENV_ONLY" ] || die "$(echo $VENV_ONLY | sed 's/ /, /g'): only with --venv (see ./install.sh --help; the package goes with: apt purge fdbhook)"
-    [ -z "${FDBHOOK_HOOK_DIR:-}" ] || die "FDBHOOK_HOOK_DIR: only with --venv"
 else
     [ -z "$DEB" ] || die "--deb and --venv exclude each other"
 fi
-PREFIX=${PREFIX%/}
 BIN_DIR=${BIN_DIR%/}
-case "$PREFIX" in /?*) ;; *) die "--prefix must be an absolute path (got '$PREFIX')" ;; esac
 case "$BIN_DIR" in /?*) ;; *) die "--bindir must be an absolute path (got '$BIN_DIR')" ;; esac
-case "$HOOK_DIR" in /?*) ;; *) die "FDBHOOK_HOOK_DIR must be an absolute path" ;; esac
 for glob in $BRIDGES $NETWORKS; do
     case "$glob" in *[![:alnum:]_.:*?@+=\[\]-]*) die "not a bridge/network glob: '$glob'" ;; esac
 done
