@@ -3,7 +3,7 @@
 #
 #   ./install.sh [--bridges 'br0 br-*'] [--networks 'default'] [--restart]
 #                [--deb FILE] [--demo|--no-demo] [--dry-run]
-#   ./install.sh --venv [--prefix /opt/fdbhook] [--bindir /usr/local/bin]
+#   ./install.sh --venv [--bindir /usr/local/bin]
 #                [--no-apt] [--no-hooks] [--bridges ..] [--networks ..]
 #                [--restart] [--demo|--no-demo] [--dry-run]
 #   ./install.sh --venv --uninstall [--force] [--restart] [--dry-run]
@@ -17,9 +17,9 @@
 # Then --bridges/--networks set [manage] in /etc/fdbhook/fdbhook.conf.
 #
 # --venv: the developers' and test labs' install (tests/run uses it): a
-# virtualenv at PREFIX that sees Debian's lxml, pyroute2, libvirt
+# virtualenv at /opt/fdbhook that sees Debian's lxml, pyroute2, libvirt
 # (--system-site-packages), BINDIR/fdbhook, hooks whose interpreter is that
-# virtualenv, a manifest for --venv --uninstall. Staging: DESTDIR=/stage.
+# virtualenv, a manifest for --venv --uninstall.
 #
 # Both: says which libvirt daemon to restart (libvirt finds hooks when its
 # daemon starts) and how to start one that is not running; --restart
@@ -27,18 +27,14 @@
 # arguments, clean environment). With no libvirt on the machine, the first
 # install runs `fdbhook demo` once (--demo: again). Idempotent.
 #
-# Environment: DESTDIR (--venv); FDBHOOK_HOOK_DIR (default /etc/libvirt/hooks,
-# --venv); FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
+# Environment: FDBHOOK_LIBVIRT_VERSION (pretend this libvirt version; for tests).
 set -euo pipefail
 umask 022
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PREFIX=/opt/fdbhook
 BIN_DIR=/usr/local/bin
-DESTDIR=${DESTDIR:-}
-DESTDIR=${DESTDIR%/}
-HOOK_DIR=${FDBHOOK_HOOK_DIR:-/etc/libvirt/hooks}
-HOOK_DIR=${HOOK_DIR%/}
+HOOK_DIR=/etc/libvirt/hooks
 CONF_DIR=/etc/fdbhook
 STATE_DIR=/run/fdbhook
 BRIDGES=""
@@ -85,8 +81,6 @@ while [ $# -gt 0 ]; do
         --venv) MODE=venv; shift ;;
         --deb) DEB=${2?--deb needs a file}; shift 2 ;;
         --deb=*) DEB=${1#*=}; shift ;;
-        --prefix) PREFIX=${2?--prefix needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
-        --prefix=*) PREFIX=${1#*=}; VENV_ONLY="$VENV_ONLY --prefix"; shift ;;
         --bindir) BIN_DIR=${2?--bindir needs a value}; VENV_ONLY="$VENV_ONLY $1"; shift 2 ;;
         --bindir=*) BIN_DIR=${1#*=}; VENV_ONLY="$VENV_ONLY --bindir"; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
@@ -104,27 +98,17 @@ done
 
 if [ "$MODE" = deb ]; then
     [ -z "$VENV_ONLY" ] || die "$(echo $VENV_ONLY | sed 's/ /, /g'): only with --venv (see ./install.sh --help; the package goes with: apt purge fdbhook)"
-    [ -z "$DESTDIR" ] || die "DESTDIR: only with --venv (the package is staged by dpkg-buildpackage)"
-    [ -z "${FDBHOOK_HOOK_DIR:-}" ] || die "FDBHOOK_HOOK_DIR: only with --venv"
 else
     [ -z "$DEB" ] || die "--deb and --venv exclude each other"
 fi
-PREFIX=${PREFIX%/}
 BIN_DIR=${BIN_DIR%/}
-case "$PREFIX" in /?*) ;; *) die "--prefix must be an absolute path (got '$PREFIX')" ;; esac
 case "$BIN_DIR" in /?*) ;; *) die "--bindir must be an absolute path (got '$BIN_DIR')" ;; esac
-case "$HOOK_DIR" in /?*) ;; *) die "FDBHOOK_HOOK_DIR must be an absolute path" ;; esac
-if [ -n "$DESTDIR" ]; then
-    case "$DESTDIR" in /?*) ;; *) die "DESTDIR must be an absolute path (got '$DESTDIR')" ;; esac
-fi
 for glob in $BRIDGES $NETWORKS; do
     case "$glob" in *[![:alnum:]_.:*?@+=\[\]-]*) die "not a bridge/network glob: '$glob'" ;; esac
 done
-[ "$(id -u)" = 0 ] || [ "$DRY_RUN" = 1 ] || [ -n "$DESTDIR" ] || die "run as root (or with --dry-run)"
+[ "$(id -u)" = 0 ] || [ "$DRY_RUN" = 1 ] || die "run as root (or with --dry-run)"
 
-STAGED=0
-[ -n "$DESTDIR" ] && STAGED=1
-VENV=$DESTDIR$PREFIX                 # where the virtualenv is written
+VENV=$PREFIX                 # where the virtualenv is written
 PY=$PREFIX/bin/python3                 # the interpreter as the hooks name it
 SHARE=$VENV/share/fdbhook
 MANIFEST=$SHARE/manifest
@@ -148,11 +132,11 @@ take_install_lock() { # DIR
     exec 9>>"$lockdir/install.lock"
     flock -w 60 9 || die "another install.sh is running (lock $lockdir/install.lock)"
 }
-if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ]; then
     take_install_lock "$STATE_DIR"
 fi
 
-# --- manifest: "KIND PATH" per line, final paths (without DESTDIR) -----------
+# --- manifest: "KIND PATH" per line, final paths -----------------------------
 # KIND: file (a hook), link (BINDIR/fdbhook), unit (fdbhookd.service),
 # doc (the man page, the bash completion), dir (a directory we created),
 # pkg (a Debian package we installed; listed, never removed). A bare path
@@ -174,12 +158,12 @@ manifest_del() { # KIND PATH
 # mkdir -p that records every directory it creates (deepest last).
 mkdir_recorded() { # FINAL_DIR
     local d=$1 missing=()
-    while [ -n "$d" ] && [ "$d" != / ] && [ ! -d "$DESTDIR$d" ]; do
+    while [ -n "$d" ] && [ "$d" != / ] && [ ! -d "$d" ]; do
         missing=("$d" "${missing[@]}")
         d=$(dirname "$d")
     done
     for d in "${missing[@]}"; do
-        run mkdir -p "$DESTDIR$d"
+        run mkdir -p "$d"
         manifest_add dir "$d"
     done
 }
@@ -533,7 +517,7 @@ fi
 # --- uninstall -------------------------------------------------------------
 if [ "$UNINSTALL" = 1 ]; then
     [ -f "$MANIFEST" ] || die "no manifest at $MANIFEST: nothing installed by install.sh here"
-    if [ "$STAGED" = 0 ] && [ "$FORCE" = 0 ]; then
+    if [ "$FORCE" = 0 ]; then
         records=$({ find "$STATE_DIR/domains" -maxdepth 1 -name '*.json' ! -name '.*' 2>/dev/null || true; } | sort | sed 's|.*/||; s|\.json$||' | paste -sd ' ')
         if [ -n "$records" ]; then
             die "guests still have ports managed by fdbhook ($records): stop those guests (or run 'fdbhook teardown --driver DRIVER NAME') first, or --uninstall --force to leave those ports as they are"
@@ -546,9 +530,9 @@ if [ "$UNINSTALL" = 1 ]; then
         [ -n "$kind" ] || continue
         if [ -z "$path" ]; then # older manifest: bare paths
             path=$kind
-            if [ -L "$DESTDIR$path" ]; then kind=link; else kind=file; fi
+            if [ -L "$path" ]; then kind=link; else kind=file; fi
         fi
-        target=$DESTDIR$path
+        target=$path
         case "$kind" in
             file)
                 if is_ours "$target"; then
@@ -564,11 +548,11 @@ if [ "$UNINSTALL" = 1 ]; then
                 fi ;;
             unit)
                 if is_our_unit "$target"; then
-                    if [ "$STAGED" = 0 ] && [ -d /run/systemd/system ]; then
+                    if [ -d /run/systemd/system ]; then
                         run systemctl disable --now fdbhookd.service || true
                     fi
                     remove "$path" rm -f -- "$target"
-                    [ "$STAGED" = 0 ] && [ -d /run/systemd/system ] && run systemctl daemon-reload
+                    [ -d /run/systemd/system ] && run systemctl daemon-reload
                 elif [ -e "$target" ]; then
                     say "kept $path: not fdbhook's unit any more"
                 fi ;;
@@ -582,27 +566,27 @@ if [ "$UNINSTALL" = 1 ]; then
             pkg) pkgs="$pkgs $path" ;;
         esac
     done <"$MANIFEST"
-    if [ -f "$DESTDIR$CONF" ] && [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$PRISTINE"; then
-        remove "unedited $CONF" rm -f -- "$DESTDIR$CONF"
-    elif [ -f "$DESTDIR$CONF" ]; then
+    if [ -f "$CONF" ] && [ -f "$PRISTINE" ] && cmp -s "$CONF" "$PRISTINE"; then
+        remove "unedited $CONF" rm -f -- "$CONF"
+    elif [ -f "$CONF" ]; then
         say "kept $CONF (edited by the admin)"
     fi
     remove "$PREFIX" rm -rf -- "$VENV"
     # Directories we created, deepest first, only when empty.
     for d in "${dirs[@]}"; do
-        [ -d "$DESTDIR$d" ] || continue
-        case "$DESTDIR$d/" in "$VENV"/*) continue ;; esac
+        [ -d "$d" ] || continue
+        case "$d/" in "$VENV"/*) continue ;; esac
         if [ "$DRY_RUN" = 1 ]; then
             echo "would remove directory $d if empty by then"
-        elif [ -z "$(ls -A "$DESTDIR$d")" ]; then
-            remove "directory $d" rmdir -- "$DESTDIR$d"
+        elif [ -z "$(ls -A "$d")" ]; then
+            remove "directory $d" rmdir -- "$d"
         else
             say "kept directory $d (not empty)"
         fi
     done
-    [ -d "/var/lib/fdbhook/capture" ] && [ "$STAGED" = 0 ] && say "capture spool /var/lib/fdbhook/capture left in place (written by the hooks, not installed)"
+    [ -d "/var/lib/fdbhook/capture" ] && say "capture spool /var/lib/fdbhook/capture left in place (written by the hooks, not installed)"
     [ -n "$pkgs" ] && say "Debian packages installed for fdbhook are left in place:$pkgs"
-    if [ "$STAGED" = 0 ] && [ "$removed_hooks" = 1 ]; then
+    if [ "$removed_hooks" = 1 ]; then
         restart_or_tell "libvirt skips hook scripts that are gone, but looks for them until it restarts" 0
     fi
     if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing changed"; else say "uninstalled"; fi
@@ -610,15 +594,13 @@ if [ "$UNINSTALL" = 1 ]; then
 fi
 
 # --- plan the hooks before changing anything --------------------------------
-# Staged (DESTDIR): the build machine's libvirt says nothing about the
-# target's; only FDBHOOK_LIBVIRT_VERSION is taken into account.
-if [ "$STAGED" = 0 ]; then LIBVIRT=$(libvirt_version); else LIBVIRT=${FDBHOOK_LIBVIRT_VERSION:-}; fi
+LIBVIRT=$(libvirt_version)
 declare -A HOOK_TARGET=()
-if [ "$HOOKS" = 1 ] && { [ "$STAGED" = 1 ] || [ -n "$LIBVIRT" ] || [ -d "$HOOK_DIR" ]; }; then
+if [ "$HOOKS" = 1 ] && { [ -n "$LIBVIRT" ] || [ -d "$HOOK_DIR" ]; }; then
     for driver in $DRIVERS; do
         main=$HOOK_DIR/$driver
-        if { [ -e "$DESTDIR$main" ] || [ -L "$DESTDIR$main" ]; } && ! is_ours "$DESTDIR$main"; then
-            if { [ -n "$LIBVIRT" ] && ! version_ge "$LIBVIRT" 6.5.0; } || { [ -z "$LIBVIRT" ] && [ "$STAGED" = 0 ]; }; then
+        if { [ -e "$main" ] || [ -L "$main" ]; } && ! is_ours "$main"; then
+            if { [ -n "$LIBVIRT" ] && ! version_ge "$LIBVIRT" 6.5.0; } || [ -z "$LIBVIRT" ]; then
                 if [ -z "$LIBVIRT" ]; then
                     die "$main is someone else's hook and libvirt's version is unknown, so $driver.d/ may not be run: nothing changed. Chain fdbhook from that script: $PY -I -m fdbhook hook $driver \"\$@\" (stdin: the XML)"
                 fi
@@ -632,7 +614,7 @@ if [ "$HOOKS" = 1 ] && { [ "$STAGED" = 1 ] || [ -n "$LIBVIRT" ] || [ -d "$HOOK_D
 fi
 
 # --- dependencies -----------------------------------------------------------
-if [ "$APT" = 1 ] && [ "$STAGED" = 0 ]; then
+if [ "$APT" = 1 ]; then
     missing=""
     for pkg in $APT_PACKAGES; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -681,7 +663,6 @@ else
         # shellcheck disable=SC2086
         (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - $SRC_FILES) | tar -C "$stage" -xf -
         pip_args=(-q --no-deps --no-build-isolation --no-index --disable-pip-version-check --force-reinstall)
-        [ "$STAGED" = 1 ] && pip_args+=(--no-compile)
         piplog=$(mktemp)  # a fresh 0600 file (O_EXCL), not a name a user could plant beside $stage
         trap 'rm -rf "$stage" "$piplog"' EXIT
         if ! "$VENV/bin/python3" -m pip install "${pip_args[@]}" "$stage" >"$piplog" 2>&1; then
@@ -694,40 +675,29 @@ else
         echo "$HASH" >"$SHARE/source.sha256"
     fi
 fi
-if [ "$STAGED" = 1 ] && [ "$DRY_RUN" = 0 ]; then
-    # The virtualenv was written under DESTDIR: make every path in it the
-    # final PREFIX (scripts' #! lines, activate, pyvenv.cfg), byte-compile
-    # with final source paths.
-    { grep -rlF -- "$VENV" "$VENV/bin" "$VENV/pyvenv.cfg" 2>/dev/null || true; } | while read -r f; do
-        [ -L "$f" ] || sed -i "s|$VENV|$PREFIX|g" "$f"
-    done
-    "$VENV/bin/python3" -m compileall -q -s "$DESTDIR" -p / "$VENV/lib" >/dev/null
-fi
 [ "$DRY_RUN" = 1 ] || mkdir -p "$SHARE"
 
 # --- the fdbhook command -----------------------------------------------------
 LINK=$BIN_DIR/fdbhook
-if [ -L "$DESTDIR$LINK" ] && [ "$(readlink "$DESTDIR$LINK")" = "$PREFIX/bin/fdbhook" ]; then
+if [ -L "$LINK" ] && [ "$(readlink "$LINK")" = "$PREFIX/bin/fdbhook" ]; then
     manifest_add link "$LINK"
     say "fdbhook command: $LINK"
-elif [ -e "$DESTDIR$LINK" ] || [ -L "$DESTDIR$LINK" ]; then
+elif [ -e "$LINK" ] || [ -L "$LINK" ]; then
     warn "kept $LINK (not fdbhook's link to $PREFIX/bin/fdbhook); use $PREFIX/bin/fdbhook"
 else
     mkdir_recorded "$BIN_DIR"
-    run ln -s "$PREFIX/bin/fdbhook" "$DESTDIR$LINK"
+    run ln -s "$PREFIX/bin/fdbhook" "$LINK"
     manifest_add link "$LINK"
     say "fdbhook command: $LINK"
 fi
-if [ "$STAGED" = 0 ]; then
-    case ":$PATH:" in *":$BIN_DIR:"*) ;; *) warn "$BIN_DIR is not on this shell's PATH" ;; esac
-fi
+case ":$PATH:" in *":$BIN_DIR:"*) ;; *) warn "$BIN_DIR is not on this shell's PATH" ;; esac
 
 # --- config ------------------------------------------------------------------
 # The package's conffile (debian/fdbhook.conf) with these [manage] values.
 pristine() { # BRIDGES NETWORKS
     sed -e "s|^bridges =.*|bridges = $1|" -e "s|^networks =.*|networks = $2|" "$SRC/debian/fdbhook.conf"
 }
-if [ -f "$DESTDIR$CONF" ] && ! { [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$PRISTINE"; }; then
+if [ -f "$CONF" ] && ! { [ -f "$PRISTINE" ] && cmp -s "$CONF" "$PRISTINE"; }; then
     if [ "$SET_BRIDGES$SET_NETWORKS" != 00 ]; then
         warn "kept $CONF: it was edited, so --bridges/--networks are not applied; set [manage] there yourself"
     else
@@ -736,32 +706,32 @@ if [ -f "$DESTDIR$CONF" ] && ! { [ -f "$PRISTINE" ] && cmp -s "$DESTDIR$CONF" "$
 else
     # New, or still exactly what install.sh wrote: (re)write it, keeping the
     # values an earlier run set unless this run names new ones.
-    if [ -f "$DESTDIR$CONF" ]; then
-        [ "$SET_BRIDGES" = 1 ] || BRIDGES=$(conf_value bridges "$DESTDIR$CONF")
-        [ "$SET_NETWORKS" = 1 ] || NETWORKS=$(conf_value networks "$DESTDIR$CONF")
+    if [ -f "$CONF" ]; then
+        [ "$SET_BRIDGES" = 1 ] || BRIDGES=$(conf_value bridges "$CONF")
+        [ "$SET_NETWORKS" = 1 ] || NETWORKS=$(conf_value networks "$CONF")
     fi
     mkdir_recorded "$CONF_DIR"
     if [ "$DRY_RUN" = 1 ]; then
-        if [ -f "$DESTDIR$CONF" ] && cmp -s <(pristine "$BRIDGES" "$NETWORKS") "$DESTDIR$CONF"; then
+        if [ -f "$CONF" ] && cmp -s <(pristine "$BRIDGES" "$NETWORKS") "$CONF"; then
             say "config $CONF unchanged: bridges='$BRIDGES' networks='$NETWORKS'"
         else
             echo "would write $CONF (bridges='$BRIDGES' networks='$NETWORKS')"
         fi
     else
-        tmp=$(mktemp "$DESTDIR$CONF_DIR/.fdbhook.conf.XXXXXX")
+        tmp=$(mktemp "$CONF_DIR/.fdbhook.conf.XXXXXX")
         pristine "$BRIDGES" "$NETWORKS" >"$tmp"
         chmod 0644 "$tmp"
-        if [ -f "$DESTDIR$CONF" ] && cmp -s "$tmp" "$DESTDIR$CONF"; then
+        if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
             rm -f "$tmp"
             say "config $CONF unchanged: bridges='$BRIDGES' networks='$NETWORKS'"
         else
-            mv -f "$tmp" "$DESTDIR$CONF"
+            mv -f "$tmp" "$CONF"
             say "config $CONF: bridges='$BRIDGES' networks='$NETWORKS'"
         fi
-        cp "$DESTDIR$CONF" "$PRISTINE"
+        cp "$CONF" "$PRISTINE"
     fi
 fi
-if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ]; then
     if ! err=$("$VENV/bin/python3" -I -c 'import sys
 from fdbhook.config import load_config
 from fdbhook.errors import FdbhookError
@@ -778,22 +748,22 @@ fi
 UNIT_SRC=$SRC/fdbhookd.service
 UNIT=/etc/systemd/system/fdbhookd.service
 SYSTEMD=0
-[ "$STAGED" = 0 ] && [ -d /run/systemd/system ] && SYSTEMD=1
+[ -d /run/systemd/system ] && SYSTEMD=1
 unit_text() { sed "s|/opt/fdbhook|$PREFIX|g" "$UNIT_SRC"; }
 unit_changed=0
-if [ -f "$UNIT_SRC" ] && { [ "$STAGED" = 1 ] || [ "$SYSTEMD" = 1 ]; }; then
-    if { [ -e "$DESTDIR$UNIT" ] || [ -L "$DESTDIR$UNIT" ]; } && ! is_our_unit "$DESTDIR$UNIT"; then
+if [ -f "$UNIT_SRC" ] && [ "$SYSTEMD" = 1 ]; then
+    if { [ -e "$UNIT" ] || [ -L "$UNIT" ]; } && ! is_our_unit "$UNIT"; then
         warn "kept $UNIT: not fdbhook's"
-    elif cmp -s <(unit_text) "$DESTDIR$UNIT"; then
+    elif cmp -s <(unit_text) "$UNIT"; then
         manifest_add unit "$UNIT"
     elif [ "$DRY_RUN" = 1 ]; then
         echo "would install $UNIT"
     else
         mkdir_recorded "$(dirname "$UNIT")"
-        tmp=$(mktemp "$(dirname "$DESTDIR$UNIT")/.fdbhookd.service.XXXXXX")
+        tmp=$(mktemp "$(dirname "$UNIT")/.fdbhookd.service.XXXXXX")
         unit_text >"$tmp"
         chmod 0644 "$tmp"
-        mv -f "$tmp" "$DESTDIR$UNIT"
+        mv -f "$tmp" "$UNIT"
         manifest_add unit "$UNIT"
         unit_changed=1
         say "installed $UNIT"
@@ -809,7 +779,7 @@ if [ "$SYSTEMD" = 1 ] && [ -f "$UNIT_SRC" ]; then
     else
         say "optional: systemctl enable --now fdbhookd (hotplug, pause/resume, drift repair; see README)"
     fi
-elif [ "$STAGED" = 0 ] && [ -f "$UNIT_SRC" ]; then
+elif [ -f "$UNIT_SRC" ]; then
     if [ -S "$STATE_DIR/fdbhookd.sock" ] && [ "$pkg_changed" = 1 ]; then
         warn "fdbhookd seems to run ($STATE_DIR/fdbhookd.sock) with the previous code: restart it"
     elif [ ! -S "$STATE_DIR/fdbhookd.sock" ] && [ -n "$(libvirt_version)" ]; then
@@ -824,23 +794,23 @@ fi
 DOC_ROOT=$(dirname "$BIN_DIR")/share
 install_doc() { # FINAL_PATH COMMAND: write `fdbhook COMMAND`'s output there, recorded as kind doc
     local path=$1 text
-    if { [ -e "$DESTDIR$path" ] || [ -L "$DESTDIR$path" ]; } && ! is_our_doc "$DESTDIR$path"; then
+    if { [ -e "$path" ] || [ -L "$path" ]; } && ! is_our_doc "$path"; then
         warn "kept $path: not fdbhook's"
         return 0
     fi
     if [ "$DRY_RUN" = 1 ]; then
-        [ -f "$DESTDIR$path" ] || echo "would install $path (fdbhook $2)"
+        [ -f "$path" ] || echo "would install $path (fdbhook $2)"
         return 0
     fi
     # The page's date: the parser's source, so the same tree renders the same page.
     text=$(SOURCE_DATE_EPOCH=$(stat -c %Y "$SRC/fdbhook/cli.py") "$VENV/bin/python3" -I -B -m fdbhook "$2") \
         || die "fdbhook $2 failed"
-    if [ "$(cat "$DESTDIR$path" 2>/dev/null)" != "$text" ]; then
+    if [ "$(cat "$path" 2>/dev/null)" != "$text" ]; then
         mkdir_recorded "$(dirname "$path")"
-        tmp=$(mktemp "$(dirname "$DESTDIR$path")/.fdbhook.XXXXXX")
+        tmp=$(mktemp "$(dirname "$path")/.fdbhook.XXXXXX")
         printf '%s\n' "$text" >"$tmp"
         chmod 0644 "$tmp"
-        mv -f "$tmp" "$DESTDIR$path"
+        mv -f "$tmp" "$path"
         say "installed $path"
     fi
     manifest_add doc "$path"
@@ -861,25 +831,25 @@ if [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
     mkdir_recorded "$HOOK_DIR"
     # Temporary files of an interrupted earlier run (never run by libvirt:
     # they are replaced atomically, but one could be left executable).
-    [ "$DRY_RUN" = 1 ] || find "$DESTDIR$HOOK_DIR" -maxdepth 2 -name '.fdbhook.*' -type f -delete 2>/dev/null || true
+    [ "$DRY_RUN" = 1 ] || find "$HOOK_DIR" -maxdepth 2 -name '.fdbhook.*' -type f -delete 2>/dev/null || true
     for driver in $DRIVERS; do
         target=${HOOK_TARGET[$driver]}
         main=$HOOK_DIR/$driver
         if [ "$target" != "$main" ]; then
             say "$main belongs to someone else: fdbhook goes to $target (libvirt runs both)"
             mkdir_recorded "$main.d"
-        elif is_ours "$DESTDIR$main.d/50-fdbhook"; then
+        elif is_ours "$main.d/50-fdbhook"; then
             # fdbhook is the main hook now: a copy in DRIVER.d would run twice.
-            run rm -f -- "$DESTDIR$main.d/50-fdbhook"
+            run rm -f -- "$main.d/50-fdbhook"
             manifest_del file "$main.d/50-fdbhook"
             say "removed $main.d/50-fdbhook ($main is fdbhook's now)"
-            if [ -f "$MANIFEST" ] && grep -qxF "dir $main.d" "$MANIFEST" && [ -z "$(ls -A "$DESTDIR$main.d")" ]; then
-                run rmdir -- "$DESTDIR$main.d"
+            if [ -f "$MANIFEST" ] && grep -qxF "dir $main.d" "$MANIFEST" && [ -z "$(ls -A "$main.d")" ]; then
+                run rmdir -- "$main.d"
                 manifest_del dir "$main.d"
             fi
             hooks_changed=1
         fi
-        if cmp -s <(hook_text "$driver") "$DESTDIR$target" && [ -x "$DESTDIR$target" ]; then
+        if cmp -s <(hook_text "$driver") "$target" && [ -x "$target" ]; then
             manifest_add file "$target"
             continue
         fi
@@ -888,16 +858,16 @@ if [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
             echo "would install $target ($(hook_text "$driver" | head -n 1))"
             continue
         fi
-        tmp=$(mktemp "$(dirname "$DESTDIR$target")/.fdbhook.XXXXXX")
+        tmp=$(mktemp "$(dirname "$target")/.fdbhook.XXXXXX")
         hook_text "$driver" >"$tmp"
         chmod 0755 "$tmp"
-        mv -f "$tmp" "$DESTDIR$target"
+        mv -f "$tmp" "$target"
         manifest_add file "$target"
         say "installed $target"
     done
     [ "$hooks_changed" = 1 ] || say "hooks in $HOOK_DIR unchanged"
-    [ "$STAGED" = 1 ] || say "libvirt ${LIBVIRT:-(version unknown)}: hooks for ${DRIVERS// /, }"
-elif [ "$HOOKS" = 1 ] && [ "$STAGED" = 0 ]; then
+    say "libvirt ${LIBVIRT:-(version unknown)}: hooks for ${DRIVERS// /, }"
+elif [ "$HOOKS" = 1 ]; then
     say "libvirt is not installed here: no hooks installed (run install.sh again once it is)"
 fi
 
@@ -907,7 +877,7 @@ if [ "$DRY_RUN" = 0 ] && [ -n "${missing:-}" ]; then
 fi
 
 # --- daemon ------------------------------------------------------------------
-if [ "$STAGED" = 0 ] && [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
+if [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
     newest=0
     for driver in $DRIVERS; do
         if [ -e "${HOOK_TARGET[$driver]}" ] && ! { [ "$DRY_RUN" = 1 ] && [ "$hooks_changed" = 1 ]; }; then
@@ -921,7 +891,7 @@ if [ "$STAGED" = 0 ] && [ "${#HOOK_TARGET[@]}" -gt 0 ]; then
     restart_or_tell "libvirt discovers hooks when its daemon starts" "$(awk -v n="$newest" 'BEGIN { printf "%.3f", n + 0.05 }')"
 fi
 
-if [ "$STAGED" = 0 ] && [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ]; then
     demo_once "$VENV/bin/fdbhook"
 fi
 if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing changed"; else say "done"; fi

@@ -55,6 +55,9 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URIS = ("qemu:///system", "lxc:///system")
 STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger than this, may be mid-start
+# s after a port change: FRR is asked whether it knows the new MACs (engine.announce_to_frr);
+# the rounds stop once it knows them all (or FRR is absent); the resync asks too.
+ANNOUNCE_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
@@ -117,6 +120,11 @@ class PortGone:
     """A managed port vanished: prune its record."""
 
     ifindex: int
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Does FRR know every running guest's MAC on a VXLAN bridge? Announce again those it missed."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,8 @@ class Daemon:
         self.metrics = self.exporter = None  # fdbhook.metrics, when python3-prometheus-client is there
         self.restarts = {}  # thread name -> [times restarted, last error]
         self.restart_pause = 1.0  # seconds before the first restart of a failed thread (doubles, up to 30)
+        self._announce_wake = threading.Event()  # set: ports changed, start the Announce rounds again
+        self.frr_unknown = 0  # MACs FRR did not know at the last Announce
 
     # --- shared helpers ----------------------------------------------------------------
     def put(self, job):
@@ -338,6 +348,7 @@ class Daemon:
             return
         with self._known_lock:
             self._known_ports = ports
+        self._announce_wake.set()
 
     def know_domain(self, domain):
         """Remember a domain's NICs (hook or live XML) for ports that join before anyone says whose."""
@@ -403,6 +414,7 @@ class Daemon:
         if self.use_libvirt:
             self._start_libvirt()
         self._spawn("resync", self._resync_timer)
+        self._spawn("announce", self._announce_timer)
         self.put(Resync())
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
                  " ".join(self.watchers) if self.watchers else "off")
@@ -468,6 +480,7 @@ class Daemon:
     def stop(self):
         sd_notify("STOPPING=1")
         self.stopping.set()
+        self._announce_wake.set()  # the announce thread leaves its wait
         self.jobs.put(Stop())
         if self._server is not None:
             self._server.shutdown()
@@ -581,6 +594,19 @@ class Daemon:
         elif isinstance(job, PortGone):
             engine.prune_port(kernel, store, config, job.ifindex)
             self.note_ports_changed()
+        if isinstance(job, Announce):
+            self._announce(kernel, store)
+        else:  # a job may have added entries (a resume, a hotplug, a repair): FRR must know them
+            self._announce_wake.set()
+
+    def _announce(self, kernel, store):
+        from fdbhook.evpn import read_macs
+
+        unknown = 1  # an error: the next round asks again
+        try:
+            _, unknown = engine.announce_to_frr(kernel, store, read_macs)
+        finally:
+            self.frr_unknown = unknown
 
     def _resync(self, kernel, store, config):
         started = time.monotonic()
@@ -739,6 +765,21 @@ class Daemon:
                     self._reconcile(kernel, store, config, uri, name, port=port)
                 except (FdbhookError, OSError) as exc:
                     LOG.warning("port %s of %s: %s", port, name, exc)
+
+    def _announce_timer(self):
+        """After every change of ports, Announce jobs at ANNOUNCE_AFTER until FRR knows every MAC."""
+        while not self.stopping.is_set():
+            self._announce_wake.wait()
+            self._announce_wake.clear()
+            for delay in ANNOUNCE_AFTER:
+                if self.stopping.wait(delay) or self._announce_wake.is_set():
+                    break  # stopping, or ports changed again: start over
+                self.frr_unknown = -1
+                self.put(Announce())
+                while self.frr_unknown == -1 and not self.stopping.wait(0.05) and not self._announce_wake.is_set():
+                    pass
+                if self.frr_unknown == 0:
+                    break
 
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):

@@ -973,3 +973,52 @@ def stale_records(store, driver, running, max_age, now=None):
             out.append(record)
     return out
 
+
+
+def announce_to_frr(kernel, store, frr):
+    """Tell FRR's zebra again of every running guest's entry on a VXLAN bridge that it does not know.
+
+    zebra learns a local MAC only from the kernel's RTM_NEWNEIGH, and only
+    for a port it already knows as a bridge member. FRR 10 (Debian 13) takes
+    link messages through its dataplane thread, so on a loaded host the
+    notice of a new tap's entry can be handled before the tap's own
+    RTM_NEWLINK: zebra drops the MAC (its log: "Rx RTM_NEWNEIGH ... IF 5",
+    then "RTM_NEWLINK ADD for vnet0(5)"), the kernel never says it again, and
+    the guest is never advertised. ``frr``: a function returning an
+    evpn.FrrView, asked only when some running guest has a port on a bridge
+    with a VXLAN port. A MAC FRR knows in any way (local, remote,
+    duplicate) is left to it; for one it does not know at all, our static
+    entries on our port are announced again (Kernel.announce: the entry does
+    not change). Returns (entries announced, MACs FRR did not know).
+    """
+    vxlan = {}
+    wanted = []
+    for record in store.all():
+        if record.paused:
+            continue
+        for nic in record.nics:
+            if nic.bridge not in vxlan:
+                link = kernel.by_name(nic.bridge)
+                vxlan[nic.bridge] = bool(link is not None and kernel.vxlan_ports(link.ifindex))
+            if vxlan[nic.bridge]:
+                wanted += [(nic, mac) for mac in nic.macs]
+    if not wanted:
+        return 0, 0
+    view = frr()
+    if not view.ok:
+        return 0, 0
+    unknown = [(nic, mac) for nic, mac in wanted if not view.macs.get(mac.lower())]
+    if not unknown:
+        return 0, 0
+    with store.lock():  # no apply or teardown between reading our entries and touching them
+        entries = []
+        for nic, mac in unknown:
+            link = kernel.by_index(nic.ifindex)
+            if link is None or link.name != nic.port:
+                continue
+            entries += [e for e in kernel.port_entries(nic.ifindex)
+                        if e.mac == mac.lower() and e.static and not e.extern_learn and not e.local]
+        announced = kernel.announce(entries)
+    LOG.log(logging.INFO if announced else logging.DEBUG, "EVPN: FRR did not know %s: announced %d entries again",
+             ", ".join(sorted({mac for _, mac in unknown})), announced)
+    return announced, len(unknown)

@@ -1,7 +1,7 @@
-"""FRR's view of EVPN MACs, for ``fdbhook status``. The only place that runs vtysh.
+"""FRR's view of EVPN MACs, for ``fdbhook status`` and fdbhookd. The only place that runs vtysh.
 
-Only the CLI calls this (a hook never does: it must not wait on another
-daemon). ``read_macs`` runs ``vtysh [-N PATHSPACE] -c 'show evpn mac vni all
+The CLI and fdbhookd's Announce job (engine.announce_to_frr) call this; a
+hook never does (it must not wait on another daemon). ``read_macs`` runs ``vtysh [-N PATHSPACE] -c 'show evpn mac vni all
 json'`` (PATHSPACE from $FDBHOOK_FRR_PATHSPACE, for an FRR started with
 ``-N``); ``parse_macs`` turns its JSON into plain dicts and is pure.
 """

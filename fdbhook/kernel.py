@@ -28,6 +28,9 @@ LOG = logging.getLogger(__name__)
 # every call here passes the state explicitly.
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
+# NUD_REACHABLE with NUD_NOARP: still STATIC to the bridge, but a different state
+# than the one it reports, so a replace counts as a change and is notified (announce).
+NUD_REACHABLE = 0x02
 # NTF_MASTER: the entry lives in the bridge's FDB (not the port driver's own,
 # NTF_SELF, pyroute2's other default). NTF_STICKY: a frame with this source
 # MAC arriving on another port (a forger, the uplink) cannot move the entry.
@@ -523,6 +526,27 @@ class Kernel:
                 raise KernelError(what=render(op), reason="%s (errno %d)" % (os.strerror(code), code),
                                   errno=code)
 
+    def announce(self, entries):
+        """Have the bridge tell its listeners (FRR's zebra) of these static entries again; change nothing.
+
+        One RTM_NEWNEIGH replace per entry (FdbEntry: port, MAC, VID, sticky)
+        without NLM_F_CREATE, so an entry gone meanwhile stays gone (ENOENT,
+        skipped), with state NUD_NOARP|NUD_REACHABLE: the bridge keeps it
+        static on the same port with the same flags, but sees a state other
+        than the one it reports, counts that as a change and sends
+        RTM_NEWNEIGH. Returns how many entries it announced.
+        """
+        requests = [msg_fdb_write("touch", e.ifindex, e.mac, e.vlan, NTF_MASTER | (NTF_STICKY if e.sticky else 0))
+                    for e in entries]
+        announced = 0
+        for entry, (_, code) in zip(entries, self._round_trip(requests) if requests else ()):
+            if not code:
+                announced += 1
+            elif code not in (errno.ENOENT, errno.ENODEV):
+                raise KernelError(what="announce %s on ifindex %d" % (entry.mac, entry.ifindex),
+                                  reason="%s (errno %d)" % (os.strerror(code), code), errno=code)
+        return announced
+
     def _write(self, requests):
         """One round trip of write requests; fdbhook.faults may fail one or kill the process after one."""
         if not faults.armed():
@@ -750,7 +774,13 @@ def msg_fdb_get(mac, bridge_ifindex, vlan=0):
 
 
 def msg_fdb_write(command, ifindex, mac, vlan, flags):
-    """RTM_NEWNEIGH replace (static: NUD_NOARP) or RTM_DELNEIGH of a master entry on a port."""
+    """RTM_NEWNEIGH replace (static: NUD_NOARP) or RTM_DELNEIGH of a master entry on a port.
+
+    ``touch``: a replace of an existing entry only (no NLM_F_CREATE) that the bridge notifies
+    although nothing changes (Kernel.announce)."""
+    if command == "touch":
+        body = _ndmsg(ifindex, NUD_NOARP | NUD_REACHABLE, flags) + _lladdr(mac) + _vid(vlan)
+        return _nlmsg(RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE, body)
     body = _ndmsg(ifindex, NUD_NOARP, flags) + _lladdr(mac) + _vid(vlan)
     if command == "replace":
         return _nlmsg(RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE, body)

@@ -72,6 +72,11 @@ class FakeKernel:
     def links(self):
         return list(self.links_by_index.values())
 
+    def announce(self, entries):
+        present = [e for e in entries if e in self.entries.values()]
+        self.announced = getattr(self, "announced", []) + present
+        return len(present)
+
     def bridge_vlan_filtering(self, ifindex):
         return self.filtering.get(ifindex, False)
 

@@ -101,3 +101,37 @@ def test_a_port_that_is_gone_is_an_error_naming_the_op(adapter):
     assert "vnet9" in str(err.value) and "errno 19" in str(err.value)
     adapter.kernel.execute_many([Op(kind="fdb_del", mac=MAC1, port="vnet9", ifindex=999, bridge="br0",
                                     bridge_ifindex=adapter.bridge)])  # nothing to delete: fine
+
+
+def test_announce_has_the_bridge_notify_an_entry_again_without_changing_it(lab):
+    """What fdbhookd does when FRR's zebra missed a new tap's entry (engine.announce_to_frr)."""
+    import socket
+
+    from fdbhook.kernel import Kernel
+    from fdbhook.lab import in_netns
+    from fdbhook.model import FdbEntry
+
+    lab.add_bridge("br0")
+    lab.add_tap("vnet0", bridge="br0")
+    lab.bridge("fdb", "add", MAC1, "dev", "vnet0", "master", "static", "sticky")
+    before = [e for e in lab.fdb(dev="vnet0") if e["mac"] == MAC1]
+    port = int(lab.link("vnet0")["ifindex"])
+    with in_netns(lab.ns):
+        listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        kernel = Kernel()
+        kernel._netlink()
+    try:
+        listener.bind((0, 1 << (3 - 1)))  # RTNLGRP_NEIGH, as zebra listens
+        entries = [e for e in kernel.port_entries(port) if e.mac == MAC1]
+        assert [(e.static, e.sticky) for e in entries] == [(True, True)]
+        assert kernel.announce(entries) == 1
+        # gone meanwhile: not created again
+        assert kernel.announce([FdbEntry(mac=MISSING, ifindex=port, static=True, local=False)]) == 0
+        listener.settimeout(30)
+        notice = listener.recv(65536)
+    finally:
+        kernel.close()
+        listener.close()
+    assert bytes.fromhex(MAC1.replace(":", "")) in notice  # RTM_NEWNEIGH of our entry, sent again
+    assert [e for e in lab.fdb(dev="vnet0") if e["mac"] == MAC1] == before
+    assert not [e for e in lab.fdb(dev="vnet0") if e["mac"] == MISSING]

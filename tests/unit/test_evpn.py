@@ -213,3 +213,38 @@ def test_explain_says_when_a_port_still_has_entries_applied_under_the_old_rule(t
     apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), config(), k, store)
     assert not k.entries[(10, MAC, 0)].sticky
     assert "as applied before" not in render_explain(explain(config(), k, store, "br0"))
+
+
+# --- announcing again what FRR missed (FRR 10 drops a new tap's entry on a loaded host) -----------
+
+def test_a_running_guests_mac_frr_does_not_know_is_announced_again_and_nothing_else(tmp_path):
+    from fdbhook.engine import announce_to_frr
+
+    k = with_vxlan(FakeKernel.bridge_with_ports("br0", ("vnet0", "vnet1")))
+    store = Store(str(tmp_path))
+    nics = [bridge_nic("52:54:00:e0:00:01"), bridge_nic("52:54:00:e0:00:03", dev="vnet1", alias="net1")]
+    apply_domain(domxml.parse_domain(domain_xml(nics)), config(), k, store)
+    known = evpn.parse_macs(fixture("show-evpn-mac-vni-all-8.4.json"))
+    assert "52:54:00:e0:00:01" in known and "52:54:00:e0:00:03" not in known
+    assert announce_to_frr(k, store, lambda: evpn.FrrView(True, known)) == (1, 1)
+    assert [(e.mac, e.ifindex, e.static) for e in k.announced] == [("52:54:00:e0:00:03", 12, True)]
+    before = dict(k.entries)
+    assert announce_to_frr(k, store, lambda: evpn.FrrView(True, dict(known, **{"52:54:00:e0:00:03": [{}]}))) == (0, 0)
+    assert k.entries == before and len(k.announced) == 1
+    # FRR not answering, or absent: nothing written
+    assert announce_to_frr(k, store, lambda: evpn.FrrView(True, error="no zebra")) == (0, 0)
+    assert announce_to_frr(k, store, lambda: evpn.FrrView(False)) == (0, 0)
+    assert len(k.announced) == 1
+
+
+def test_announcing_never_asks_frr_without_a_vxlan_port_nor_for_a_paused_guest(tmp_path):
+    from fdbhook.engine import announce_to_frr
+
+    k = FakeKernel.bridge_with_ports("br0", ("vnet0",))
+    store = Store(str(tmp_path))
+    apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), config(), k, store)
+    assert announce_to_frr(k, store, lambda: pytest.fail("vtysh asked for a bridge without VXLAN port")) == (0, 0)
+    k = with_vxlan(FakeKernel.bridge_with_ports("br0", ("vnet0",)))
+    store = Store(str(tmp_path / "paused"))
+    assert not apply_domain(domxml.parse_domain(domain_xml([bridge_nic()])), config(), k, store, paused=True).failures
+    assert announce_to_frr(k, store, lambda: pytest.fail("vtysh asked for a paused guest")) == (0, 0)

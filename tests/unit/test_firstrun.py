@@ -126,8 +126,8 @@ def test_install_sh_default_is_the_package_and_dry_run_changes_nothing():
 
 
 def test_install_sh_venv_options_need_venv_one_line_error():
-    out = _install_sh("--dry-run", "--no-apt", "--prefix", "/opt/x")
-    assert out.returncode == 1 and "--no-apt, --prefix: only with --venv" in out.stderr
+    out = _install_sh("--dry-run", "--no-apt", "--bindir", "/opt/x")
+    assert out.returncode == 1 and "--no-apt, --bindir: only with --venv" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = _install_sh("--venv", "--deb", "/nonexistent.deb", "--dry-run")
     assert out.returncode == 1 and "--deb and --venv exclude each other" in out.stderr
