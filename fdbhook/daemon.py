@@ -304,6 +304,7 @@ class Daemon:
         self._frames_want = {}  # ifindex -> firstframe.Watch: ports of incoming migrations
         self._frames_wake = None  # the frames thread's pipe (read end, write end): look again
         self._pause_lock = threading.Lock()  # RESUMED/SUSPENDED jobs vs the first frame of an incoming guest
+        self._last_pause = {}  # (driver, name) -> when its last SUSPENDED/RESUMED job started (for the log)
         self.first_frames = 0
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
         self._guests_lock = threading.Lock()
@@ -599,6 +600,7 @@ class Daemon:
                             new_mac=(job.alias, job.new))
         elif isinstance(job, Pause):
             with self._pause_lock:
+                self._last_pause[(job.driver, job.name)] = time.monotonic()
                 engine.reapply_record(job.driver, job.name, kernel, store, config, paused=job.paused)
                 if not job.paused:
                     store.clear_incoming(job.driver, job.name)
@@ -782,6 +784,7 @@ class Daemon:
             while not self.stopping.is_set():
                 self._update_frame_sockets(frames, socks, poller)
                 ready = poller.poll(1000 if socks else 30000)
+                arrived_at = time.monotonic()
                 by_fd = {sock.fileno(): sock for sock in socks.values()}
                 for fd, _ in ready:
                     if fd == wake[0]:
@@ -808,7 +811,7 @@ class Daemon:
                         self._close_frame_socket(socks, poller, done.ifindex)
                     if watch is not None:
                         kernel = kernel or Kernel()
-                        self._first_frame(kernel, watch)
+                        self._first_frame(kernel, watch, arrived_at)
         finally:
             for ifindex in list(socks):
                 self._close_frame_socket(socks, poller, ifindex)
@@ -845,13 +848,18 @@ class Daemon:
             poller.unregister(sock)
             sock.close()
 
-    def _first_frame(self, kernel, watch):
+    def _first_frame(self, kernel, watch, arrived_at=None):
         """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does."""
         config = self.config()
         store = self.store(config)
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
             record = store.load(watch.driver, watch.name)
             if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):
+                job = self._last_pause.get((watch.driver, watch.name))
+                LOG.info("%s/%s: first frame of the incoming guest on %s came %s: nothing left to do",
+                         watch.driver, watch.name, watch.port,
+                         "%.1f ms after the RESUMED job started" % ((arrived_at - job) * 1000)
+                         if job is not None and arrived_at is not None else "late")
                 return
             report = engine.reapply_record(watch.driver, watch.name, kernel, store, config, paused=False)
             store.clear_incoming(watch.driver, watch.name)
