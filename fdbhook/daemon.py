@@ -303,7 +303,7 @@ class Daemon:
         self._known_lock = threading.Lock()
         self._frames_want = {}  # ifindex -> firstframe.Watch: ports of incoming migrations
         self._frames_wake = None  # the frames thread's pipe (read end, write end): look again
-        self._pause_lock = threading.Lock()  # RESUMED/SUSPENDED jobs vs the first frame of an incoming guest
+        self._pause_lock = threading.RLock()  # RESUMED/SUSPENDED jobs vs the first frame of an incoming guest
         self._last_pause = {}  # (driver, name) -> when its last SUSPENDED/RESUMED job started (for the log)
         self.first_frames = 0
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
@@ -779,48 +779,48 @@ class Daemon:
         with self._known_lock:
             self._frames_wake = wake
         poller.register(wake[0], select.POLLIN)
-        kernel = None
+        kernel = Kernel()  # opens its netlink socket on first use
         try:
             while not self.stopping.is_set():
                 self._update_frame_sockets(frames, socks, poller)
-                ready = poller.poll(1000 if socks else 30000)
+                ready = [fd for fd, _ in poller.poll(1000 if socks else 30000)]
                 arrived_at = time.monotonic()
-                by_fd = {sock.fileno(): sock for sock in socks.values()}
-                for fd, _ in ready:
-                    if fd == wake[0]:
-                        while True:
-                            try:
-                                if not os.read(fd, 4096):
-                                    break
-                            except BlockingIOError:
-                                break
-                        continue
-                    sock = by_fd.get(fd)
-                    if sock is None or sock.ifindex not in socks:  # closed in this round
-                        continue
-                    try:
-                        arrived = sock.drain()
-                    except OSError:  # the port went away (an aborted migration): nothing to do
-                        frames.dropped(sock.ifindex)
-                        self._close_frame_socket(socks, poller, sock.ifindex)
-                        continue
-                    if not arrived:
-                        continue
-                    watch, closing = frames.fired(sock.ifindex)
-                    for done in closing:
-                        self._close_frame_socket(socks, poller, done.ifindex)
-                    if watch is not None:
-                        kernel = kernel or Kernel()
-                        self._first_frame(kernel, watch, arrived_at)
+                if any(fd != wake[0] for fd in ready):
+                    # A frame: hold the pause lock before anything else (no syscall, no GIL hand-over
+                    # in between), so a RESUMED job that libvirt delivers meanwhile waits and finds it done.
+                    with self._pause_lock:
+                        self._frames_arrived(frames, socks, poller, ready, kernel, arrived_at)
+                if wake[0] in ready:
+                    _drain_pipe(wake[0])
         finally:
             for ifindex in list(socks):
                 self._close_frame_socket(socks, poller, ifindex)
-            if kernel is not None:
-                kernel.close()
+            kernel.close()
             with self._known_lock:
                 self._frames_wake = None
             for fd in wake:
                 os.close(fd)
+
+    def _frames_arrived(self, frames, socks, poller, fds, kernel, arrived_at):
+        """Sockets ``fds`` are readable: a guest's first frame (its domain's entries in), or a port gone."""
+        by_fd = {sock.fileno(): sock for sock in socks.values()}
+        for fd in fds:
+            sock = by_fd.get(fd)
+            if sock is None or sock.ifindex not in socks:  # closed in this round
+                continue
+            try:
+                arrived = sock.drain()
+            except OSError:  # the port went away (an aborted migration): nothing to do
+                frames.dropped(sock.ifindex)
+                self._close_frame_socket(socks, poller, sock.ifindex)
+                continue
+            if not arrived:
+                continue
+            watch, closing = frames.fired(sock.ifindex)
+            for done in closing:
+                self._close_frame_socket(socks, poller, done.ifindex)
+            if watch is not None:
+                self._first_frame(kernel, watch, arrived_at)
 
     def _update_frame_sockets(self, frames, socks, poller):
         """Open a socket on every port newly wanted, close those no longer wanted (or watched too long)."""
@@ -876,6 +876,15 @@ class Daemon:
             self.put(Resync())
             for uri in list(self.watchers):
                 self.put(Sync(uri))
+
+
+def _drain_pipe(fd):
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except BlockingIOError:
+            return
 
 
 def sd_notify(message):
