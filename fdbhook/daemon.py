@@ -817,10 +817,13 @@ class Daemon:
             if not arrived:
                 continue
             watch, closing = frames.fired(sock.ifindex)
-            for done in closing:
-                self._close_frame_socket(socks, poller, done.ifindex)
+            done = [socks.pop(w.ifindex) for w in closing if w.ifindex in socks]
+            for closed in done:
+                poller.unregister(closed)
             if watch is not None:
                 self._first_frame(kernel, watch, arrived_at)
+            for closed in done:  # only now: closing a packet socket waits for an RCU grace period (ms)
+                closed.close()
 
     def _update_frame_sockets(self, frames, socks, poller):
         """Open a socket on every port newly wanted, close those no longer wanted (or watched too long)."""
@@ -850,24 +853,30 @@ class Daemon:
 
     def _first_frame(self, kernel, watch, arrived_at=None):
         """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does."""
+        arrived_at = time.monotonic() if arrived_at is None else arrived_at
         config = self.config()
         store = self.store(config)
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
             record = store.load(watch.driver, watch.name)
             if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):
                 job = self._last_pause.get((watch.driver, watch.name))
+                late = (arrived_at - job) * 1000 if job is not None else None
                 LOG.info("%s/%s: first frame of the incoming guest on %s came %s: nothing left to do",
-                         watch.driver, watch.name, watch.port,
-                         "%.1f ms after the RESUMED job started" % ((arrived_at - job) * 1000)
-                         if job is not None and arrived_at is not None else "late")
+                         watch.driver, watch.name, watch.port, "%.1f ms after the RESUMED job started" % late
+                         if late is not None and abs(late) < 10000 else "after RESUMED")
                 return
-            report = engine.reapply_record(watch.driver, watch.name, kernel, store, config, paused=False)
+            try:
+                report = engine.reapply_record(watch.driver, watch.name, kernel, store, config, paused=False)
+            except (FdbhookError, OSError) as exc:  # RESUMED tries again
+                LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
+                return
             store.clear_incoming(watch.driver, watch.name)
+            took = (time.monotonic() - arrived_at) * 1000
         self.first_frames += 1
         if self.metrics is not None:
             self.metrics.first_frame()
-        LOG.info("%s/%s: first frame of the incoming guest on %s: entries in before RESUMED (%s)",
-                 watch.driver, watch.name, watch.port,
+        LOG.info("%s/%s: first frame of the incoming guest on %s: entries in before RESUMED, %.1f ms after the frame"
+                 " (%s)", watch.driver, watch.name, watch.port, took,
                  ", ".join("%s %s" % (r.decision.port or "-", r.status) for r in report.results) or "no NIC")
         self.note_ports_changed()
 

@@ -124,7 +124,7 @@ def test_the_first_frame_runs_what_resumed_would_and_resumed_finds_it_done(tmp_p
     d._first_frame(k, d._frames_want[11])
     assert k.fdb_get(MAC, 10).ifindex == 11 and not store.load("qemu", "t1").paused
     assert not store.is_incoming("qemu", "t1") and d._frames_want == {} and d.first_frames == 1
-    assert "qemu/t1: first frame of the incoming guest on vnet0: entries in before RESUMED" in caplog.text
+    assert "qemu/t1: first frame of the incoming guest on vnet0: entries in before RESUMED, " in caplog.text
     d.run_job(k, D.Pause("qemu", "t1", False))  # RESUMED: nothing left to do
     assert k.fdb_get(MAC, 10).ifindex == 11 and d.first_frames == 1
 
