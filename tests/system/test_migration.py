@@ -183,7 +183,8 @@ def test_migration_moves_the_entry_at_pause_and_resume(lab, home, record_propert
 
 def _first_frames(host):
     """How often HOST's fdbhookd put an incoming guest's entries in at its first frame (its log)."""
-    return host.tail("fdbhookd.log", 10 ** 7).count("qemu/%s: first frame of the incoming guest on %s" % (GUEST, TAP))
+    return host.tail("fdbhookd.log", 10 ** 7).count("qemu/%s: first frame of the incoming guest on %s: entries in"
+                                                     % (GUEST, TAP))
 
 
 def test_unmanaged_bridge_baseline(lab, record_property):
