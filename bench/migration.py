@@ -21,7 +21,12 @@ Per migration:
 * resume->answered: send time of the first PING answered after the gap minus
   the RESUMED event's time (negative: PINGs queued before the resume were
   answered after it);
-* stale: PINGs the old host still delivered to a guest port after the resume.
+* stale: PINGs the old host still delivered to a guest port after the resume;
+* handover: when the destination's kernel announced the guest's static entry
+  minus when the source's announced its removal (``bridge -timestamp monitor
+  fdb`` on both hosts, one clock; negative: both hosts held it), and which
+  put the destination's entry in: the guest's first frame or RESUMED
+  (fdbhookd's log).
 
 A second half does the same with fdbhookd stopped on both hosts
 ("standalone": the hooks alone; the destination adds the entry at
@@ -70,20 +75,36 @@ def machine():
 
 def one(lab, mode, src, dst, interval):
     name, mac, bridge, _ = GUESTS[mode]
+    frames_before = first_frames(dst, name)
     with hostlab.Events(src) as src_events, hostlab.Events(dst) as dst_events, \
-            hostlab.Traffic(lab, mac, interval=interval) as traffic:
+            hostlab.Traffic(lab, mac, interval=interval) as traffic, \
+            hostlab.FdbMonitor(src, mac, bridge) as src_fdb, hostlab.FdbMonitor(dst, mac, bridge) as dst_fdb:
         time.sleep(0.5)
         t0 = time.monotonic()
         lab.migrate(name, src, dst)
         seconds = time.monotonic() - t0
         time.sleep(0.5)
     obs = hostlab.Observed(name=name, traffic=traffic, src_events=src_events, dst_events=dst_events, seconds=seconds,
-                           src=src, dst=dst, result=None)
+                           src=src, dst=dst, result=None, src_fdb=src_fdb, dst_fdb=dst_fdb)
     row = obs.summary()
     row.update(mode=mode, src=src.name, dst=dst.name)
+    hand = hostlab.handover(obs)
+    if "dst_add_after_src_del_ms" in hand:
+        row["handover_ms"] = hand["dst_add_after_src_del_ms"]
+        if obs.resumed:
+            row["dst_entry_after_resumed_ms"] = round((hand["dst_add"] - obs.resumed) * 1000.0, 1)
+    frames = first_frames(dst, name) - frames_before
+    if frames or (mode == "fdbhook" and dst.fdbhookd is not None):
+        row["entry_by"] = "first frame" if frames else "resumed"
     if "gap_ms" in row and "paused_ms" in row:
         row["over_pause_ms"] = round(row["gap_ms"] - row["paused_ms"], 1)
     return row
+
+
+def first_frames(host, name):
+    """How often HOST's fdbhookd put NAME's entries in at its first frame (its log)."""
+    return host.tail("fdbhookd.log", 10 ** 8).count("qemu/%s: first frame of the incoming guest on %s: entries in"
+                                                     % (name, GUESTS["fdbhook"][3]))
 
 
 def fresh(lab, host, mode):
@@ -133,16 +154,23 @@ def run(migrations, interval, standalone):
                 row["guest_hung"] = True
                 fresh(lab, dst, mode)
             rows.append(row)
-            print("  %2d %-10s %s->%s gap %6s ms  paused %6s ms  resume->answered %6s ms  lost %3s  stale %s" % (
-                i // 2 + 1, label, src.name, dst.name, row.get("gap_ms"), row.get("paused_ms"),
-                row.get("resume_to_answered_ms"), row.get("lost"), row.get("stale_after_resume")), flush=True)
+            print("  %2d %-10s %s->%s gap %6s ms  paused %6s ms  resume->answered %6s ms  lost %3s  stale %s"
+                  "  handover %s ms  entry-resumed %s ms  by %s" % (
+                      i // 2 + 1, label, src.name, dst.name, row.get("gap_ms"), row.get("paused_ms"),
+                      row.get("resume_to_answered_ms"), row.get("lost"), row.get("stale_after_resume"),
+                      row.get("handover_ms"), row.get("dst_entry_after_resumed_ms"), row.get("entry_by")), flush=True)
     result = {"machine": machine(), "interval_ms": interval * 1000, "migrations_per_mode": migrations,
               "rows": rows, "modes": {}}
     for mode in ("fdbhook", "unmanaged") + (("standalone",) if standalone else ()):
         mine = [r for r in rows if r["mode"] == mode and not r.get("guest_hung")]
         result.setdefault("guest_hung", {})[mode] = sum(1 for r in rows if r["mode"] == mode and r.get("guest_hung"))
         result["modes"][mode] = {key: stats(mine, key) for key in
-                                 ("gap_ms", "paused_ms", "over_pause_ms", "resume_to_answered_ms", "lost", "stale_after_resume", "migrate_s")}
+                                 ("gap_ms", "paused_ms", "over_pause_ms", "resume_to_answered_ms", "lost",
+                                  "stale_after_resume", "migrate_s", "handover_ms", "dst_entry_after_resumed_ms")}
+        result["modes"][mode]["handover_min_ms"] = min((r["handover_ms"] for r in mine if "handover_ms" in r),
+                                                       default=None)
+        result["modes"][mode]["entry_by"] = {by: sum(1 for r in mine if r.get("entry_by") == by)
+                                             for by in ("first frame", "resumed")}
     f, u = result["modes"]["fdbhook"]["gap_ms"], result["modes"]["unmanaged"]["gap_ms"]
     result["target"] = {"what": TARGET, "met": f["p50"] is not None and u["p50"] is not None
                         and f["p50"] <= u["p50"] and f["p99"] <= u["p99"]}
@@ -164,6 +192,15 @@ def print_table(result):
             "%s / %s" % (s["over_pause_ms"]["p50"], s["over_pause_ms"]["p99"]),
             "%s / %s" % (s["resume_to_answered_ms"]["p50"], s["resume_to_answered_ms"]["p99"]),
             "%s / %s" % (s["lost"]["p50"], s["lost"]["p99"]), s["stale_after_resume"]["max"]))
+    print("\n%-10s %21s %13s %27s %s" % ("", "handover ms p50/p99", "min", "entry-RESUMED ms p50/p99",
+                                         "entry put in by"))
+    for mode, s in result["modes"].items():
+        if s["handover_ms"]["n"]:
+            print("%-10s %21s %13s %27s %s" % (
+                mode, "%s / %s" % (s["handover_ms"]["p50"], s["handover_ms"]["p99"]), s["handover_min_ms"],
+                "%s / %s" % (s["dst_entry_after_resumed_ms"]["p50"], s["dst_entry_after_resumed_ms"]["p99"]),
+                ", ".join("%s %d" % kv for kv in s["entry_by"].items())))
+    print("handover: destination entry announced minus source entry removed (negative: both hosts held it)")
     print("\nmigrations after which the guest stopped answering (left out, guest booted again): %s"
           % ", ".join("%s %d" % kv for kv in result["guest_hung"].items()))
     print("target: %s: %s" % (result["target"]["what"], "met" if result["target"]["met"] else "MISSED"))

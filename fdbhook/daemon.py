@@ -17,6 +17,10 @@ Threads, and what each may do:
   few ms until libvirt names it, then reconciled on this thread; any other
   such port queues one lookup of its guest. A managed port that vanishes
   queues the pruning of its record.
+* frames: one poll loop over an AF_PACKET socket per port of an incoming
+  migration (fdbhook.firstframe decides which; fdbhook.kernel.FrameSocket):
+  the guest's first frame there (QEMU's announce) puts that domain's entries
+  in on this thread, as RESUMED would, a few ms before libvirt says RESUMED.
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.
@@ -41,14 +45,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fdbhook import engine, virt
+from fdbhook import engine, firstframe, virt
 from fdbhook.client import MAX_STDIN, pack, socket_path as default_socket, unpack
 from fdbhook.config import ConfigCache
 from fdbhook.domxml import normalize_mac, parse_domain
 from fdbhook.errors import FdbhookError
 from fdbhook.hook import run_hook
 from fdbhook.joined import JoinedPort, libvirt_style, match_joined
-from fdbhook.kernel import Kernel, LinkMonitor
+from fdbhook.kernel import FrameSocket, Kernel, LinkMonitor
 from fdbhook.state import Store
 
 LOG = logging.getLogger(__name__)
@@ -195,7 +199,7 @@ class _HookHandler(socketserver.StreamRequestHandler):
         result = daemon.serve_hook(driver, argv, data)
         self._answer(result.code, result.stdout, result.stderr)
         daemon.note_hook(driver, argv, data)
-        if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in HOOK_OPS_CHANGING_PORTS:
+        if driver in ("qemu", "lxc") and len(argv) > 1 and argv[1] in HOOK_OPS_CHANGING_PORTS + HOOK_OPS_ENDING:
             daemon.note_ports_changed()
 
     def _answer(self, code, out, err):
@@ -305,6 +309,11 @@ class Daemon:
         self.mac_changes = 0
         self._known_ports = set()
         self._known_lock = threading.Lock()
+        self._frames_want = {}  # ifindex -> firstframe.Watch: ports of incoming migrations
+        self._frames_wake = None  # the frames thread's pipe (read end, write end): look again
+        self._pause_lock = threading.RLock()  # RESUMED/SUSPENDED jobs vs the first frame of an incoming guest
+        self._last_pause = {}  # (driver, name) -> when its last SUSPENDED/RESUMED job started (for the log)
+        self.first_frames = 0
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
         self._guests_lock = threading.Lock()
         self.watchers = {}  # uri -> virt.Watcher
@@ -340,15 +349,30 @@ class Daemon:
                 "config_fallback": config.fallback, "hooks_served": self.hooks_served}
 
     def note_ports_changed(self):
-        """Refresh the set of ports that records know (used by the link monitor)."""
+        """Refresh the set of ports that records know (link monitor) and those of incoming guests (frames)."""
         try:
-            ports = {nic.ifindex for record in self.store().all() for nic in record.nics}
+            store = self.store()
+            records = store.all()
+            incoming = {(r.driver, r.domain) for r in records if r.paused and store.is_incoming(r.driver, r.domain)}
         except Exception:  # never fatal to the caller (a hook answer, a job): the next call refreshes
             LOG.exception("cannot read the records")
             return
+        ports = {nic.ifindex for record in records for nic in record.nics}
+        want = firstframe.wanted(records, incoming)
         with self._known_lock:
             self._known_ports = ports
+            changed, self._frames_want = want != self._frames_want, want
         self._announce_wake.set()
+        if changed:
+            self._wake_frames()
+
+    def _wake_frames(self):
+        with self._known_lock:
+            if self._frames_wake is not None:
+                try:
+                    os.write(self._frames_wake[1], b"x")
+                except OSError:  # the pipe is full: the thread wakes anyway
+                    pass
 
     def know_domain(self, domain):
         """Remember a domain's NICs (hook or live XML) for ports that join before anyone says whose."""
@@ -411,6 +435,7 @@ class Daemon:
         sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)
         self._spawn("links", self._link_monitor)
+        self._spawn("frames", self._frame_watcher)
         if self.use_libvirt:
             self._start_libvirt()
         self._spawn("resync", self._resync_timer)
@@ -482,6 +507,7 @@ class Daemon:
         self.stopping.set()
         self._announce_wake.set()  # the announce thread leaves its wait
         self.jobs.put(Stop())
+        self._wake_frames()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -586,9 +612,12 @@ class Daemon:
             self._reconcile(kernel, store, config, job.uri, job.name, alias=job.alias,
                             new_mac=(job.alias, job.new))
         elif isinstance(job, Pause):
-            engine.reapply_record(job.driver, job.name, kernel, store, config, paused=job.paused)
-            if not job.paused:
-                store.clear_incoming(job.driver, job.name)
+            with self._pause_lock:
+                self._last_pause[(job.driver, job.name)] = time.monotonic()
+                engine.reapply_record(job.driver, job.name, kernel, store, config, paused=job.paused)
+                if not job.paused:
+                    store.clear_incoming(job.driver, job.name)
+            self.note_ports_changed()
         elif isinstance(job, PortJoined):
             self._port_joined(kernel, store, config, job.port)
         elif isinstance(job, PortGone):
@@ -781,11 +810,131 @@ class Daemon:
                 if self.frr_unknown == 0:
                     break
 
+    # --- first frames of incoming guests -------------------------------------------------------
+    def _frame_watcher(self):
+        """One poll loop for every watched port (see fdbhook.firstframe)."""
+        frames = firstframe.FirstFrames()
+        socks = {}  # ifindex -> FrameSocket
+        poller = select.poll()
+        wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with self._known_lock:
+            self._frames_wake = wake
+        poller.register(wake[0], select.POLLIN)
+        kernel = Kernel()  # opens its netlink socket on first use
+        try:
+            while not self.stopping.is_set():
+                self._update_frame_sockets(frames, socks, poller)
+                ready = [fd for fd, _ in poller.poll(1000 if socks else 30000)]
+                arrived_at = time.monotonic()
+                if any(fd != wake[0] for fd in ready):
+                    # A frame: hold the pause lock before anything else (no syscall, no GIL hand-over
+                    # in between), so a RESUMED job that libvirt delivers meanwhile waits and finds it done.
+                    with self._pause_lock:
+                        self._frames_arrived(frames, socks, poller, ready, kernel, arrived_at)
+                if wake[0] in ready:
+                    _drain_pipe(wake[0])
+        finally:
+            for ifindex in list(socks):
+                self._close_frame_socket(socks, poller, ifindex)
+            kernel.close()
+            with self._known_lock:
+                self._frames_wake = None
+            for fd in wake:
+                os.close(fd)
+
+    def _frames_arrived(self, frames, socks, poller, fds, kernel, arrived_at):
+        """Sockets ``fds`` are readable: a guest's first frame (its domain's entries in), or a port gone."""
+        by_fd = {sock.fileno(): sock for sock in socks.values()}
+        for fd in fds:
+            sock = by_fd.get(fd)
+            if sock is None or sock.ifindex not in socks:  # closed in this round
+                continue
+            try:
+                arrived = sock.drain()
+            except OSError:  # the port went away (an aborted migration): nothing to do
+                frames.dropped(sock.ifindex)
+                self._close_frame_socket(socks, poller, sock.ifindex)
+                continue
+            if not arrived:
+                continue
+            watch, closing = frames.fired(sock.ifindex)
+            done = [socks.pop(w.ifindex) for w in closing if w.ifindex in socks]
+            for closed in done:
+                poller.unregister(closed)
+            if watch is not None:
+                self._first_frame(kernel, watch, arrived_at)
+            for closed in done:  # only now: closing a packet socket waits for an RCU grace period (ms)
+                closed.close()
+
+    def _update_frame_sockets(self, frames, socks, poller):
+        """Open a socket on every port newly wanted, close those no longer wanted (or watched too long)."""
+        with self._known_lock:
+            want = self._frames_want
+        to_open, to_close = frames.update(want, time.monotonic())
+        for watch in to_close:
+            self._close_frame_socket(socks, poller, watch.ifindex)
+        for watch in to_open:
+            try:
+                sock = socks[watch.ifindex] = FrameSocket(watch.ifindex, firstframe.bpf_program(watch.macs))
+            except (OSError, ValueError) as exc:  # the port is gone already; RESUMED still works
+                LOG.warning("%s/%s: cannot watch %s for the guest's first frame: %s",
+                            watch.driver, watch.name, watch.port, exc)
+                frames.dropped(watch.ifindex)
+                continue
+            poller.register(sock, select.POLLIN)
+            LOG.debug("%s/%s: watching %s for a frame from %s", watch.driver, watch.name, watch.port,
+                      " ".join(watch.macs))
+
+    @staticmethod
+    def _close_frame_socket(socks, poller, ifindex):
+        sock = socks.pop(ifindex, None)
+        if sock is not None:
+            poller.unregister(sock)
+            sock.close()
+
+    def _first_frame(self, kernel, watch, arrived_at=None):
+        """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does."""
+        arrived_at = time.monotonic() if arrived_at is None else arrived_at
+        config = self.config()
+        store = self.store(config)
+        with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
+            record = store.load(watch.driver, watch.name)
+            if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):
+                job = self._last_pause.get((watch.driver, watch.name))
+                late = (arrived_at - job) * 1000 if job is not None else None
+                LOG.info("%s/%s: first frame of the incoming guest on %s came %s: nothing left to do",
+                         watch.driver, watch.name, watch.port, "%.1f ms after the RESUMED job started" % late
+                         if late is not None and abs(late) < 10000 else "after RESUMED")
+                return
+            try:
+                report = engine.reapply_record(watch.driver, watch.name, kernel, store, config, paused=False)
+            except (FdbhookError, OSError) as exc:  # RESUMED tries again
+                LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
+                return
+            store.clear_incoming(watch.driver, watch.name)
+            took = (time.monotonic() - arrived_at) * 1000
+        self.first_frames += 1
+        if self.metrics is not None:
+            self.metrics.first_frame()
+        LOG.info("%s/%s: first frame of the incoming guest on %s: entries in before RESUMED, %.1f ms after the frame"
+                 " (%s)", watch.driver, watch.name, watch.port, took,
+                 ", ".join("%s %s" % (r.decision.port or "-", r.status) for r in report.results) or "no NIC")
+        self.note_ports_changed()
+
     def _resync_timer(self):
         while not self.stopping.wait(self.config().resync_interval):
             self.put(Resync())
             for uri in list(self.watchers):
                 self.put(Sync(uri))
+
+
+def _drain_pipe(fd):
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except BlockingIOError:
+            return
 
 
 def sd_notify(message):

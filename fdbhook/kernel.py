@@ -722,6 +722,62 @@ class LinkMonitor:
         self._sock.close()
 
 
+class FrameSocket:
+    """Frames one port receives that a classic BPF ``program`` accepts (fdbhook.firstframe).
+
+    An AF_PACKET socket opened with protocol 0 (nothing arrives yet), given
+    its filter and PACKET_IGNORE_OUTGOING (4.20+; the filter drops outgoing
+    frames on older kernels too), then bound to the port's ifindex: from then
+    on a frame the port receives (the guest sent it) and the filter accepts
+    makes the socket readable. Only arrivals count: nothing in a frame is read.
+    When the port goes away the socket reports an error (POLLERR, ENETDOWN).
+    """
+
+    SO_ATTACH_FILTER, SOL_PACKET, PACKET_IGNORE_OUTGOING, ETH_P_ALL = 26, 263, 23, 0x0003
+
+    def __init__(self, ifindex, program):
+        import ctypes
+        import socket
+
+        self.ifindex = ifindex
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *ins) for ins in program))
+            fprog = struct.pack("HL", len(program), ctypes.addressof(code))  # struct sock_fprog
+            self._sock.setsockopt(socket.SOL_SOCKET, self.SO_ATTACH_FILTER, fprog)
+            try:
+                self._sock.setsockopt(self.SOL_PACKET, self.PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            # struct sockaddr_ll by ifindex (Python's own bind takes a name, which may be renamed meanwhile)
+            addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(self.ETH_P_ALL), ifindex, 0, 0, 0, b"")
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.bind(self._sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, "bind to ifindex %d: %s" % (ifindex, os.strerror(err)))
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def drain(self):
+        """How many accepted frames were waiting (0: none). OSError once the port is gone."""
+        count = 0
+        while True:
+            try:
+                self._sock.recv(128)
+            except BlockingIOError:
+                return count
+            count += 1
+
+    def close(self):
+        self._sock.close()
+
+
 # --- requests, encoded: the hot path's messages without pyroute2's request
 # compiler (0.1-0.5 ms a message in 0.7); tests/unit/test_kernel_adapter.py
 # checks every one against the bytes pyroute2's IPBatch makes for it.

@@ -119,6 +119,9 @@ class Metrics:
         self.mac_changes = Counter(PREFIX + "_mac_changes", "Guest MAC changes (NIC_MAC_CHANGE) followed",
                                    registry=self.registry)
         self.resyncs = Counter(PREFIX + "_resyncs", "Full resyncs run", registry=self.registry)
+        self.first_frames = Counter(PREFIX + "_incoming_first_frames",
+                                    "Incoming migrations whose entries went in at the guest's first frame",
+                                    registry=self.registry)
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self._last_resync = 0.0
@@ -142,6 +145,9 @@ class Metrics:
 
     def mac_changed(self):
         self.mac_changes.inc()
+
+    def first_frame(self):
+        self.first_frames.inc()
 
     def refresh(self, records, links, config):
         snap = snapshot(records, links, config)

@@ -684,6 +684,69 @@ def _parse_stamp(stamp):
     return datetime.datetime.strptime(stamp.strip(), "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
 
 
+class FdbMonitor:
+    """``bridge -timestamp monitor fdb`` on one host: [(wall time, 'add'|'del', port)] for MAC's static
+    entries on BRIDGE's ports (times as the monitor received the kernel's notifications; both hosts'
+    monitors run on this machine's one clock, so they order the two kernels' changes to a ms or so)."""
+
+    def __init__(self, host, mac, bridge=BRIDGE):
+        self.host, self.mac, self.bridge = host, mac.lower(), bridge
+        self.proc = None
+        self.events = []
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["bridge", "-n", self.host.ns, "-timestamp", "monitor", "fdb"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        _remember(self.proc.pid)
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.1)
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        self.events = self.parse(out, self.mac, self.bridge)
+        return False
+
+    @staticmethod
+    def parse(out, mac, bridge):
+        import datetime
+
+        events, stamp = [], None
+        for line in out.splitlines():
+            if line.startswith("Timestamp: "):
+                # Timestamp: Mon Dec  7 11:26:09 2026 258379 usec
+                words = line.split()
+                when = datetime.datetime.strptime(" ".join(words[1:6]), "%a %b %d %H:%M:%S %Y")
+                stamp = time.mktime(when.timetuple()) + int(words[6]) / 1e6
+                continue
+            words = line.split()
+            deleted = words[:1] == ["Deleted"]
+            words = words[1:] if deleted else words
+            if stamp is None or not words or words[0] != mac or "static" not in words \
+                    or "dev" not in words or "master" not in words:
+                continue
+            port = words[words.index("dev") + 1]
+            if words[words.index("master") + 1] == bridge and port != bridge:
+                events.append((stamp, "del" if deleted else "add", port))
+        return events
+
+    def first(self, kind, skip=()):
+        """Time of the first KIND event on a port not in SKIP, or None."""
+        return next((t for t, k, port in self.events if k == kind and port not in skip), None)
+
+
+def handover(obs, uplinks=("fxd-up", "fxd-upu")):
+    """{src_del, dst_add (wall times), both_ms: dst_add - src_del < 0 means both hosts held the MAC}."""
+    src_del = obs.src_fdb.first("del", uplinks)
+    dst_add = obs.dst_fdb.first("add", uplinks)
+    out = {"src_del": src_del, "dst_add": dst_add}
+    if src_del is not None and dst_add is not None:
+        out["dst_add_after_src_del_ms"] = round((dst_add - src_del) * 1000.0, 1)
+    return out
+
+
 PROBE_MAC = "02:fd:00:00:00:99"
 PACKET_OUTGOING = 4
 
@@ -893,7 +956,8 @@ def observed_migration(lab, name, mac, src, dst, bridge=BRIDGE, settle=0.5, chec
             failed.append(exc)
 
     with Events(src) as src_events, Events(dst) as dst_events, Timeline(lab, mac, bridge) as timeline, \
-            Traffic(lab, mac) as traffic:
+            Traffic(lab, mac) as traffic, FdbMonitor(src, mac, bridge) as src_fdb, \
+            FdbMonitor(dst, mac, bridge) as dst_fdb:
         time.sleep(settle)
         helper = threading.Thread(target=helper_body, args=(lab,), daemon=True) if during else None
         t0 = time.monotonic()
@@ -907,7 +971,7 @@ def observed_migration(lab, name, mac, src, dst, bridge=BRIDGE, settle=0.5, chec
     if failed:
         raise failed[0]
     return Observed(name=name, result=result, timeline=timeline, traffic=traffic, src_events=src_events,
-                    dst_events=dst_events, seconds=seconds, src=src, dst=dst)
+                    dst_events=dst_events, seconds=seconds, src=src, dst=dst, src_fdb=src_fdb, dst_fdb=dst_fdb)
 
 
 if __name__ == "__main__":  # manual smoke run: bring the lab up, migrate A -> B -> A, tear down

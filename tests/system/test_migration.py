@@ -124,6 +124,8 @@ def _port_states(timeline, host, tap):
 
 
 def _check_managed_move(obs, src, dst):
+    from tests import hostlab
+
     tl = obs.timeline
     assert obs.suspended and obs.resumed, (obs.src_events.events, obs.dst_events.events)
     # 1. the destination port: locked down from its start hook on (libvirt attaches the tap
@@ -136,11 +138,12 @@ def _check_managed_move(obs, src, dst):
     assert locked is not None and entry is not None, tl.samples[dst.name][-3:]
     joined = tl.first(dst.name, lambda e, p: TAP in p)
     period = (tl.samples[dst.name][-1][0] - tl.samples[dst.name][0][0]) / max(1, len(tl.samples[dst.name]) - 1)
+    hand = hostlab.handover(obs, UPLINKS)
     print("%s->%s: tap on %s's bridge %.3f s before its start hook locked it; entry %.3f s after the resume;"
-          " one sample every %.3f s" % (src.name, dst.name, dst.name, locked - joined, entry - obs.resumed, period))
+          " one sample every %.3f s; bridge monitors: entry in on %s %s ms after the source's went"
+          % (src.name, dst.name, dst.name, locked - joined, entry - obs.resumed, period, dst.name,
+             hand.get("dst_add_after_src_del_ms")))
     assert entry > obs.suspended, "entry on %s before the source paused" % dst.name
-    assert entry >= obs.resumed - TOLERANCE, "entry on %s %.3f s before the resume" % (
-        dst.name, obs.resumed - entry)
     assert any(p.get(TAP) == (False, False) and TAP not in e for t, e, p in tl.samples[dst.name]
                if locked <= t < obs.resumed), "never saw the locked, entry-less port while paused"
     # the source: entry there until the pause, gone after it
@@ -160,14 +163,28 @@ def _check_managed_move(obs, src, dst):
 def test_migration_moves_the_entry_at_pause_and_resume(lab, home, record_property):
     from tests import hostlab
 
+    by_frame = 0
     for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
+        before = _first_frames(dst)
         obs = hostlab.observed_migration(lab, GUEST, MAC, src, dst)
         _report(record_property, "fdbhook %s->%s" % (src.name, dst.name), obs)
         _check_managed_move(obs, src, dst)
+        by_frame += 1 if poll(lambda: _first_frames(dst) == before + 1, timeout=2) else 0
         # the destination's record says running, its incoming mark is gone; the source has nothing
         assert poll(lambda: not _incoming(dst), timeout=5), _incoming(dst)
         assert src.records() == [] and src.static_entries(MAC) == [], (src.records(), src.fdb())
         assert [e["ifname"] for e in dst.static_entries(MAC)] == [TAP]
+    # The entry went in at the guest's first frame on its new port (QEMU's announce, sent as the CPUs
+    # start), not at RESUMED. libvirt's RESUMED comes a few ms later and would do the same: it may win
+    # the race on a loaded machine now and then, but not in both directions.
+    record_property("entries put in by the first frame", by_frame)
+    assert by_frame >= 1, (lab.a.tail("fdbhookd.log"), lab.b.tail("fdbhookd.log"))
+
+
+def _first_frames(host):
+    """How often HOST's fdbhookd put an incoming guest's entries in at its first frame (its log)."""
+    return host.tail("fdbhookd.log", 10 ** 7).count("qemu/%s: first frame of the incoming guest on %s: entries in"
+                                                     % (GUEST, TAP))
 
 
 def test_unmanaged_bridge_baseline(lab, record_property):

@@ -1,0 +1,95 @@
+"""An incoming guest's first frame on its port, on real taps: fdbhook.kernel.FrameSocket and fdbhookd's use of it."""
+
+import select
+import socket
+
+import pytest
+
+from fdbhook.firstframe import bpf_program
+from fdbhook.kernel import FrameSocket
+from fdbhook.lab import in_netns, poll
+from tests.helpers import bridge_nic, domain_xml
+from tests.kernel.test_daemon_kernel import daemon, denv, hook, log  # noqa: F401 (fixtures)
+from tests.kernel.test_hook_kernel import pyroute2_view
+
+pytestmark = pytest.mark.root
+MAC, OTHER = "52:54:00:00:00:01", "52:54:00:00:00:77"
+
+
+def frame(src, dst="ff:ff:ff:ff:ff:ff"):
+    """An RARP-like broadcast (what QEMU announces a migrated guest with)."""
+    return bytes.fromhex(dst.replace(":", "") + src.replace(":", "")) + b"\x80\x35" + bytes(46)
+
+
+def readable(sock, seconds):
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
+def packet_sockets(lab, ifindex):
+    """AF_PACKET sockets bound to IFINDEX in the lab namespace (/proc/net/packet)."""
+    with in_netns(lab.ns), open("/proc/thread-self/net/packet") as handle:
+        return sum(1 for line in handle.read().splitlines()[1:] if int(line.split()[4]) == ifindex)
+
+
+def test_only_a_frame_the_guest_sends_from_a_known_mac_wakes_the_socket(lab):
+    lab.add_bridge("br0")
+    guest = lab.add_tap("vnet0", bridge="br0")
+    wire = lab.add_veth("ff-up", "ff-upp", bridge="br0")
+    with in_netns(lab.ns):
+        ifindex = socket.if_nametoindex("vnet0")
+        sock = FrameSocket(ifindex, bpf_program([MAC, "52:54:00:00:00:0a"]))
+    try:
+        assert packet_sockets(lab, ifindex) == 1
+        guest.send(frame(OTHER))  # another source MAC on the guest's port
+        wire.send(frame(MAC))  # the guest's MAC, flooded by the bridge TO the tap (the source still runs it)
+        assert not readable(sock, 0.5) and sock.drain() == 0
+        guest.send(frame("52:54:00:00:00:0a", dst="02:00:00:00:00:09"))
+        assert readable(sock, 10) and sock.drain() == 1
+        guest.send(frame(MAC))
+        assert readable(sock, 10) and sock.drain() == 1
+        lab.ip("link", "del", "vnet0")  # the port vanishes (an aborted migration): an error, not a frame
+        assert readable(sock, 10)
+        with pytest.raises(OSError):
+            sock.drain()
+    finally:
+        sock.close()
+    assert packet_sockets(lab, ifindex) == 0
+
+
+def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_closes_its_socket(lab, denv, daemon):
+    lab.add_bridge("br0")
+    guest = lab.add_tap("vnet0", bridge="br0")
+    with in_netns(lab.ns):
+        ifindex = socket.if_nametoindex("vnet0")
+    xml = domain_xml([bridge_nic()])
+    for op in ("migrate", "start"):
+        result = hook(lab, denv, op, xml)
+        assert result.returncode == 0, result.stderr
+    assert pyroute2_view(lab, "vnet0") == (False, False, [])  # locked down, no entry: the guest is paused
+    assert poll(lambda: packet_sockets(lab, ifindex) == 1, timeout=10), log(denv)
+    guest.send(frame(OTHER))
+    assert not poll(lambda: pyroute2_view(lab, "vnet0")[2], timeout=1)
+    guest.send(frame(MAC))
+    assert poll(lambda: pyroute2_view(lab, "vnet0") == (False, False, [MAC]), timeout=10), log(denv)
+    assert "qemu/t1: first frame of the incoming guest on vnet0: entries in before RESUMED, " in log(denv)
+    assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10)
+    # later frames change nothing; the stopped hook tears down as ever
+    guest.send(frame(MAC))
+    assert hook(lab, denv, "stopped").returncode == 0
+    assert pyroute2_view(lab, "vnet0") == (True, True, [])
+    assert log(denv).count("first frame of the incoming guest") == 1
+
+
+def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, daemon):
+    lab.add_bridge("br0")
+    lab.add_tap("vnet0", bridge="br0")
+    with in_netns(lab.ns):
+        ifindex = socket.if_nametoindex("vnet0")
+    xml = domain_xml([bridge_nic()])
+    for op in ("migrate", "start"):
+        assert hook(lab, denv, op, xml).returncode == 0
+    assert poll(lambda: packet_sockets(lab, ifindex) == 1, timeout=10), log(denv)
+    assert hook(lab, denv, "stopped").returncode == 0  # the migration was aborted: libvirt stops the guest
+    assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10), log(denv)
