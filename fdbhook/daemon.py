@@ -295,6 +295,8 @@ class Daemon:
         self.hooks_served = 0
         self.repairs = 0
         self.mac_changes = 0
+        self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
+        self._lockdowns = {}  # link monitor only: locked-down port ifindex -> monotonic time of its bound
         self._known_ports = set()
         self._known_lock = threading.Lock()
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
@@ -415,7 +417,8 @@ class Daemon:
             store = self.store()
             if needs_recovery(store):
                 with Kernel() as kernel, store.lock():
-                    recover(kernel, store)
+                    # pending lock-downs of a dead fdbhookd: put back (the sync applies what libvirt knows)
+                    recover(kernel, store, all_pending=True)
         except Exception as exc:  # the worker's first resync tries again
             LOG.error("recovering interrupted operations at start-up failed: %s", exc)
 
@@ -645,9 +648,15 @@ class Daemon:
         wait = 0.002
         try:
             while not self.stopping.is_set():
-                ready, _, _ = select.select([monitor], [], [], wait if pending else 1.0)
+                timeout = wait if pending else 1.0
+                if self._lockdowns:
+                    timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
+                ready, _, _ = select.select([monitor], [], [], timeout)
                 if ready:
                     self._link_events(kernel, monitor.read(), bridges, asked, pending)
+                if self._lockdowns:
+                    now = time.monotonic()
+                    self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
                 if pending:
                     # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
                     # look every few ms meanwhile, never spending more than a third of the time on it.
@@ -665,9 +674,14 @@ class Daemon:
     def _link_events(self, kernel, events, bridges, asked, pending=None):
         with self._known_lock:
             known = self._known_ports
-        for event, ifindex, _, _ in events:
+        left = set()
+        for event, ifindex, _, master in events:
             if event == "del" and ifindex in known:
                 self.put(PortGone(ifindex))
+            if ifindex in self._lockdowns and (event == "del" or not master):
+                left.add(ifindex)  # a locked-down port went away or left its bridge: its pending record goes
+        if left:
+            self._settle_lockdowns(kernel, left)
         config = None
         for event, ifindex, port, master in events:
             if event != "new" or not master or not port or ifindex in known:
@@ -681,7 +695,7 @@ class Daemon:
                     and now - asked.get(ifindex, -60.0) > 5.0:
                 asked[ifindex] = now
                 try:
-                    how = self._joined(kernel, config, ifindex, bridges[master])
+                    how = self._joined(kernel, config, ifindex, bridges[master], master)
                 except (FdbhookError, OSError) as exc:  # a bad record, a kernel error: libvirt's way still works
                     LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
                     how = None
@@ -693,22 +707,28 @@ class Daemon:
                 elif how != "applied":
                     self.put(PortJoined(port))
 
-    def _joined(self, kernel, config, ifindex, bridge):
+    def _joined(self, kernel, config, ifindex, bridge, bridge_ifindex=None):
         """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
-        "lookup" (libvirt-style, NIC not known yet) or None."""
+        "lookup" (libvirt-style, NIC not known yet; locked down if it is unmistakably a guest's) or None."""
         kernel.forget()
         link = kernel.by_index(ifindex)
         if link is None or link.kind not in ("tun", "veth"):
             return None
-        peer_mac = None
+        peer_mac = peer = None
         if link.kind == "veth" and link.peer:
             peer = kernel.by_index(link.peer)
             # Both ends still in our namespace (libvirt moves the container end later): the peer points back.
             peer_mac = peer.mac if peer is not None and peer.peer == ifindex else None
-        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac)
-        match = match_joined(port, self.known_domains())
+            peer = peer if peer_mac else None
+        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac, peer.kind if peer is not None else None)
+        domains = self.known_domains()
+        match = match_joined(port, domains)
         if match is None:
-            return "lookup" if libvirt_style(port) else None
+            if not libvirt_style(port):
+                return None
+            if bridge_ifindex and config.hotplug_lockdown > 0 and self._managed_bridge(config, bridge):
+                self._lock_down(kernel, config, link, peer, bridge, bridge_ifindex, domains)
+            return "lookup"
         domain = match.domain
         store = self.store(config)
         record = store.load(domain.driver, domain.name)
@@ -718,6 +738,52 @@ class Daemon:
         engine.apply_domain(domain, config, kernel, store, paused=paused, prune=False)
         self.note_ports_changed()
         return "applied"
+
+    def _managed_bridge(self, config, bridge):
+        if config.bridge_managed(bridge):
+            return True
+        if not config.networks:
+            return False
+        from fdbhook.resolve import load_networks
+        return any(net.bridge == bridge for net in load_networks(list(config.networks), config.network_dirs).values())
+
+    def _lock_down(self, kernel, config, link, peer, bridge, bridge_ifindex, domains):
+        """A guest's port nobody knows yet: learning and flood off now (fdbhook.lockdown), until its NIC
+        is known (the apply takes it over) or the bound passes (put back as it was)."""
+        from fdbhook import lockdown
+
+        target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
+        try:
+            decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
+                                          target_devs)
+        except FdbhookError as exc:  # a pending record may be there: settled at the bound like any other
+            self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
+            LOG.error("%s joined %s: locking it down failed: %s", link.name, bridge, exc)
+            return
+        if decision.lock:
+            self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
+            self.lockdowns += 1
+            LOG.info("%s joined %s: locked down until its NIC is known: %s", link.name, bridge, decision.why)
+        else:
+            LOG.debug("%s joined %s: not locked down: %s", link.name, bridge, decision.why)
+
+    def _settle_lockdowns(self, kernel, ifindexes):
+        """Locked-down ports past their bound, gone or off their bridge: settled (fdbhook.lockdown.settle)."""
+        from fdbhook import lockdown
+
+        if not ifindexes:
+            return
+        for ifindex in ifindexes:
+            self._lockdowns.pop(ifindex, None)
+        try:
+            store = self.store()
+            with store.lock():
+                done = lockdown.settle(kernel, store, only=set(ifindexes))
+        except FdbhookError as exc:  # the next run (a resync, a hook) settles it
+            LOG.error("settling locked-down ports: %s", exc)
+            return
+        for ifindex, what in sorted(done.items()):
+            LOG.debug("locked-down port %d: %s", ifindex, what)
 
     def _look_up_joined(self, kernel, pending):
         """Ask libvirt whose the pending ports are; reconcile each one found, on this thread."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from fdbhook import plan as planner
-from fdbhook import txn
+from fdbhook import lockdown, txn
 from fdbhook.current import locate, read_port
 from fdbhook.errors import ApplyError, KernelError, StateError
 from fdbhook.logsetup import nic_fields
@@ -324,8 +324,14 @@ def _new_record(d, want, vids, before, prev, have_membership, security):
                      prev_locked=bool(before.locked), **lock)
 
 
-def _plan_nic(kernel, config, d, prev, dry_run, facts, paused):
-    """Plan one managed port (nothing written): (result, new record or None, (want, before, ops) or None)."""
+def _plan_nic(kernel, config, d, prev, dry_run, facts, paused, pending=None):
+    """Plan one managed port (nothing written): (result, new record or None, (want, before, ops) or None).
+
+    ``pending``: fdbhook.lockdown.originals; a port locked down at its join
+    gets the state it had before the lock-down as its record's state-before
+    (the intent keeps the state read now: a rollback leaves it locked down,
+    its pending record still there).
+    """
     link = d.link if d.link is not None else kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
         return NicResult(d, "failed", "port %s vanished" % d.port), None, None
@@ -354,7 +360,12 @@ def _plan_nic(kernel, config, d, prev, dry_run, facts, paused):
     if want.locked and before.locked is None:
         _lock_unsupported(d.bridge)
         message += " (not locked: this kernel has no locked bridge ports)"
-    rec = _new_record(d, want, vids, before, prev, have_membership, security)
+    original = (pending or {}).get(d.ifindex)
+    if prev is None and original is not None and original[0] == d.port:
+        rec = _new_record(d, want, vids, replace(before, learning=original[1], flood=original[2]), prev,
+                          have_membership, security)
+    else:
+        rec = _new_record(d, want, vids, before, prev, have_membership, security)
     return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before, ops)
 
 
@@ -576,7 +587,7 @@ def _commit(kernel, tx, record, executed, changed=True):
             from None
 
 
-def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused):
+def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused, pending=None):
     """(results, planned) for every decision, nothing written; ``kept`` gets the planned records."""
     facts = BridgeFacts(kernel)
     if not hold:
@@ -589,7 +600,7 @@ def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused):
             results.append(NicResult(d, status, message))
             continue
         old = _previous(kept, d)
-        result, rec, todo = _plan_nic(kernel, config, d, old, dry_run, facts, paused)
+        result, rec, todo = _plan_nic(kernel, config, d, old, dry_run, facts, paused, pending)
         results.append(result)
         if rec is not None:
             if old is not None:
@@ -687,7 +698,8 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
 def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused):
     """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
     kept_before = dict(kept)
-    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+    pending = lockdown.originals(store)
+    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused, pending)
     fail = config.on_error == "fail"
     if fail and not dry_run and any(r.failed for r in results):
         # a NIC could not even be planned: nothing is written
@@ -706,6 +718,7 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         kept, executed = _execute_planned(kernel, tx, planned, results, kept, kept_before, fail)
         new_record = record_of(kept)
         _commit(kernel, tx, new_record, executed)
+        lockdown.drop_claimed(store, new_record, pending)
     return results, new_record
 
 

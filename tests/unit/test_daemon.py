@@ -96,7 +96,11 @@ def test_a_port_carrying_a_nic_mac_from_a_hook_gets_its_plan_at_the_join_and_oth
     assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == 11
     assert [n.port for n in d.store().load("qemu", "web1").nics] == ["vnet0"]
     assert d._known_ports == {11}
-    assert k.by_name("vnet1").learning is True and k.by_name("eth0").flood is True  # untouched
+    # vnet1: a qemu tap (libvirt's name and tap address) nobody knows yet: locked down, no entry, its
+    # original state pending; eth0 (no tap address) untouched
+    assert k.by_name("vnet1").learning is False and k.by_name("vnet1").flood is False
+    assert [(i, p["port"], p["learning"], p["flood"]) for i, p in d.store().pending()] == [(12, "vnet1", True, True)]
+    assert k.by_name("eth0").learning is True and k.by_name("eth0").flood is True
     d.note_hook("qemu", ["web1", "release", "end", "-"], b"")
     assert d.known_domains() == []
 
