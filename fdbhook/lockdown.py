@@ -65,8 +65,9 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
 
     The decision is made again under the store's lock with the kernel read
     afresh (a hook may have taken the port meanwhile). StateError: the
-    pending record could not be written, nothing changed; KernelError: the
-    request failed (the pending record stays; the next settle restores).
+    pending record could not be written, nothing changed. A request the
+    kernel refuses is undone at once (decision: not locked); KernelError only
+    when that fails too (the pending record stays; the next settle restores).
     """
     bound = config.hotplug_lockdown
     with store.lock():
@@ -93,7 +94,14 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
         have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
                            flood=bool(link.flood))
         ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
-        kernel.execute_many(ops)
+        try:
+            kernel.execute_many(ops)
+        except KernelError as exc:
+            # Put back at once; if that fails too, the pending record stays for the next settle.
+            kernel.forget()
+            restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood))
+            store.remove_pending(link.ifindex)
+            return Lockdown(False, "the kernel refused it (%s); left as it was" % exc)
     return decision
 
 
