@@ -13,8 +13,11 @@ Threads, and what each may do:
   and that carries a known NIC's MAC the way libvirt addresses its taps
   (fdbhook.joined; NICs known from hook XML and libvirt's live XML) gets that
   NIC's plan at once, on this thread, through the engine; a libvirt-style
-  port nothing knows yet (hotplug) is looked up in libvirt's live XML every
-  few ms until libvirt names it, then reconciled on this thread; any other
+  port nothing knows yet (hotplug) is locked down at once if it is
+  unmistakably a guest's (fdbhook.lockdown: learning/flood off, no entry,
+  its original state pending), then looked up in libvirt's live XML every
+  few ms until libvirt names it, then reconciled on this thread (the apply
+  claims it); unclaimed at its bound, it is put back as it was; any other
   such port queues one lookup of its guest. A managed port that vanishes
   queues the pruning of its record.
 * worker: runs queued jobs one at a time, each a small frozen object, with
