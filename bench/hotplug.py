@@ -230,7 +230,9 @@ def fsync_cost(writes=50):
     sys.path.insert(0, REPO)
     from fdbhook import safefile
 
-    base = "/var/lib/fdbhook" if os.path.isdir("/var/lib/fdbhook") else "/var/tmp"
+    from fdbhook.config import DEFAULT_STATE_DIR
+
+    base = os.path.dirname(DEFAULT_STATE_DIR)  # the file system fdbhookd's state directory lives on
     directory = tempfile.mkdtemp(prefix=PFX + "-fsync-", dir=base)
     times = []
     try:
