@@ -82,11 +82,11 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
             return Lockdown(False, "already locked down")
         joined = JoinedPort(link.name, link.kind, link.mac, bridge,
                             peer.mac if peer is not None else None, peer.kind if peer is not None else None)
-        decision = decide_lockdown(joined, uplink=config.uplink(link.name), recorded=recorded,
-                                   target_devs=target_devs)
-        if decision.lock:
+        facts = dict(uplink=config.uplink(link.name), recorded=recorded, target_devs=target_devs)
+        decision = decide_lockdown(joined, **facts)
+        if decision.lock:  # only then the one FDB dump: static entries of anyone on it
             foreign = [e.mac for e in kernel.port_entries(link.ifindex) if not e.local and not e.dynamic]
-            decision = decide_lockdown(joined, foreign_entries=foreign, target_devs=target_devs)
+            decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
         if not decision.lock:
             return decision
         now = time.time() if now is None else now
