@@ -13,13 +13,17 @@ Threads, and what each may do:
   and that carries a known NIC's MAC the way libvirt addresses its taps
   (fdbhook.joined; NICs known from hook XML and libvirt's live XML) gets that
   NIC's plan at once, on this thread, through the engine; a libvirt-style
-  port nothing knows yet (hotplug) is locked down at once if it is
-  unmistakably a guest's (fdbhook.lockdown: learning/flood off, no entry,
-  its original state pending), then looked up in libvirt's live XML every
-  few ms until libvirt names it, then reconciled on this thread (the apply
-  claims it); unclaimed at its bound, it is put back as it was; any other
+  port nothing knows yet (hotplug; the lock-down thread locks it down) is
+  looked up in libvirt's live XML every few ms until libvirt names it, then
+  reconciled on this thread (the apply claims it); any other
   such port queues one lookup of its guest. A managed port that vanishes
   queues the pruning of its record.
+* lock-down (its own event socket, so that no lookup or apply on the link
+  monitor's thread delays it): a port joining a managed bridge that is
+  unmistakably a guest's and that no known NIC matches gets learning and
+  flood off at once, its original state pending (fdbhook.lockdown), until
+  the link monitor's lookup, DEVICE_ADDED or a hook claims it; unclaimed at
+  its bound, gone or off its bridge, it is settled here.
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.
@@ -299,7 +303,7 @@ class Daemon:
         self.repairs = 0
         self.mac_changes = 0
         self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
-        self._lockdowns = {}  # link monitor only: locked-down port ifindex -> monotonic time of its bound
+        self._lockdowns = {}  # lock-down thread only: locked-down port ifindex -> monotonic time of its bound
         self._known_ports = set()
         self._known_lock = threading.Lock()
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
@@ -405,6 +409,7 @@ class Daemon:
         sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)
         self._spawn("links", self._link_monitor)
+        self._spawn("lockdown", self._lockdown_monitor)
         if self.use_libvirt:
             self._start_libvirt()
         self._spawn("resync", self._resync_timer)
@@ -651,15 +656,9 @@ class Daemon:
         wait = 0.002
         try:
             while not self.stopping.is_set():
-                timeout = wait if pending else 1.0
-                if self._lockdowns:
-                    timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
-                ready, _, _ = select.select([monitor], [], [], timeout)
+                ready, _, _ = select.select([monitor], [], [], wait if pending else 1.0)
                 if ready:
                     self._link_events(kernel, monitor.read(), bridges, asked, pending)
-                if self._lockdowns:
-                    now = time.monotonic()
-                    self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
                 if pending:
                     # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
                     # look every few ms meanwhile, never spending more than a third of the time on it.
@@ -677,14 +676,9 @@ class Daemon:
     def _link_events(self, kernel, events, bridges, asked, pending=None):
         with self._known_lock:
             known = self._known_ports
-        left = set()
-        for event, ifindex, _, master in events:
+        for event, ifindex, _, _ in events:
             if event == "del" and ifindex in known:
                 self.put(PortGone(ifindex))
-            if ifindex in self._lockdowns and (event == "del" or not master):
-                left.add(ifindex)  # a locked-down port went away or left its bridge: its pending record goes
-        if left:
-            self._settle_lockdowns(kernel, left)
         config = None
         for event, ifindex, port, master in events:
             if event != "new" or not master or not port or ifindex in known:
@@ -698,7 +692,7 @@ class Daemon:
                     and now - asked.get(ifindex, -60.0) > 5.0:
                 asked[ifindex] = now
                 try:
-                    how = self._joined(kernel, config, ifindex, bridges[master], master)
+                    how = self._joined(kernel, config, ifindex, bridges[master])
                 except (FdbhookError, OSError) as exc:  # a bad record, a kernel error: libvirt's way still works
                     LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
                     how = None
@@ -710,28 +704,32 @@ class Daemon:
                 elif how != "applied":
                     self.put(PortJoined(port))
 
-    def _joined(self, kernel, config, ifindex, bridge, bridge_ifindex=None):
-        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
-        "lookup" (libvirt-style, NIC not known yet; locked down if it is unmistakably a guest's) or None."""
+    @staticmethod
+    def _joined_port(kernel, ifindex, bridge):
+        """(Link, its veth peer or None, JoinedPort) of a port that joined ``bridge``; None if not a tap/veth."""
         kernel.forget()
         link = kernel.by_index(ifindex)
         if link is None or link.kind not in ("tun", "veth"):
             return None
-        peer_mac = peer = None
+        peer = None
         if link.kind == "veth" and link.peer:
             peer = kernel.by_index(link.peer)
             # Both ends still in our namespace (libvirt moves the container end later): the peer points back.
-            peer_mac = peer.mac if peer is not None and peer.peer == ifindex else None
-            peer = peer if peer_mac else None
-        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac, peer.kind if peer is not None else None)
-        domains = self.known_domains()
-        match = match_joined(port, domains)
+            peer = peer if peer is not None and peer.peer == ifindex and peer.mac else None
+        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer.mac if peer is not None else None,
+                          peer.kind if peer is not None else None)
+        return link, peer, port
+
+    def _joined(self, kernel, config, ifindex, bridge):
+        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
+        "lookup" (libvirt-style, NIC not known yet) or None."""
+        joined = self._joined_port(kernel, ifindex, bridge)
+        if joined is None:
+            return None
+        link, _, port = joined
+        match = match_joined(port, self.known_domains())
         if match is None:
-            if not libvirt_style(port):
-                return None
-            if bridge_ifindex and config.hotplug_lockdown > 0 and self._managed_bridge(config, bridge):
-                self._lock_down(kernel, config, link, peer, bridge, bridge_ifindex, domains)
-            return "lookup"
+            return "lookup" if libvirt_style(port) else None
         domain = match.domain
         store = self.store(config)
         record = store.load(domain.driver, domain.name)
@@ -750,11 +748,69 @@ class Daemon:
         from fdbhook.resolve import load_networks
         return any(net.bridge == bridge for net in load_networks(list(config.networks), config.network_dirs).values())
 
-    def _lock_down(self, kernel, config, link, peer, bridge, bridge_ifindex, domains):
+    # --- lock-down at the join: its own thread and event socket, so that no lookup or apply on the link
+    # monitor's thread (libvirt's live XML, a reconcile) ever delays it ---------------------------------
+    def _lockdown_monitor(self):
+        monitor = LinkMonitor()
+        kernel = Kernel()
+        bridges, seen = {}, {}  # bridge ifindex -> name or None; port ifindex -> when last considered
+        try:
+            while not self.stopping.is_set():
+                timeout = 1.0
+                if self._lockdowns:
+                    timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
+                ready, _, _ = select.select([monitor], [], [], timeout)
+                if ready:
+                    self._lockdown_events(kernel, monitor.read(), bridges, seen)
+                if self._lockdowns:
+                    now = time.monotonic()
+                    self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
+        finally:
+            monitor.close()
+            kernel.close()
+
+    def _lockdown_events(self, kernel, events, bridges, seen):
+        """Lock down each unknown guest port that joined a managed bridge; settle those that left."""
+        with self._known_lock:
+            known = self._known_ports
+        left = {i for event, i, _, master in events if i in self._lockdowns and (event == "del" or not master)}
+        self._settle_lockdowns(kernel, left)  # gone or off its bridge: its pending record goes
+        config = self.config()
+        if config.hotplug_lockdown <= 0:
+            return
+        now = time.monotonic()
+        if len(seen) > 4096:
+            seen.clear()
+        for event, ifindex, port, master in events:
+            if event != "new" or not master or not port or ifindex in known or ifindex in self._lockdowns \
+                    or now - seen.get(ifindex, -60.0) <= 5.0:
+                continue
+            if master not in bridges:
+                link = kernel.by_index(master)
+                bridges[master] = link.name if link is not None and link.kind == "bridge" else None
+            if not bridges[master] or not self._managed_bridge(config, bridges[master]):
+                continue
+            seen[ifindex] = now
+            try:
+                self._lock_down(kernel, config, ifindex, bridges[master], master)
+            except (FdbhookError, OSError) as exc:
+                LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
+            except Exception:  # never this thread's end
+                LOG.exception("port %s joined %s", port, bridges[master])
+
+    def _lock_down(self, kernel, config, ifindex, bridge, bridge_ifindex):
         """A guest's port nobody knows yet: learning and flood off now (fdbhook.lockdown), until its NIC
-        is known (the apply takes it over) or the bound passes (put back as it was)."""
+        is known (the apply takes it over) or the bound passes (put back as it was). A port a known NIC
+        matches is left to the link monitor, which applies its plan."""
         from fdbhook import lockdown
 
+        joined = self._joined_port(kernel, ifindex, bridge)
+        if joined is None:
+            return
+        link, peer, port = joined
+        domains = self.known_domains()
+        if not libvirt_style(port) or match_joined(port, domains) is not None:
+            return
         target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
         try:
             decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
