@@ -719,6 +719,8 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         new_record = record_of(kept)
         _commit(kernel, tx, new_record, executed)
         lockdown.drop_claimed(store, new_record, pending)
+        lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev}, new_record,
+                                   pending)
     return results, new_record
 
 

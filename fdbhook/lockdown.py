@@ -131,6 +131,15 @@ def drop_claimed(store, record, pending):
                 LOG.error("%s", exc)
 
 
+def release_unclaimed(kernel, store, names, record, pending):
+    """After an apply: a pending port named by one of the domain's NICs (``names``: their target devs) that
+    the apply did not take (the NIC is opted out, skipped, refused) is put back now, not at its bound."""
+    held = {nic.ifindex for nic in record.nics} if record is not None else set()
+    todo = {i for i, (port, _, _) in (pending or {}).items() if port in names and i not in held}
+    if todo:
+        settle(kernel, store, only=todo, everything=True)
+
+
 def settle(kernel, store, now=None, only=None, everything=False):
     """Finish or undo pending lock-downs (store lock held). Returns {ifindex: what was done}.
 

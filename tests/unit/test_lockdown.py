@@ -124,3 +124,15 @@ def test_a_port_with_an_admin_static_entry_or_a_record_is_not_locked_down(tmp_pa
                            env={"FDBHOOK_STATE_DIR": str(tmp_path / "state")})
     assert not lockdown.lock_down(kernel, store, uplinks, kernel.by_name("vnet1"), "br0", 10).lock
     assert kernel.executed == []
+
+
+def test_a_pending_port_whose_nic_is_opted_out_is_put_back_by_the_apply_not_at_the_bound(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10, now=1000.0)
+    meta = ("<metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'><fdb:interface mac='52:54:00:00:00:01' mode='off'/>"
+            "</fdb:fdb></metadata>")
+    domain = parse_domain(domain_xml([bridge_nic(dev="vnet0")], metadata=meta), driver="qemu")
+    engine.apply_domain(domain, config, kernel, store)
+    link = kernel.by_name("vnet0")
+    assert (link.learning, link.flood) == (True, False)  # as it was before the lock-down
+    assert store.pending() == [] and store.load("qemu", "t1") is None
