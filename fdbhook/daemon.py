@@ -303,6 +303,7 @@ class Daemon:
         self.repairs = 0
         self.mac_changes = 0
         self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
+        self._monitors = {}  # thread name -> LinkMonitor opened at start-up
         self._lockdowns = {}  # lock-down thread only: locked-down port ifindex -> monotonic time of its bound
         self._known_ports = set()
         self._known_lock = threading.Lock()
@@ -405,6 +406,7 @@ class Daemon:
             LOG.error("state %s: %s", store.state_dir, exc)
         self.note_ports_changed()
         self._start_metrics()
+        self._open_monitors()  # before the socket says "ready": no port joining from then on goes unseen
         self._start_server()
         sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)
@@ -416,6 +418,18 @@ class Daemon:
         self.put(Resync())
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
                  " ".join(self.watchers) if self.watchers else "off")
+
+    def _open_monitors(self):
+        for name in ("links", "lockdown"):
+            try:
+                self._monitors[name] = LinkMonitor()
+            except OSError as exc:  # the thread tries again itself
+                LOG.error("kernel link events: %s", exc)
+
+    def _monitor(self, name):
+        """The event socket opened at start-up for thread ``name`` (once), else a new one (a restarted thread)."""
+        monitor = self._monitors.pop(name, None)
+        return monitor if monitor is not None else LinkMonitor()
 
     def _recover(self):
         """Finish or undo what a killed run (hook, fdbhookd) left, before serving anything."""
@@ -648,7 +662,7 @@ class Daemon:
 
     # --- kernel link monitor ----------------------------------------------------------------
     def _link_monitor(self):
-        monitor = LinkMonitor()
+        monitor = self._monitor("links")
         kernel = Kernel()
         bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
@@ -751,7 +765,7 @@ class Daemon:
     # --- lock-down at the join: its own thread and event socket, so that no lookup or apply on the link
     # monitor's thread (libvirt's live XML, a reconcile) ever delays it ---------------------------------
     def _lockdown_monitor(self):
-        monitor = LinkMonitor()
+        monitor = self._monitor("lockdown")
         kernel = Kernel()
         bridges, seen = {}, {}  # bridge ifindex -> name or None; port ifindex -> when last considered
         try:

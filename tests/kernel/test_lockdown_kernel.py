@@ -61,8 +61,13 @@ def pending(env):
     directory = os.path.join(env["FDBHOOK_STATE_DIR"], "pending")
     out = {}
     for name in os.listdir(directory) if os.path.isdir(directory) else ():
-        with open(os.path.join(directory, name)) as handle:
-            data = json.load(handle)
+        if name.startswith(".") or not name.endswith(".json"):
+            continue  # a write in progress
+        try:
+            with open(os.path.join(directory, name)) as handle:
+                data = json.load(handle)
+        except FileNotFoundError:  # settled meanwhile
+            continue
         out[data["port"]] = (data["learning"], data["flood"])
     return out
 
