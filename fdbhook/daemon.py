@@ -43,6 +43,7 @@ import signal
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -62,6 +63,7 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URIS = ("qemu:///system", "lxc:///system")
 STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger than this, may be mid-start
+SWITCH_INTERVAL = 0.0005  # s (Python's default: 0.005)
 LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
@@ -397,6 +399,9 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self):
+        # A thread waiting for the GIL gets it after this long at most: the lock-down thread needs it a few
+        # times per port (each syscall hands it back) while the link monitor or the worker parse XML.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self._recover()
         store = self.store()
         try:
