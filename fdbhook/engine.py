@@ -324,14 +324,8 @@ def _new_record(d, want, vids, before, prev, have_membership, security):
                      prev_locked=bool(before.locked), **lock)
 
 
-def _plan_nic(kernel, config, d, prev, dry_run, facts, paused, pending=None):
-    """Plan one managed port (nothing written): (result, new record or None, (want, before, ops) or None).
-
-    ``pending``: fdbhook.lockdown.originals; a port locked down at its join
-    gets the state it had before the lock-down as its record's state-before
-    (the intent keeps the state read now: a rollback leaves it locked down,
-    its pending record still there).
-    """
+def _plan_nic(kernel, config, d, prev, dry_run, facts, paused):
+    """Plan one managed port (nothing written): (result, new record or None, (want, before, ops) or None)."""
     link = d.link if d.link is not None else kernel.by_index(d.ifindex)
     if link is None or not link.is_bridge_port:
         return NicResult(d, "failed", "port %s vanished" % d.port), None, None
@@ -360,12 +354,7 @@ def _plan_nic(kernel, config, d, prev, dry_run, facts, paused, pending=None):
     if want.locked and before.locked is None:
         _lock_unsupported(d.bridge)
         message += " (not locked: this kernel has no locked bridge ports)"
-    original = (pending or {}).get(d.ifindex)
-    if prev is None and original is not None and original[0] == d.port:
-        rec = _new_record(d, want, vids, replace(before, learning=original[1], flood=original[2]), prev,
-                          have_membership, security)
-    else:
-        rec = _new_record(d, want, vids, before, prev, have_membership, security)
+    rec = _new_record(d, want, vids, before, prev, have_membership, security)
     return NicResult(d, "changed" if ops else "unchanged", message, ops), rec, (want, before, ops)
 
 
@@ -587,7 +576,7 @@ def _commit(kernel, tx, record, executed, changed=True):
             from None
 
 
-def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused, pending=None):
+def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused):
     """(results, planned) for every decision, nothing written; ``kept`` gets the planned records."""
     facts = BridgeFacts(kernel)
     if not hold:
@@ -600,7 +589,7 @@ def _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused, pending
             results.append(NicResult(d, status, message))
             continue
         old = _previous(kept, d)
-        result, rec, todo = _plan_nic(kernel, config, d, old, dry_run, facts, paused, pending)
+        result, rec, todo = _plan_nic(kernel, config, d, old, dry_run, facts, paused)
         results.append(result)
         if rec is not None:
             if old is not None:
@@ -698,8 +687,10 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
 def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused):
     """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
     kept_before = dict(kept)
+    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+    # Read after every port was (see fdbhook.lockdown.lock_down): a port seen locked down has its pending record.
     pending = lockdown.originals(store)
-    results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused, pending)
+    planned = _with_originals(planned, kept, pending)
     fail = config.on_error == "fail"
     if fail and not dry_run and any(r.failed for r in results):
         # a NIC could not even be planned: nothing is written
@@ -722,6 +713,23 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev}, new_record,
                                    pending)
     return results, new_record
+
+
+def _with_originals(planned, kept, pending):
+    """A new record of a port locked down at its join (fdbhook.lockdown) gets, as its state-before, the
+    state the port had before the lock-down (the intent keeps the state read: a rollback leaves the port
+    locked down, its pending record still there)."""
+    if not pending:
+        return planned
+    out = []
+    for i, d, todo, old, rec in planned:
+        original = pending.get(rec.ifindex)
+        fresh = old is None or (old.ifindex, old.port) != (rec.ifindex, rec.port)
+        if fresh and original is not None and original[0] == rec.port:
+            rec = replace(rec, prev_learning=original[1], prev_flood=original[2])
+            kept[_port_key(rec)] = rec
+        out.append((i, d, todo, old, rec))
+    return out
 
 
 def recorded_decision(rec, bridge_ifindex=None, link=None):

@@ -63,45 +63,50 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
               now=None):
     """Decide and, if so, lock ``link`` (a port that just joined ``bridge``) down. Returns the Lockdown decision.
 
-    The decision is made again under the store's lock with the kernel read
-    afresh (a hook may have taken the port meanwhile). StateError: the
-    pending record could not be written, nothing changed. A request the
-    kernel refuses is undone at once (decision: not locked); KernelError only
-    when that fails too (the pending record stays; the next settle restores).
+    Without the store's lock, so that no apply in progress (another port's)
+    delays it: the pending record is written before the kernel, and an apply
+    reads a port before it reads the pending records (``originals``), so an
+    apply that sees the port locked down also sees its original state. A
+    port that neither learns nor floods is not touched (an apply got there
+    first). StateError: the pending record could not be written, nothing
+    changed. A request the kernel refuses is undone at once (decision: not
+    locked); KernelError only when that fails too (the pending record stays;
+    the next settle restores).
     """
     bound = config.hotplug_lockdown
-    with store.lock():
+    kernel.forget()
+    link = kernel.by_index(link.ifindex)
+    if link is None or not link.is_bridge_port or link.master != bridge_ifindex:
+        return Lockdown(False, "it left the bridge")
+    if not link.learning and not link.flood:
+        return Lockdown(False, "it neither learns nor floods")
+    recorded = next(("%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics
+                     if nic.ifindex == link.ifindex), None)
+    pending = [i for i, _ in store.pending() if i == link.ifindex]
+    if pending:
+        return Lockdown(False, "already locked down")
+    joined = JoinedPort(link.name, link.kind, link.mac, bridge,
+                        peer.mac if peer is not None else None, peer.kind if peer is not None else None)
+    facts = dict(uplink=config.uplink(link.name), recorded=recorded, target_devs=target_devs)
+    decision = decide_lockdown(joined, **facts)
+    if decision.lock:  # only then the one FDB dump: static entries of anyone on it
+        foreign = [e.mac for e in kernel.port_entries(link.ifindex) if not e.local and not e.dynamic]
+        decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
+    if not decision.lock:
+        return decision
+    now = time.time() if now is None else now
+    store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound))
+    have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
+                       flood=bool(link.flood))
+    ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
+    try:
+        kernel.execute_many(ops)
+    except KernelError as exc:
+        # Put back at once; if that fails too, the pending record stays for the next settle.
         kernel.forget()
-        link = kernel.by_index(link.ifindex)
-        if link is None or not link.is_bridge_port or link.master != bridge_ifindex:
-            return Lockdown(False, "it left the bridge")
-        recorded = next(("%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics
-                         if nic.ifindex == link.ifindex), None)
-        pending = [i for i, _ in store.pending() if i == link.ifindex]
-        if pending:
-            return Lockdown(False, "already locked down")
-        joined = JoinedPort(link.name, link.kind, link.mac, bridge,
-                            peer.mac if peer is not None else None, peer.kind if peer is not None else None)
-        facts = dict(uplink=config.uplink(link.name), recorded=recorded, target_devs=target_devs)
-        decision = decide_lockdown(joined, **facts)
-        if decision.lock:  # only then the one FDB dump: static entries of anyone on it
-            foreign = [e.mac for e in kernel.port_entries(link.ifindex) if not e.local and not e.dynamic]
-            decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
-        if not decision.lock:
-            return decision
-        now = time.time() if now is None else now
-        store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound))
-        have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
-                           flood=bool(link.flood))
-        ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
-        try:
-            kernel.execute_many(ops)
-        except KernelError as exc:
-            # Put back at once; if that fails too, the pending record stays for the next settle.
-            kernel.forget()
-            restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood))
-            store.remove_pending(link.ifindex)
-            return Lockdown(False, "the kernel refused it (%s); left as it was" % exc)
+        restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood))
+        store.remove_pending(link.ifindex)
+        return Lockdown(False, "the kernel refused it (%s); left as it was" % exc)
     return decision
 
 

@@ -82,7 +82,7 @@ def test_lock_down_records_the_original_state_first_and_a_claim_keeps_it_as_the_
     (ifindex, data), = store.pending()
     assert (ifindex, data["learning"], data["flood"], data["until"]) == (11, True, False, 1030.0)
     again = lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10)
-    assert not again.lock and again.why == "already locked down"
+    assert not again.lock and again.why == "it neither learns nor floods"
     # the NIC becomes known: its record's state-before is the port's original state, the pending record goes
     domain = parse_domain(domain_xml([bridge_nic(dev="vnet0")]), driver="qemu")
     report = engine.apply_domain(domain, config, kernel, store)
