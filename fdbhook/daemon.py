@@ -772,7 +772,10 @@ class Daemon:
     def _lockdown_monitor(self):
         monitor = self._monitor("lockdown")
         kernel = Kernel()
-        bridges, seen = {}, {}  # bridge ifindex -> name or None; port ifindex -> when last considered
+        bridges = {}  # bridge ifindex -> name or None
+        # port ifindex -> its master as last seen: only a change of master is a join (a flag change of a
+        # port already on the bridge, e.g. a teardown putting it back, is not); read after the socket opened
+        masters = {link.ifindex: link.master for link in kernel.links()}
         try:
             while not self.stopping.is_set():
                 timeout = 1.0
@@ -780,7 +783,7 @@ class Daemon:
                     timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
                 ready, _, _ = select.select([monitor], [], [], timeout)
                 if ready:
-                    self._lockdown_events(kernel, monitor.read(), bridges, seen)
+                    self._lockdown_events(kernel, monitor.read(), bridges, masters)
                 if self._lockdowns:
                     now = time.monotonic()
                     self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
@@ -788,28 +791,25 @@ class Daemon:
             monitor.close()
             kernel.close()
 
-    def _lockdown_events(self, kernel, events, bridges, seen):
+    def _lockdown_events(self, kernel, events, bridges, masters):
         """Lock down each unknown guest port that joined a managed bridge; settle those that left."""
         with self._known_lock:
             known = self._known_ports
         left = {i for event, i, _, master in events if i in self._lockdowns and (event == "del" or not master)}
         self._settle_lockdowns(kernel, left)  # gone or off its bridge: its pending record goes
         config = self.config()
-        if config.hotplug_lockdown <= 0:
-            return
-        now = time.monotonic()
-        if len(seen) > 4096:
-            seen.clear()
         for event, ifindex, port, master in events:
-            if event != "new" or not master or not port or ifindex in known or ifindex in self._lockdowns \
-                    or now - seen.get(ifindex, -60.0) <= 5.0:
+            before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
+            if event == "new":
+                masters[ifindex] = master or None
+            if event != "new" or not master or master == before or not port or ifindex in known \
+                    or ifindex in self._lockdowns or config.hotplug_lockdown <= 0:
                 continue
             if master not in bridges:
                 link = kernel.by_index(master)
                 bridges[master] = link.name if link is not None and link.kind == "bridge" else None
             if not bridges[master] or not self._managed_bridge(config, bridges[master]):
                 continue
-            seen[ifindex] = now
             try:
                 self._lock_down(kernel, config, ifindex, bridges[master], master)
             except (FdbhookError, OSError) as exc:

@@ -85,7 +85,7 @@ def test_unknown_guest_ports_locked_down_at_join_claimed_with_their_original_sta
     lab.bridge("fdb", "add", "52:54:00:aa:bb:cc", "dev", "vnet6", "master", "static")
     proc = start_daemon(lab, env)
     try:
-        lab.ip("link", "set", "dev", "vnet6", "alias", "admin")  # an event for it, with its master
+        lab.ip("link", "set", "dev", "vnet6", "alias", "admin")  # an event for it, with its master (not a join)
         lab.add_tap("eth1", bridge="br0", mac="fe:54:00:00:00:11")  # a tap addressed like libvirt's, not its name
         lab.add_veth("wan0", "wan0p", bridge="br0")  # an uplink veth
         lab.add_tap("vnet5", bridge="br0", mac="52:54:00:00:00:05")  # a tun without the tap address

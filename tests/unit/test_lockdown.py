@@ -136,3 +136,18 @@ def test_a_pending_port_whose_nic_is_opted_out_is_put_back_by_the_apply_not_at_t
     link = kernel.by_name("vnet0")
     assert (link.learning, link.flood) == (True, False)  # as it was before the lock-down
     assert store.pending() == [] and store.load("qemu", "t1") is None
+
+
+def test_only_a_join_is_locked_down_not_a_flag_change_of_a_port_already_on_the_bridge(tmp_path, monkeypatch):
+    from tests.unit.test_daemon import make
+
+    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path / "state"))
+    d = make(tmp_path)
+    kernel = FakeKernel.bridge_with_ports("br0", ("vnet0",))
+    kernel.links_by_index[11] = replace(kernel.links_by_index[11], mac="fe:54:00:00:00:01")
+    d._lockdown_events(kernel, [("new", 11, "vnet0", 10)], {}, {11: 10})  # e.g. a teardown putting it back
+    assert kernel.by_name("vnet0").learning is True and d.store().pending() == []
+    masters = {11: None}
+    d._lockdown_events(kernel, [("new", 11, "vnet0", 10)], {}, masters)  # it joins
+    assert kernel.by_name("vnet0").learning is False and masters == {11: 10}
+    assert [i for i, _ in d.store().pending()] == [11]
