@@ -31,7 +31,8 @@ _BOOL = {"1": True, "yes": True, "true": True, "on": True,
 
 # Every key we read, so a typo in the file is an error, not a silent default.
 KNOWN = {
-    "manage": {"bridges", "networks", "sticky", "locked", "mab", "uplinks", "max_extra_macs"},
+    "manage": {"bridges", "networks", "sticky", "locked", "mab", "uplinks", "max_extra_macs",
+               "hotplug_lockdown"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
     "daemon": {"resync_interval"},
     "metrics": {"textfile", "listen"},
@@ -71,6 +72,7 @@ class Config:
     mab: bool = False  # locked ports also report the source MACs they dropped (keeps learning on)
     uplinks: Tuple[str, ...] = ()  # port names (globs) never managed, whatever a domain's XML says
     max_extra_macs: int = 64  # extra MACs per NIC (metadata + sections); more is refused
+    hotplug_lockdown: float = 30.0  # s a guest port may stay locked down at its join awaiting its NIC; 0 = off
     on_error: str = "fail"  # fail | continue
     capture: bool = False
     capture_dir: str = "/var/lib/fdbhook/capture"
@@ -211,6 +213,13 @@ def _number(path, section, key, value, kind):
     return number
 
 
+def _seconds_or_off(path, section, key, value):
+    """Seconds > 0, or 0 for "0" / "off" / "no"."""
+    if (value or "").strip().lower() in ("0", "off", "no"):
+        return 0.0
+    return _number(path, section, key, value, float)
+
+
 def parse_config(text, path=DEFAULT_CONF, env=None):
     """Build a Config from INI text (pure apart from ``env`` lookups)."""
     env = os.environ if env is None else env
@@ -250,6 +259,7 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         mab=_bool(path, "manage", "mab", get("manage", "mab", "no")),
         uplinks=tuple((get("manage", "uplinks", "") or "").split()),
         max_extra_macs=_number(path, "manage", "max_extra_macs", get("manage", "max_extra_macs", "64"), int),
+        hotplug_lockdown=_seconds_or_off(path, "manage", "hotplug_lockdown", get("manage", "hotplug_lockdown", "30")),
         on_error=on_error,
         capture=_bool(path, "hook", "capture", get("hook", "capture", "no")),
         capture_dir=get("hook", "capture_dir", Config.capture_dir),

@@ -13,14 +13,21 @@ Threads, and what each may do:
   and that carries a known NIC's MAC the way libvirt addresses its taps
   (fdbhook.joined; NICs known from hook XML and libvirt's live XML) gets that
   NIC's plan at once, on this thread, through the engine; a libvirt-style
-  port nothing knows yet (hotplug) is looked up in libvirt's live XML every
-  few ms until libvirt names it, then reconciled on this thread; any other
+  port nothing knows yet (hotplug; the lock-down thread locks it down) is
+  looked up in libvirt's live XML every few ms until libvirt names it, then
+  reconciled on this thread (the apply claims it); any other
   such port queues one lookup of its guest. A managed port that vanishes
   queues the pruning of its record.
 * frames: one poll loop over an AF_PACKET socket per port of an incoming
   migration (fdbhook.firstframe decides which; fdbhook.kernel.FrameSocket):
   the guest's first frame there (QEMU's announce) puts that domain's entries
   in on this thread, as RESUMED would, a few ms before libvirt says RESUMED.
+* lock-down (its own event socket, so that no lookup or apply on the link
+  monitor's thread delays it): a port joining a managed bridge that is
+  unmistakably a guest's and that no known NIC matches gets learning and
+  flood off at once, its original state pending (fdbhook.lockdown), until
+  the link monitor's lookup, DEVICE_ADDED or a hook claims it; unclaimed at
+  its bound, gone or off its bridge, it is settled here.
 * worker: runs queued jobs one at a time, each a small frozen object, with
   its own netlink connection. It calls libvirt but never while holding the
   store lock; the reconciliation itself is fdbhook.engine's.
@@ -40,6 +47,7 @@ import signal
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -62,6 +70,7 @@ STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger t
 # s after a port change: FRR is asked whether it knows the new MACs (engine.announce_to_frr);
 # the rounds stop once it knows them all (or FRR is absent); the resync asks too.
 ANNOUNCE_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+SWITCH_INTERVAL = 0.0005  # s (Python's default: 0.005)
 LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
@@ -307,6 +316,9 @@ class Daemon:
         self.hooks_served = 0
         self.repairs = 0
         self.mac_changes = 0
+        self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
+        self._monitors = {}  # thread name -> LinkMonitor opened at start-up
+        self._lockdowns = {}  # lock-down thread only: locked-down port ifindex -> monotonic time of its bound
         self._known_ports = set()
         self._known_lock = threading.Lock()
         self._frames_want = {}  # ifindex -> firstframe.Watch: ports of incoming migrations
@@ -422,6 +434,9 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self):
+        # A thread waiting for the GIL gets it after this long at most: the lock-down thread needs it a few
+        # times per port (each syscall hands it back) while the link monitor or the worker parse XML.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self._recover()
         store = self.store()
         try:
@@ -431,11 +446,13 @@ class Daemon:
             LOG.error("state %s: %s", store.state_dir, exc)
         self.note_ports_changed()
         self._start_metrics()
+        self._open_monitors()  # before the socket says "ready": no port joining from then on goes unseen
         self._start_server()
         sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)
         self._spawn("links", self._link_monitor)
         self._spawn("frames", self._frame_watcher)
+        self._spawn("lockdown", self._lockdown_monitor)
         if self.use_libvirt:
             self._start_libvirt()
         self._spawn("resync", self._resync_timer)
@@ -443,6 +460,18 @@ class Daemon:
         self.put(Resync())
         LOG.info("fdbhookd running: socket %s, libvirt %s", self.socket_path,
                  " ".join(self.watchers) if self.watchers else "off")
+
+    def _open_monitors(self):
+        for name in ("links", "lockdown"):
+            try:
+                self._monitors[name] = LinkMonitor()
+            except OSError as exc:  # the thread tries again itself
+                LOG.error("kernel link events: %s", exc)
+
+    def _monitor(self, name):
+        """The event socket opened at start-up for thread ``name`` (once), else a new one (a restarted thread)."""
+        monitor = self._monitors.pop(name, None)
+        return monitor if monitor is not None else LinkMonitor()
 
     def _recover(self):
         """Finish or undo what a killed run (hook, fdbhookd) left, before serving anything."""
@@ -452,7 +481,8 @@ class Daemon:
             store = self.store()
             if needs_recovery(store):
                 with Kernel() as kernel, store.lock():
-                    recover(kernel, store)
+                    # pending lock-downs of a dead fdbhookd: put back (the sync applies what libvirt knows)
+                    recover(kernel, store, all_pending=True)
         except Exception as exc:  # the worker's first resync tries again
             LOG.error("recovering interrupted operations at start-up failed: %s", exc)
 
@@ -692,7 +722,7 @@ class Daemon:
 
     # --- kernel link monitor ----------------------------------------------------------------
     def _link_monitor(self):
-        monitor = LinkMonitor()
+        monitor = self._monitor("links")
         kernel = Kernel()
         bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
@@ -748,19 +778,29 @@ class Daemon:
                 elif how != "applied":
                     self.put(PortJoined(port))
 
-    def _joined(self, kernel, config, ifindex, bridge):
-        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
-        "lookup" (libvirt-style, NIC not known yet) or None."""
+    @staticmethod
+    def _joined_port(kernel, ifindex, bridge):
+        """(Link, its veth peer or None, JoinedPort) of a port that joined ``bridge``; None if not a tap/veth."""
         kernel.forget()
         link = kernel.by_index(ifindex)
         if link is None or link.kind not in ("tun", "veth"):
             return None
-        peer_mac = None
+        peer = None
         if link.kind == "veth" and link.peer:
             peer = kernel.by_index(link.peer)
             # Both ends still in our namespace (libvirt moves the container end later): the peer points back.
-            peer_mac = peer.mac if peer is not None and peer.peer == ifindex else None
-        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer_mac)
+            peer = peer if peer is not None and peer.peer == ifindex and peer.mac else None
+        port = JoinedPort(link.name, link.kind, link.mac, bridge, peer.mac if peer is not None else None,
+                          peer.kind if peer is not None else None)
+        return link, peer, port
+
+    def _joined(self, kernel, config, ifindex, bridge):
+        """A port joined a managed bridge: "applied" (it carries a known NIC's MAC, see fdbhook.joined),
+        "lookup" (libvirt-style, NIC not known yet) or None."""
+        joined = self._joined_port(kernel, ifindex, bridge)
+        if joined is None:
+            return None
+        link, _, port = joined
         match = match_joined(port, self.known_domains())
         if match is None:
             return "lookup" if libvirt_style(port) else None
@@ -773,6 +813,110 @@ class Daemon:
         engine.apply_domain(domain, config, kernel, store, paused=paused, prune=False)
         self.note_ports_changed()
         return "applied"
+
+    def _managed_bridge(self, config, bridge):
+        if config.bridge_managed(bridge):
+            return True
+        if not config.networks:
+            return False
+        from fdbhook.resolve import load_networks
+        return any(net.bridge == bridge for net in load_networks(list(config.networks), config.network_dirs).values())
+
+    # --- lock-down at the join: its own thread and event socket, so that no lookup or apply on the link
+    # monitor's thread (libvirt's live XML, a reconcile) ever delays it ---------------------------------
+    def _lockdown_monitor(self):
+        monitor = self._monitor("lockdown")
+        kernel = Kernel()
+        bridges = {}  # bridge ifindex -> name or None
+        # port ifindex -> its master as last seen: only a change of master is a join (a flag change of a
+        # port already on the bridge, e.g. a teardown putting it back, is not); read after the socket opened
+        masters = {link.ifindex: link.master for link in kernel.links()}
+        try:
+            while not self.stopping.is_set():
+                timeout = 1.0
+                if self._lockdowns:
+                    timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
+                ready, _, _ = select.select([monitor], [], [], timeout)
+                if ready:
+                    self._lockdown_events(kernel, monitor.read(), bridges, masters)
+                if self._lockdowns:
+                    now = time.monotonic()
+                    self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
+        finally:
+            monitor.close()
+            kernel.close()
+
+    def _lockdown_events(self, kernel, events, bridges, masters):
+        """Lock down each unknown guest port that joined a managed bridge; settle those that left."""
+        with self._known_lock:
+            known = self._known_ports
+        left = {i for event, i, _, master in events if i in self._lockdowns and (event == "del" or not master)}
+        self._settle_lockdowns(kernel, left)  # gone or off its bridge: its pending record goes
+        config = self.config()
+        for event, ifindex, port, master in events:
+            before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
+            if event == "new":
+                masters[ifindex] = master or None
+            if event != "new" or not master or master == before or not port or ifindex in known \
+                    or ifindex in self._lockdowns or config.hotplug_lockdown <= 0:
+                continue
+            if master not in bridges:
+                link = kernel.by_index(master)
+                bridges[master] = link.name if link is not None and link.kind == "bridge" else None
+            if not bridges[master] or not self._managed_bridge(config, bridges[master]):
+                continue
+            try:
+                self._lock_down(kernel, config, ifindex, bridges[master], master)
+            except (FdbhookError, OSError) as exc:
+                LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
+            except Exception:  # never this thread's end
+                LOG.exception("port %s joined %s", port, bridges[master])
+
+    def _lock_down(self, kernel, config, ifindex, bridge, bridge_ifindex):
+        """A guest's port nobody knows yet: learning and flood off now (fdbhook.lockdown), until its NIC
+        is known (the apply takes it over) or the bound passes (put back as it was). A port a known NIC
+        matches is left to the link monitor, which applies its plan."""
+        from fdbhook import lockdown
+
+        joined = self._joined_port(kernel, ifindex, bridge)
+        if joined is None:
+            return
+        link, peer, port = joined
+        domains = self.known_domains()
+        if not libvirt_style(port) or match_joined(port, domains) is not None:
+            return
+        target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
+        try:
+            decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
+                                          target_devs)
+        except FdbhookError as exc:  # a pending record may be there: settled at the bound like any other
+            self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
+            LOG.error("%s joined %s: locking it down failed: %s", link.name, bridge, exc)
+            return
+        if decision.lock:
+            self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
+            self.lockdowns += 1
+            LOG.info("%s joined %s: locked down until its NIC is known: %s", link.name, bridge, decision.why)
+        else:
+            LOG.debug("%s joined %s: not locked down: %s", link.name, bridge, decision.why)
+
+    def _settle_lockdowns(self, kernel, ifindexes):
+        """Locked-down ports past their bound, gone or off their bridge: settled (fdbhook.lockdown.settle)."""
+        from fdbhook import lockdown
+
+        if not ifindexes:
+            return
+        for ifindex in ifindexes:
+            self._lockdowns.pop(ifindex, None)
+        try:
+            store = self.store()
+            with store.lock():
+                done = lockdown.settle(kernel, store, only=set(ifindexes))
+        except FdbhookError as exc:  # the next run (a resync, a hook) settles it
+            LOG.error("settling locked-down ports: %s", exc)
+            return
+        for ifindex, what in sorted(done.items()):
+            LOG.debug("locked-down port %d: %s", ifindex, what)
 
     def _look_up_joined(self, kernel, pending):
         """Ask libvirt whose the pending ports are; reconcile each one found, on this thread."""

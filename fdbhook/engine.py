@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from fdbhook import plan as planner
-from fdbhook import txn
+from fdbhook import lockdown, txn
 from fdbhook.current import locate, read_port
 from fdbhook.errors import ApplyError, KernelError, StateError
 from fdbhook.logsetup import nic_fields
@@ -688,6 +688,9 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
     """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
     kept_before = dict(kept)
     results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
+    # Read after every port was (see fdbhook.lockdown.lock_down): a port seen locked down has its pending record.
+    pending = lockdown.originals(store)
+    planned = _with_originals(planned, kept, pending)
     fail = config.on_error == "fail"
     if fail and not dry_run and any(r.failed for r in results):
         # a NIC could not even be planned: nothing is written
@@ -709,7 +712,27 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         # writes nothing: its record and second copy already say this.
         _commit(kernel, tx, new_record, executed,
                 changed=not new_record.nics or new_record != record or not store.is_saved(new_record))
+        lockdown.drop_claimed(store, new_record, pending)
+        lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev}, new_record,
+                                   pending)
     return results, new_record
+
+
+def _with_originals(planned, kept, pending):
+    """A new record of a port locked down at its join (fdbhook.lockdown) gets, as its state-before, the
+    state the port had before the lock-down (the intent keeps the state read: a rollback leaves the port
+    locked down, its pending record still there)."""
+    if not pending:
+        return planned
+    out = []
+    for i, d, todo, old, rec in planned:
+        original = pending.get(rec.ifindex)
+        fresh = old is None or (old.ifindex, old.port) != (rec.ifindex, rec.port)
+        if fresh and original is not None and original[0] == rec.port:
+            rec = replace(rec, prev_learning=original[1], prev_flood=original[2])
+            kept[_port_key(rec)] = rec
+        out.append((i, d, todo, old, rec))
+    return out
 
 
 def recorded_decision(rec, bridge_ifindex=None, link=None):

@@ -26,6 +26,7 @@ known NIC matches: anything else
 NIC whose XML names another device) is not decided here and stays untouched.
 """
 
+import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -48,7 +49,8 @@ class JoinedPort:
     kind: Optional[str]  # tun, veth, ...
     mac: Optional[str]
     bridge: str
-    peer_mac: Optional[str] = None  # veth: the MAC of its peer
+    peer_mac: Optional[str] = None  # veth: the MAC of its peer (only when the peer points back: host namespace)
+    peer_kind: Optional[str] = None  # veth: its peer's kind (a veth, when libvirt made the pair)
 
 
 def libvirt_style(port):
@@ -101,3 +103,69 @@ def match_joined(port, domains):
     domain, nic = found[0]
     nic = replace(nic, target_dev=port.name)
     return Match(domain=replace(domain, nics=(nic,)), nic=nic)
+
+
+# --- lock-down at the join: a port that is unmistakably a guest's, whose NIC nobody knows yet ----------
+#
+# A hot-plugged NIC's MAC is known to nothing before libvirt lists the NIC
+# (tens of ms after the tap joined, more under load), and meanwhile its port
+# learns and floods. What the port itself tells is enough to know it is a
+# guest's, never whose: so it only gets learning and unicast flood off, no
+# entry, until the NIC becomes known (the normal apply takes it over) or a
+# bound passes (it is put back as it was). fdbhook.lockdown does the writes.
+
+VNET = re.compile(r"^%s[0-9]+$" % LIBVIRT_PREFIX)
+
+
+@dataclass(frozen=True)
+class Lockdown:
+    """The decision for one joined port: ``lock`` it or not, and why (for the log and ``status``)."""
+
+    lock: bool
+    why: str
+
+
+def guest_port(port, target_devs=frozenset()):
+    """Why ``port`` is unmistakably a port libvirt made for a guest NIC, or None.
+
+    qemu: a tap (kind tun) whose MAC has the first byte 0xfe (libvirt's tap
+    address; libvirt refuses 0xfe as a NIC's first byte), named like
+    libvirt's own taps (``vnetN``, a prefix libvirt reserves) or as the
+    ``<target dev>`` of a NIC fdbhookd knows. lxc: a veth named ``vnetN``
+    whose peer is a veth still in the host's namespace (the container end
+    before libvirt moves it). Nothing else: an uplink veth, an admin's tap,
+    a tun without the tap address.
+    """
+    if port.kind == "tun":
+        if not port.mac or not port.mac.startswith(TAP_BYTE + ":"):
+            return None
+        if VNET.match(port.name):
+            return "qemu tap %s (tap address %s, libvirt's name)" % (port.name, port.mac)
+        if port.name in target_devs:
+            return "qemu tap %s (tap address %s, a known NIC's target dev)" % (port.name, port.mac)
+        return None
+    if port.kind == "veth" and VNET.match(port.name) and port.peer_kind == "veth" and port.peer_mac:
+        return "lxc host veth %s (libvirt's name, its peer a veth in the host namespace)" % port.name
+    return None
+
+
+def decide_lockdown(port, uplink=None, recorded=None, foreign_entries=(), target_devs=frozenset(), known=False):
+    """Lock ``port`` down now? Pure.
+
+    ``uplink``: the ``[manage] uplinks`` glob naming it; ``recorded``: the
+    domain whose record holds it; ``foreign_entries``: MACs of static entries
+    on it that are nobody's plan (an admin's); ``known``: a known NIC matches
+    it (then the NIC's own plan applies at once, not a lock-down).
+    """
+    if known:
+        return Lockdown(False, "a known NIC matches: its plan applies")
+    if uplink:
+        return Lockdown(False, "listed in [manage] uplinks (%s)" % uplink)
+    if recorded:
+        return Lockdown(False, "recorded as a port of %s" % recorded)
+    if foreign_entries:
+        return Lockdown(False, "carries static entries that are not ours (%s)" % ", ".join(sorted(foreign_entries)))
+    why = guest_port(port, target_devs)
+    if why is None:
+        return Lockdown(False, "not unmistakably a guest's port")
+    return Lockdown(True, why)

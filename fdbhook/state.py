@@ -282,7 +282,8 @@ class Store:
     def clean_temp_files(self):
         """Remove the temp files of writes a kill interrupted. Call with the lock held."""
         removed = sum(clean_temp_files(d) for d in (self.state_dir, self.domain_dir, self.prev_dir,
-                                                     self.intent_dir(), os.path.join(self.state_dir, "bridges")))
+                                                     self.intent_dir(), os.path.join(self.state_dir, "bridges"),
+                                                     self.pending_dir()))
         if removed:
             LOG.info("state: removed %d temp file(s) of interrupted writes", removed)
         return removed
@@ -447,6 +448,45 @@ class Store:
     def has_intents(self):
         try:
             return any(n.endswith(".json") for n in os.listdir(self.intent_dir()))
+        except OSError:
+            return False
+
+    # --- pending ports: guest ports locked down at the join, their NIC not known yet (fdbhook.lockdown) ----
+    def pending_dir(self):
+        return os.path.join(self.state_dir, "pending")
+
+    def pending_path(self, ifindex):
+        return os.path.join(self.pending_dir(), "%d.json" % int(ifindex))
+
+    def save_pending(self, ifindex, data):
+        _ensure_dir(self.pending_dir())
+        _atomic_write(self.pending_path(ifindex), json.dumps(data, sort_keys=True).encode())
+
+    def remove_pending(self, ifindex):
+        _unlink(self.pending_path(ifindex))
+
+    def pending(self):
+        """[(ifindex, parsed JSON or None if unreadable)] of every pending port, by ifindex. Never raises."""
+        try:
+            names = os.listdir(self.pending_dir())
+        except OSError:
+            return []
+        out = []
+        for name in sorted(names):
+            stem = name[:-5]
+            if not name.endswith(".json") or not stem.isdigit():
+                continue
+            try:
+                with open(os.path.join(self.pending_dir(), name), "rb") as handle:
+                    data = json.loads(handle.read(MAX_RECORD_BYTES).decode("utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+                data = None
+            out.append((int(stem), data if isinstance(data, dict) else None))
+        return out
+
+    def has_pending(self):
+        try:
+            return any(n.endswith(".json") for n in os.listdir(self.pending_dir()))
         except OSError:
             return False
 

@@ -8,6 +8,7 @@ one bridge's dict into sentences.
 import json
 import os
 
+from fdbhook import lockdown
 from fdbhook.current import read_port
 from fdbhook.engine import desired_from_record
 from fdbhook.plan import drift
@@ -266,6 +267,7 @@ def collect(config, kernel, store, frr=None):
         "state_dir": config.state_dir,
         "bridges": out,
         "stale_records": missing,
+        "pending_ports": lockdown.describe(store),
         "drift": drift,
         "daemon": daemon,
     }
@@ -341,6 +343,7 @@ def render_text(data):
     for stale in data["stale_records"]:
         lines.append("record %s %s on %s: port %s is gone" % (stale["domain"], stale["mac"], stale["bridge"],
                                                               stale["port"]))
+    lines.extend(_pending_lines(data.get("pending_ports") or ()))
     for path in data.get("quarantined") or ():
         lines.append("QUARANTINED record %s: it did not parse; its second copy (if any) was used. Read it, then "
                      "remove it" % path)
@@ -358,6 +361,20 @@ def render_text(data):
         lines.append("")
         lines.extend(data["first_run"])
     return "\n".join(lines)
+
+
+def _pending_lines(pending):
+    """Guest ports locked down at their join whose NIC nobody has claimed yet (fdbhook.lockdown)."""
+    lines = []
+    for pend in pending:
+        if pend.get("port") is None:
+            lines.append("PENDING port ifindex %d: %s" % (pend["ifindex"], pend["why"]))
+            continue
+        lines.append("PENDING %s on %s: locked down at its join (%s), its NIC not known yet; put back to learning "
+                     "%s flood %s in %.0f s unless a NIC claims it" % (
+                         pend["port"], pend["bridge"], pend["why"], "on" if pend["learning"] else "off",
+                         "on" if pend["flood"] else "off", pend["left_s"]))
+    return lines
 
 
 def _security_lines(port):

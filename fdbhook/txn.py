@@ -20,6 +20,7 @@ The JSON round trip of the port states is pure (tests/unit/test_txn.py).
 
 import logging
 
+from fdbhook import lockdown
 from fdbhook import plan as planner
 from fdbhook.current import read_port
 from fdbhook.errors import KernelError, StateError
@@ -135,8 +136,12 @@ def _save(store, record, driver, domain):
         store.save(record)
 
 
-def recover(kernel, store):
+def recover(kernel, store, all_pending=False):
     """Finish or roll back what killed runs left (call with the store's lock held).
+
+    Then pending lock-downs (fdbhook.lockdown.settle): claimed ones are
+    dropped, the rest past their bound (``all_pending``: all of them) are put
+    back as they were.
 
     Returns {(driver, domain): reason} of intents that could not be recovered
     now (they stay; the next run tries again and refuses to change that
@@ -171,6 +176,8 @@ def recover(kernel, store):
         finally:
             kernel.forget()
     settle_bridges(kernel, store)
+    if store.has_pending():
+        lockdown.settle(kernel, store, everything=all_pending)
     if intents:
         store.clean_temp_files()
     return left
@@ -289,8 +296,8 @@ class Transaction:
 
 
 def needs_recovery(store):
-    """Is anything left for ``recover`` (an intent, a pending bridge switch)? Cheap: for status and start-up."""
-    return store.has_intents() or store.has_pending_bridges()
+    """Is anything left for ``recover`` (an intent, a pending bridge switch, a pending lock-down)? Cheap."""
+    return store.has_intents() or store.has_pending_bridges() or store.has_pending()
 
 
 def mark_bridges(store, names):

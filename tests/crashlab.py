@@ -52,6 +52,10 @@ BRIDGE = "br0"
 MAX_POINTS = 400  # an operation of 16 NICs needs about 50
 OPS = ("start", "started", "stopped", "release", "reconnect", "attach", "detach", "macchange",
        "suspend", "resume", "resync")
+# fdbhookd's lock-down of a guest port at its join (fdbhook.lockdown), on the last port (a tap addressed
+# like libvirt's): the lock-down itself (then claimed by the hot-plug apply, or put back at its bound),
+# the claim (the apply of its NIC), the put-back at the bound.
+LOCKDOWN_OPS = ("lockdown", "lockdown-undo", "claim", "expire")
 BRIDGE_OPS = ("start", "stopped")  # --bridge-vlan: the first start switches the bridge, the last stop undoes it
 HOOK_OPS = ("start", "started", "stopped", "release", "reconnect")
 APPLY_HOOKS = ("start", "started", "reconnect")
@@ -59,7 +63,8 @@ APPLY_HOOKS = ("start", "started", "reconnect")
 # resync is followed by fdbhookd's next one (its restart resyncs at once).
 NEXT = {"start": "started", "started": "reconnect", "stopped": "release", "release": "start",
         "reconnect": "stopped", "attach": "sync", "detach": "sync-detached", "macchange": "sync-mac",
-        "suspend": "resume", "resume": "resync", "resync": "resync"}
+        "suspend": "resume", "resume": "resync", "resync": "resync",
+        "lockdown": "attach", "lockdown-undo": "expire", "claim": "sync", "expire": "expire"}
 
 
 def sh(*argv, check=True):
@@ -90,8 +95,10 @@ class Bench:
         sh("ip", "link", "set", BRIDGE, "type", "bridge", "vlan_filtering", "1", check=False)
         self.can_filter = self.filtering()
         sh("ip", "link", "set", BRIDGE, "type", "bridge", "vlan_filtering", "0", check=False)
-        for port in self.ports:
+        for i, port in enumerate(self.ports):
             sh("ip", "tuntap", "add", port, "mode", "tap")
+            if i == nics - 1:  # addressed as libvirt addresses a NIC's tap: the lock-down's port
+                sh("ip", "link", "set", port, "address", "fe" + self.macs[i][2:])
             sh("ip", "link", "set", port, "master", BRIDGE)
 
     # --- XML ----------------------------------------------------------------------------
@@ -192,6 +199,9 @@ class Bench:
         intents = os.path.join(self.state, "intents")
         if os.path.isdir(intents) and [n for n in os.listdir(intents) if n.endswith(".json")]:
             bad.append("intent left: %s" % os.listdir(intents))
+        pending = os.path.join(self.state, "pending")
+        if os.path.isdir(pending) and [n for n in os.listdir(pending) if n.endswith(".json")]:
+            bad.append("pending lock-down left: %s" % os.listdir(pending))
         for port, (learning, flood, locked, macs) in states.items():
             orig = self.original[port]
             nic = recorded.get(port)
@@ -237,6 +247,8 @@ def _child(bench, step, env):
     setup_logging(verbose=False, hook=True)
     config = load_config()
     store = Store(config.state_dir)
+    if step in LOCKDOWN_OPS and step != "claim":
+        return _lockdown_child(bench, step, config, store)
     alias = None
     if step in ("detach", "sync-detached"):
         domain = parse_domain(bench.xml(bench.nics - 1), driver="qemu")
@@ -244,7 +256,7 @@ def _child(bench, step, env):
         domain = parse_domain(bench.xml(), driver="qemu")
     if step in ("macchange", "sync-mac"):
         domain = with_guest_mac(domain, "net0", bench.new_mac)
-    if step == "attach":
+    if step in ("attach", "claim"):
         alias = "net%d" % (bench.nics - 1)
     elif step == "macchange":
         alias = "net0"
@@ -256,6 +268,23 @@ def _child(bench, step, env):
         else:
             reconcile(domain, False, config, kernel, store, alias=alias)
     return 0
+
+
+def _lockdown_child(bench, step, config, store):
+    """fdbhookd's lock-down of the last port (as its link monitor does it), or the put-back at the bound."""
+    from fdbhook import lockdown
+    from fdbhook.kernel import Kernel
+
+    port = bench.ports[-1]
+    with Kernel() as kernel:
+        if step == "expire":
+            with store.lock():
+                lockdown.settle(kernel, store, everything=True)
+            return 0
+        link, bridge = kernel.by_name(port), kernel.by_name(BRIDGE)
+        decision = lockdown.lock_down(kernel, store, config, link, BRIDGE, bridge.ifindex,
+                                      target_devs=frozenset([port]))
+        return 0 if decision.lock or "kernel refused" in decision.why else 3
 
 
 def run_step(bench, step, env=None):
@@ -295,6 +324,11 @@ def prepare(bench, op):
     """Reset, then bring the domain to where ``op`` starts from."""
     bench.reset()
     if op == "start":
+        return
+    if op in LOCKDOWN_OPS:
+        prepare(bench, "attach")
+        if op in ("claim", "expire"):
+            _ok(bench, "lockdown")
         return
     if op == "attach":
         if bench.nics > 1:
@@ -398,7 +432,7 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nics", default="1,4")
-    parser.add_argument("--ops", default=None, help="default: %s" % ",".join(OPS))
+    parser.add_argument("--ops", default=None, help="default: %s (also: %s)" % (",".join(OPS), ",".join(LOCKDOWN_OPS)))
     parser.add_argument("--faults", default="EINVAL,EBUSY,ENOBUFS", help="errno names for fault rows ('' none)")
     parser.add_argument("--fault-nics", default=None, help="NIC counts that get fault rows (default: all)")
     parser.add_argument("--json", default=None)

@@ -99,3 +99,23 @@ def test_status_finishes_or_undoes_a_killed_start_before_showing_it(lab, tmp_pat
     assert status.returncode == 0, status.stdout + status.stderr
     assert as_before(lab, tmp_path)
     assert "interrupted operation was rolled back" in (tmp_path / "log").read_text()
+
+
+def test_a_kill_or_fault_at_every_step_of_a_lock_down_its_claim_and_its_put_back(lab, tmp_path):
+    """fdbhookd's lock-down of an unknown guest port at its join, the apply that claims it, the put-back at
+    the bound: after a kill at each step the next run leaves the port managed with a record whose
+    state-before is the ORIGINAL one, or exactly as it was, and no pending record."""
+    data, res = run_crashlab(lab, tmp_path, "--nics", "1,4", "--ops", "lockdown,lockdown-undo,claim,expire",
+                             "--faults", "EINVAL", "--fault-nics", "1")
+    assert data["violations"] == 0, res.stdout[-4000:]
+    rows = {(r["nics"], r["op"], r["mode"], r["kind"] if r["mode"] == "crash" else r["errno"]): r
+            for r in data["rows"]}
+    for op in ("lockdown", "lockdown-undo", "claim", "expire"):
+        for nics in (1, 4):
+            assert rows[(nics, op, "crash", "kernel")]["points"] >= 1, (nics, op)
+            assert rows[(nics, op, "crash", "file")]["points"] >= 1, (nics, op)
+    # the lock-down writes its pending record first, then one send (learning/flood off, the flush)
+    assert rows[(1, "lockdown", "crash", "file")]["points"] == 1
+    assert rows[(1, "lockdown", "crash", "kernel")]["points"] == 2
+    # a refused lock-down request is undone at once: nothing left to repair
+    assert rows[(1, "lockdown", "fault", "EINVAL")]["dirty"] == 0

@@ -90,13 +90,19 @@ def test_a_port_carrying_a_nic_mac_from_a_hook_gets_its_plan_at_the_join_and_oth
     k.links_by_index[11] = Link(**dict(k.links_by_index[11].__dict__, mac="fe:54:00:00:00:01"))
     k.links_by_index[12] = Link(**dict(k.links_by_index[12].__dict__, mac="fe:54:00:00:00:99"))
     d.note_hook("qemu", ["web1", "prepare", "begin", "-"], domain_xml([bridge_nic(dev=None)], name="web1"))
-    d._link_events(k, [("new", 11, "vnet0", 10), ("new", 12, "vnet1", 10), ("new", 13, "eth0", 10)], {}, {})
+    events = [("new", 11, "vnet0", 10), ("new", 12, "vnet1", 10), ("new", 13, "eth0", 10)]
+    d._lockdown_events(k, events, {}, {})  # its own thread, on its own socket: the same events
+    d._link_events(k, events, {}, {})
     assert drain(d) == [D.PortJoined("vnet1"), D.PortJoined("eth0")]  # libvirt's way for the rest
     assert k.by_name("vnet0").learning is False and k.by_name("vnet0").flood is False
     assert k.fdb_get("52:54:00:00:00:01", 10).ifindex == 11
     assert [n.port for n in d.store().load("qemu", "web1").nics] == ["vnet0"]
     assert d._known_ports == {11}
-    assert k.by_name("vnet1").learning is True and k.by_name("eth0").flood is True  # untouched
+    # vnet1: a qemu tap (libvirt's name and tap address) nobody knows yet: locked down, no entry, its
+    # original state pending; eth0 (no tap address) untouched
+    assert k.by_name("vnet1").learning is False and k.by_name("vnet1").flood is False
+    assert [(i, p["port"], p["learning"], p["flood"]) for i, p in d.store().pending()] == [(12, "vnet1", True, True)]
+    assert k.by_name("eth0").learning is True and k.by_name("eth0").flood is True
     d.note_hook("qemu", ["web1", "release", "end", "-"], b"")
     assert d.known_domains() == []
 

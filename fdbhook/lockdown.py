@@ -1,0 +1,222 @@
+"""Lock-down at the join: a guest's port whose NIC nobody knows yet stops learning and flooding at once.
+
+fdbhookd's link monitor sees a port join a managed bridge within a
+millisecond; the NIC's MAC comes from libvirt tens of ms later (a hotplug).
+A port that is unmistakably libvirt's guest port (fdbhook.joined.decide_lockdown)
+gets learning and unicast flood off meanwhile, with no entry. That is a
+change of kernel state, so it is a transaction of its own:
+
+1. under the store's lock, the port's original state (learning, flood) goes
+   durably into a *pending* record, ``STATE/pending/IFINDEX.json``, with the
+   bound it may stay locked (``until``) and why it was locked;
+2. one netlink send: learning and flood off, the port's learned entries flushed.
+
+Any later run settles it (``settle``, called by ``txn.recover``, so by every
+hook, daemon job, resync and ``status``, and by the link monitor at the
+bound): a port a domain record now holds was *claimed* (the apply took it
+over; its record's state-before is the pending record's original state, see
+``originals``), the pending record goes; a port that is gone or left the
+bridge needs nothing; a port past its bound (or every port, at fdbhookd's
+start) is put back as it was, then the record goes. So a port is always
+managed with a record, or locked down with a pending record that says how it
+was, or exactly as it was.
+"""
+
+import logging
+import time
+
+from fdbhook import plan as planner
+from fdbhook.current import read_port
+from fdbhook.errors import FdbhookError, KernelError, StateError
+from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown
+from fdbhook.model import CurrentPort, DesiredPort
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def pending_record(link, bridge, bridge_ifindex, why, now, bound):
+    """The pending record of a port about to be locked down (JSON-ready). Pure."""
+    return {"format": FORMAT, "port": link.name, "ifindex": link.ifindex, "bridge": bridge,
+            "bridge_ifindex": bridge_ifindex, "learning": bool(link.learning), "flood": bool(link.flood),
+            "since": round(now, 3), "until": round(now + bound, 3), "why": why}
+
+
+def parse_pending(ifindex, data):
+    """(port, bridge_ifindex, learning, flood, until) of a pending record; ValueError if malformed. Pure."""
+    try:
+        if data.get("format") != FORMAT or int(data["ifindex"]) != ifindex:
+            raise ValueError("not a pending record of ifindex %d" % ifindex)
+        return (str(data["port"]), int(data["bridge_ifindex"]), bool(data["learning"]), bool(data["flood"]),
+                float(data["until"]))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError("malformed pending record: %s" % (exc,)) from None
+
+
+def _want(port, ifindex, bridge, bridge_ifindex):
+    """The locked-down port: learning and flood off, no entry, nothing else touched."""
+    return DesiredPort(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex)
+
+
+def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, target_devs=frozenset(),
+              now=None):
+    """Decide and, if so, lock ``link`` (a port that just joined ``bridge``) down. Returns the Lockdown decision.
+
+    Without the store's lock, so that no apply in progress (another port's)
+    delays it: the pending record is written before the kernel, and an apply
+    reads a port before it reads the pending records (``originals``), so an
+    apply that sees the port locked down also sees its original state. A
+    port that neither learns nor floods is not touched (an apply got there
+    first). StateError: the pending record could not be written, nothing
+    changed. A request the kernel refuses is undone at once (decision: not
+    locked); KernelError only when that fails too (the pending record stays;
+    the next settle restores).
+    """
+    bound = config.hotplug_lockdown
+    kernel.forget()
+    link = kernel.by_index(link.ifindex)
+    if link is None or not link.is_bridge_port or link.master != bridge_ifindex:
+        return Lockdown(False, "it left the bridge")
+    if not link.learning and not link.flood:
+        return Lockdown(False, "it neither learns nor floods")
+    recorded = next(("%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics
+                     if nic.ifindex == link.ifindex), None)
+    pending = [i for i, _ in store.pending() if i == link.ifindex]
+    if pending:
+        return Lockdown(False, "already locked down")
+    joined = JoinedPort(link.name, link.kind, link.mac, bridge,
+                        peer.mac if peer is not None else None, peer.kind if peer is not None else None)
+    facts = dict(uplink=config.uplink(link.name), recorded=recorded, target_devs=target_devs)
+    decision = decide_lockdown(joined, **facts)
+    if decision.lock:  # only then the one FDB dump: static entries of anyone on it
+        foreign = [e.mac for e in kernel.port_entries(link.ifindex) if not e.local and not e.dynamic]
+        decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
+    if not decision.lock:
+        return decision
+    now = time.time() if now is None else now
+    store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound))
+    have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
+                       flood=bool(link.flood))
+    ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
+    try:
+        kernel.execute_many(ops)
+    except KernelError as exc:
+        # Put back at once; if that fails too, the pending record stays for the next settle.
+        kernel.forget()
+        restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood))
+        store.remove_pending(link.ifindex)
+        return Lockdown(False, "the kernel refused it (%s); left as it was" % exc)
+    return decision
+
+
+def originals(store):
+    """{ifindex: (port, learning, flood)} of every pending port: the apply's state-before for those ports."""
+    out = {}
+    for ifindex, data in store.pending():
+        try:
+            port, _, learning, flood, _ = parse_pending(ifindex, data or {})
+        except ValueError:
+            continue
+        out[ifindex] = (port, learning, flood)
+    return out
+
+
+def drop_claimed(store, record, pending):
+    """After an apply's commit: the pending records of the ports ``record`` now holds go (errors: the next
+    settle drops them)."""
+    if not pending or record is None:
+        return
+    for nic in record.nics:
+        if pending.get(nic.ifindex, (None,))[0] == nic.port:
+            try:
+                store.remove_pending(nic.ifindex)
+                LOG.debug("%s: claimed by %s/%s after its lock-down", nic.port, record.driver, record.domain)
+            except StateError as exc:
+                LOG.error("%s", exc)
+
+
+def release_unclaimed(kernel, store, names, record, pending):
+    """After an apply: a pending port named by one of the domain's NICs (``names``: their target devs) that
+    the apply did not take (the NIC is opted out, skipped, refused) is put back now, not at its bound."""
+    held = {nic.ifindex for nic in record.nics} if record is not None else set()
+    todo = {i for i, (port, _, _) in (pending or {}).items() if port in names and i not in held}
+    if todo:
+        settle(kernel, store, only=todo, everything=True)
+
+
+def settle(kernel, store, now=None, only=None, everything=False):
+    """Finish or undo pending lock-downs (store lock held). Returns {ifindex: what was done}.
+
+    ``only``: these ifindexes; ``everything``: put back every port nobody
+    claimed, whatever its bound (fdbhookd's start: the monitor that waited
+    for its NIC is gone, and a sync applies what libvirt still knows).
+    Errors are logged and leave the pending record for the next run.
+    """
+    now = time.time() if now is None else now
+    entries = [(i, d) for i, d in store.pending() if only is None or i in only]
+    if not entries:
+        return {}
+    held = {(nic.ifindex, nic.port): "%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics}
+    done = {}
+    for ifindex, data in entries:
+        try:
+            try:
+                port, bridge_ifindex, learning, flood, until = parse_pending(ifindex, data or {})
+            except ValueError as exc:
+                LOG.error("%s: %s; removed, the port is not touched", store.pending_path(ifindex), exc)
+                store.remove_pending(ifindex)
+                done[ifindex] = "bad record removed"
+                continue
+            owner = held.get((ifindex, port))
+            if owner:
+                store.remove_pending(ifindex)
+                done[ifindex] = "claimed by %s" % owner
+                continue
+            kernel.forget()
+            link = kernel.by_index(ifindex)
+            if link is None or link.name != port or not link.is_bridge_port or link.master != bridge_ifindex:
+                store.remove_pending(ifindex)
+                done[ifindex] = "gone"
+                continue
+            if not everything and now <= until:
+                continue
+            restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood)
+            store.remove_pending(ifindex)
+            done[ifindex] = "restored"
+            LOG.info("%s: no NIC claimed it after its lock-down; learning %s, flood %s again (as before)",
+                     port, "on" if learning else "off", "on" if flood else "off")
+        except FdbhookError as exc:
+            LOG.error("pending port %d: settling failed: %s", ifindex, exc)
+    return done
+
+
+def restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood):
+    """Put a locked-down port's learning and flood back as they were; verified. KernelError if not."""
+    bridge = kernel.by_index(bridge_ifindex)
+    want = _want(port, ifindex, bridge.name if bridge is not None else "?", bridge_ifindex)
+    target = planner.restore_state(want, CurrentPort(port=port, ifindex=ifindex, exists=True, learning=learning,
+                                                     flood=flood))
+    ops = planner.plan_port(target, read_port(kernel, target, link))
+    if not ops:
+        return
+    kernel.execute_many(ops)
+    left = planner.drift(target, read_port(kernel, target))
+    if left:
+        raise KernelError(what="restoring %s" % port, reason="still " + ", ".join(left))
+
+
+def describe(store, now=None):
+    """The pending ports for ``status``: [{port, ifindex, bridge, why, since, until, learning, flood}]."""
+    now = time.time() if now is None else now
+    out = []
+    for ifindex, data in store.pending():
+        try:
+            port, _, learning, flood, until = parse_pending(ifindex, data or {})
+        except ValueError as exc:
+            out.append({"ifindex": ifindex, "port": None, "why": str(exc)})
+            continue
+        out.append({"port": port, "ifindex": ifindex, "bridge": data.get("bridge"), "why": data.get("why"),
+                    "since": data.get("since"), "until": until, "left_s": round(max(0.0, until - now), 1),
+                    "learning": learning, "flood": flood})
+    return out

@@ -1,0 +1,147 @@
+"""Kernel tier: fdbhookd (no libvirt) locks an unknown guest port down at its join (fdbhook.lockdown) and
+touches nothing that is not unmistakably a guest's; the apply that claims the port records its ORIGINAL
+state; a port nobody claims is put back at its bound, when it leaves the bridge, or at fdbhookd's restart."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fdbhook.lab import poll
+from tests.helpers import bridge_nic, domain_xml
+from tests.kernel.test_hook_kernel import REPO
+
+pytestmark = pytest.mark.root
+
+
+def env_for(tmp_path, bound):
+    conf = tmp_path / "fdbhook.conf"
+    conf.write_text("[manage]\nbridges = br0\nuplinks = vnet7\nhotplug_lockdown = %s\n" % bound)
+    return dict(os.environ, FDBHOOK_CONF=str(conf), FDBHOOK_STATE_DIR=str(tmp_path / "state"),
+                FDBHOOK_LOG=str(tmp_path / "log"), FDBHOOK_SOCKET=str(tmp_path / "fdbhookd.sock"), PYTHONPATH=REPO)
+
+
+def start_daemon(lab, env):
+    try:
+        os.unlink(env["FDBHOOK_SOCKET"])
+    except FileNotFoundError:
+        pass
+    proc = subprocess.Popen(lab.exec_argv([sys.executable, "-m", "fdbhook", "daemon", "--no-libvirt"]), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    if not poll(lambda: os.path.exists(env["FDBHOOK_SOCKET"]) or proc.poll() is not None, timeout=30) \
+            or proc.poll() is not None:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail("fdbhookd did not come up: %s" % read(env["FDBHOOK_LOG"])[-2000:])
+    return proc
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def read(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def flags(lab, port):
+    f = lab.port_flags(port)
+    return bool(f["learning"]), bool(f["flood"])
+
+
+def pending(env):
+    directory = os.path.join(env["FDBHOOK_STATE_DIR"], "pending")
+    out = {}
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        if name.startswith(".") or not name.endswith(".json"):
+            continue  # a write in progress
+        try:
+            with open(os.path.join(directory, name)) as handle:
+                data = json.load(handle)
+        except FileNotFoundError:  # settled meanwhile
+            continue
+        out[data["port"]] = (data["learning"], data["flood"])
+    return out
+
+
+def statics(lab, port):
+    return sorted(e["mac"] for e in lab.fdb(dev=port) if e.get("state") == "static")
+
+
+def test_unknown_guest_ports_locked_down_at_join_claimed_with_their_original_state_nothing_else_touched(
+        lab, tmp_path):
+    env = env_for(tmp_path, 300)
+    lab.add_bridge("br0")
+    # an admin's port that looks like a guest's tap but carries an admin's static entry
+    lab.add_tap("vnet6", bridge="br0", mac="fe:54:00:00:00:06")
+    lab.bridge("fdb", "add", "52:54:00:aa:bb:cc", "dev", "vnet6", "master", "static")
+    proc = start_daemon(lab, env)
+    try:
+        lab.ip("link", "set", "dev", "vnet6", "alias", "admin")  # an event for it, with its master (not a join)
+        lab.add_tap("eth1", bridge="br0", mac="fe:54:00:00:00:11")  # a tap addressed like libvirt's, not its name
+        lab.add_veth("wan0", "wan0p", bridge="br0")  # an uplink veth
+        lab.add_tap("vnet5", bridge="br0", mac="52:54:00:00:00:05")  # a tun without the tap address
+        lab.add_tap("vnet7", bridge="br0", mac="fe:54:00:00:00:07")  # listed in [manage] uplinks
+        lab.add_veth("vnet8", "q2hc8", bridge="br0", mac="52:54:00:00:00:08")  # lxc: host veth, peer in the host ns
+        lab.add_tap("vnet9", bridge="br0", mac="fe:54:00:00:00:09")  # qemu: a hot-plugged NIC's tap
+        # events are handled in order: once vnet9 (the last) is locked down, every port before it was decided
+        assert poll(lambda: flags(lab, "vnet9") == (False, False), timeout=30), read(env["FDBHOOK_LOG"])[-3000:]
+        assert flags(lab, "vnet8") == (False, False) and statics(lab, "vnet8") == statics(lab, "vnet9") == []
+        for port in ("vnet6", "eth1", "wan0", "vnet5", "vnet7"):
+            assert flags(lab, port) == (True, True), port
+        assert statics(lab, "vnet6") == ["52:54:00:aa:bb:cc"]
+        assert pending(env) == {"vnet8": (True, True), "vnet9": (True, True)}
+        status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=env,
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert "PENDING vnet9 on br0: locked down at its join (qemu tap vnet9" in status.stdout, status.stdout
+        assert pending(env) == {"vnet8": (True, True), "vnet9": (True, True)}  # within the bound: kept
+
+        # the NIC becomes known (here: a start hook's XML): the apply takes the port over
+        hook = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", "t1", "start",
+                                             "begin", "-"]),
+                              input=domain_xml([bridge_nic(mac="52:54:00:00:00:09", dev="vnet9")]), env=env,
+                              capture_output=True, timeout=60)
+        assert hook.returncode == 0, hook.stderr
+        with open(os.path.join(env["FDBHOOK_STATE_DIR"], "domains", "qemu-t1.json")) as handle:
+            nic, = json.load(handle)["nics"]
+        assert (nic["port"], nic["prev_learning"], nic["prev_flood"]) == ("vnet9", True, True)  # not the lock-down
+        assert flags(lab, "vnet9") == (False, False) and statics(lab, "vnet9") == ["52:54:00:00:00:09"]
+        assert pending(env) == {"vnet8": (True, True)}
+
+        # a locked-down port that leaves the bridge: its pending record goes
+        lab.add_veth("vnet10", "q2hc10", bridge="br0")
+        assert poll(lambda: "vnet10" in pending(env), timeout=30)
+        lab.ip("link", "set", "dev", "vnet10", "nomaster")
+        assert poll(lambda: "vnet10" not in pending(env), timeout=30)
+
+        # fdbhookd killed and started again: the lock-downs nobody claimed are put back as they were
+        proc.kill()
+        proc.wait(timeout=30)
+        proc = start_daemon(lab, env)
+        assert poll(lambda: pending(env) == {}, timeout=30), read(env["FDBHOOK_LOG"])[-2000:]
+        assert flags(lab, "vnet8") == (True, True)
+        assert flags(lab, "vnet9") == (False, False) and statics(lab, "vnet9") == ["52:54:00:00:00:09"]
+    finally:
+        stop(proc)
+
+
+def test_a_locked_down_port_nobody_claims_is_put_back_at_its_bound(lab, tmp_path):
+    env = env_for(tmp_path, 1)
+    lab.add_bridge("br0")
+    proc = start_daemon(lab, env)
+    try:
+        lab.add_tap("vnet3", bridge="br0", mac="fe:54:00:00:00:03")
+        assert poll(lambda: "vnet3: no NIC claimed it" in read(env["FDBHOOK_LOG"]), timeout=30), \
+            read(env["FDBHOOK_LOG"])[-2000:]
+        assert "vnet3 joined br0: locked down until its NIC is known" in read(env["FDBHOOK_LOG"])
+        assert flags(lab, "vnet3") == (True, True) and pending(env) == {}
+    finally:
+        stop(proc)
