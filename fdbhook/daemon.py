@@ -727,12 +727,15 @@ class Daemon:
         bridges = {}  # ifindex -> name of a bridge, or None
         asked = {}  # port ifindex -> when we last looked for its guest
         pending = {}  # port ifindex -> (name, until): libvirt-style ports whose NIC libvirt has not listed yet
+        # port ifindex -> its master as last seen, read after the socket opened: only a change of master
+        # is a join (not our own apply's or teardown's flag change of a port already on the bridge)
+        masters = {link.ifindex: link.master for link in kernel.links()}
         wait = 0.002
         try:
             while not self.stopping.is_set():
                 ready, _, _ = select.select([monitor], [], [], wait if pending else 1.0)
                 if ready:
-                    self._link_events(kernel, monitor.read(), bridges, asked, pending)
+                    self._link_events(kernel, monitor.read(), bridges, asked, pending, masters)
                 if pending:
                     # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
                     # look every few ms meanwhile, never spending more than a third of the time on it.
@@ -747,7 +750,7 @@ class Daemon:
             monitor.close()
             kernel.close()
 
-    def _link_events(self, kernel, events, bridges, asked, pending=None):
+    def _link_events(self, kernel, events, bridges, asked, pending=None, masters=None):
         with self._known_lock:
             known = self._known_ports
         for event, ifindex, _, _ in events:
@@ -755,6 +758,12 @@ class Daemon:
                 self.put(PortGone(ifindex))
         config = None
         for event, ifindex, port, master in events:
+            if masters is not None:
+                before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
+                if event == "new":
+                    masters[ifindex] = master or None
+                if master and master == before:
+                    continue  # a port already on that bridge changed (flags): not a join
             if event != "new" or not master or not port or ifindex in known:
                 continue
             if master not in bridges:

@@ -60,6 +60,19 @@ def test_link_events_find_new_ports_on_managed_bridges_and_vanished_managed_port
     assert drain(d) == []
 
 
+def test_only_a_change_of_master_is_a_join(tmp_path):
+    """A flag change of a port already on the bridge (our own apply, a teardown putting it back) is no join."""
+    d = make(tmp_path)
+    k = FakeKernel([Link(name="br0", ifindex=10, kind="bridge")])
+    masters = {23: 10}  # vnet3 was on br0 when the monitor started
+    d._link_events(k, [("new", 23, "vnet3", 10), ("new", 24, "vnet4", 10)], {}, {}, None, masters)
+    assert drain(d) == [D.PortJoined("vnet4")] and masters == {23: 10, 24: 10}
+    d._link_events(k, [("new", 24, "vnet4", 10)], {}, {}, None, masters)  # vnet4's flags changed
+    assert drain(d) == []
+    d._link_events(k, [("new", 23, "vnet3", 0), ("new", 23, "vnet3", 10)], {}, {}, None, masters)  # left, rejoined
+    assert drain(d) == [D.PortJoined("vnet3")]
+
+
 def test_a_uri_whose_driver_is_not_installed_is_not_watched(tmp_path, monkeypatch, caplog):
     d = make(tmp_path)
     monkeypatch.setattr(virt, "start_event_loop", lambda stopping: True)
