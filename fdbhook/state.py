@@ -446,10 +446,7 @@ class Store:
         return out
 
     def has_intents(self):
-        try:
-            return any(n.endswith(".json") for n in os.listdir(self.intent_dir()))
-        except OSError:
-            return False
+        return _has_json(self.intent_dir())
 
     # --- pending ports: guest ports locked down at the join, their NIC not known yet (fdbhook.lockdown) ----
     def pending_dir(self):
@@ -485,10 +482,7 @@ class Store:
         return out
 
     def has_pending(self):
-        try:
-            return any(n.endswith(".json") for n in os.listdir(self.pending_dir()))
-        except OSError:
-            return False
+        return _has_json(self.pending_dir())
 
     # --- incoming migrations (marked by the daemon at the migrate hook) ----
     def incoming_path(self, driver, domain):
@@ -586,6 +580,14 @@ class Store:
             if record is not None:
                 out.append(record)
         return out
+
+
+def _has_json(directory):
+    """Is there a ``*.json`` file in ``directory``? False when it cannot be listed (cheap: status, start-up)."""
+    try:
+        return any(n.endswith(".json") for n in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def _encode(record):
