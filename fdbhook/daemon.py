@@ -758,12 +758,8 @@ class Daemon:
                 self.put(PortGone(ifindex))
         config = None
         for event, ifindex, port, master in events:
-            if masters is not None:
-                before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
-                if event == "new":
-                    masters[ifindex] = master or None
-                if master and master == before:
-                    continue  # a port already on that bridge changed (flags): not a join
+            if masters is not None and not _is_join(masters, event, ifindex, master):
+                continue  # gone, off its bridge, or a port already on that bridge changed (flags)
             if event != "new" or not master or not port or ifindex in known:
                 continue
             if master not in bridges:
@@ -863,10 +859,7 @@ class Daemon:
         self._settle_lockdowns(kernel, left)  # gone or off its bridge: its pending record goes
         config = self.config()
         for event, ifindex, port, master in events:
-            before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
-            if event == "new":
-                masters[ifindex] = master or None
-            if event != "new" or not master or master == before or not port or ifindex in known \
+            if not _is_join(masters, event, ifindex, master) or not port or ifindex in known \
                     or ifindex in self._lockdowns or config.hotplug_lockdown <= 0:
                 continue
             if master not in bridges:
@@ -1088,6 +1081,16 @@ def _drain_pipe(fd):
                 return
         except BlockingIOError:
             return
+
+
+def _is_join(masters, event, ifindex, master):
+    """Does this link event put the port on a master it was not on? Keeps ``masters`` (port ifindex ->
+    master as last seen) up to date. A flag change of a port already on its bridge (our own apply, a
+    teardown putting it back) is no join."""
+    before = masters.pop(ifindex, None) if event == "del" else masters.get(ifindex)
+    if event == "new":
+        masters[ifindex] = master or None
+    return event == "new" and bool(master) and master != before
 
 
 def sd_notify(message):
