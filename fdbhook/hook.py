@@ -19,7 +19,6 @@ This module imports no pyroute2 or lxml at load time, so the no-op
 operations cost only the interpreter start.
 """
 
-import fnmatch
 import logging
 import os
 import re

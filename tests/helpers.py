@@ -1,6 +1,9 @@
-"""Small builders shared by the unit tests."""
+"""Small builders and process helpers shared by the tests."""
 
+import contextlib
 import logging
+import os
+import subprocess
 
 from fdbhook.config import parse_config
 
@@ -48,3 +51,36 @@ class LogRecords(logging.Handler):
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
+
+
+def stop_process(proc, timeout=15):
+    """Terminate a child, kill it if it is still there after ``timeout`` s; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def running_fdbhookd(argv, env, timeout=30):
+    """fdbhookd from ``argv`` (``env`` names its socket and log) until the block ends; fails the test
+    with the daemon's first output if its socket does not appear."""
+    import pytest
+
+    from fdbhook.lab import poll
+
+    with open(env["FDBHOOK_LOG"] + ".out", "w+b") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if not poll(lambda: os.path.exists(env["FDBHOOK_SOCKET"]) or proc.poll() is not None, timeout=timeout) \
+                or proc.poll() is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+            out.seek(0)
+            pytest.fail("fdbhookd did not come up: %s" % out.read(2000).decode(errors="replace"))
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                stop_process(proc, timeout=30)

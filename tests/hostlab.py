@@ -40,6 +40,7 @@ import time
 import uuid
 
 from fdbhook.lab import in_netns, poll
+from tests.helpers import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "/tmp/fxd-lab"
@@ -301,12 +302,7 @@ class Host:
         proc, self.fdbhookd = self.fdbhookd, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop_process(proc, timeout=15)
 
     def daemon_watching(self):
         """fdbhookd has connected to this host's libvirtd (its log says so)."""
@@ -336,12 +332,7 @@ class Host:
             return
         for name in self.domains():
             self.virsh("destroy", name, check=False, timeout=60)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop_process(proc, timeout=30)
 
     def stop(self):
         for step in (self.stop_libvirtd, self.stop_fdbhookd):

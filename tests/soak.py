@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from tests.helpers import stop_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tb-soak"
 BASE = "/tmp/" + PREFIX
@@ -218,12 +220,7 @@ class Host:
         proc, self.libvirtd = self.libvirtd, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_process(proc, timeout=60)
 
     def virsh(self, *args, check=True, timeout=120, uri="qemu:///system"):
         return run(self.enter(self.env() + ["virsh", "-q", "-c", uri] + list(args)), check=check, timeout=timeout)

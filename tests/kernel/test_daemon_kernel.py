@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fdbhook.lab import poll
-from tests.helpers import bridge_nic, domain_xml
+from tests.helpers import bridge_nic, domain_xml, running_fdbhookd
 from tests.kernel.test_hook_kernel import REPO, pyroute2_view
 
 pytestmark = pytest.mark.root
@@ -27,20 +27,8 @@ def denv(tmp_path):
 @pytest.fixture
 def daemon(lab, denv):
     """fdbhookd (no libvirt) running inside the lab namespace, with only raw netlink allowed."""
-    out = open(denv["FDBHOOK_LOG"] + ".out", "w+b")
-    proc = subprocess.Popen(lab.exec_argv([sys.executable, RAW_ONLY, "daemon", "--no-libvirt"]), env=denv,
-                            stdout=out, stderr=subprocess.STDOUT)
-    if not poll(lambda: os.path.exists(denv["FDBHOOK_SOCKET"]) or proc.poll() is not None, timeout=30) \
-            or proc.poll() is not None:
-        proc.kill()
-        proc.wait(timeout=10)
-        out.seek(0)
-        pytest.fail("fdbhookd did not come up: %s" % out.read(2000).decode(errors="replace"))
-    yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=10)
-    out.close()
+    with running_fdbhookd(lab.exec_argv([sys.executable, RAW_ONLY, "daemon", "--no-libvirt"]), denv) as proc:
+        yield proc
 
 
 def hook(lab, env, op, xml=b"", raw_only=True):

@@ -25,7 +25,7 @@ import sys
 import pytest
 
 from fdbhook.lab import poll
-from tests.helpers import bridge_nic, domain_xml
+from tests.helpers import bridge_nic, domain_xml, running_fdbhookd
 from tests.kernel.test_hook_kernel import REPO, pyroute2_view, snapshot
 
 pytestmark = pytest.mark.root
@@ -171,20 +171,9 @@ def test_erofs_at_start_and_stopped(ports, fenv, mounts):
 
 @pytest.fixture
 def daemon(lab, fenv):
-    out = open(fenv["FDBHOOK_LOG"] + ".out", "w+b")
-    proc = subprocess.Popen(lab.exec_argv([sys.executable, "-m", "fdbhook", "daemon", "--no-libvirt"]), env=fenv,
-                            stdout=out, stderr=subprocess.STDOUT)
-    if not poll(lambda: os.path.exists(fenv["FDBHOOK_SOCKET"]) or proc.poll() is not None, timeout=60) \
-            or proc.poll() is not None:
-        proc.kill()
-        proc.wait(timeout=10)
-        out.seek(0)
-        pytest.fail("fdbhookd did not come up: %s" % out.read(2000).decode(errors="replace"))
-    yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=30)
-    out.close()
+    with running_fdbhookd(lab.exec_argv([sys.executable, "-m", "fdbhook", "daemon", "--no-libvirt"]), fenv,
+                          timeout=60) as proc:
+        yield proc
 
 
 def log(env):

@@ -13,8 +13,6 @@ speed comparison is bench/migration.py's job, not a test's.
 
 import json
 import os
-import threading
-import time
 
 import pytest
 

@@ -9,7 +9,7 @@ from fdbhook import engine, lockdown, status
 from fdbhook.config import ConfigError, parse_config
 from fdbhook.domxml import parse_domain
 from fdbhook.joined import JoinedPort, decide_lockdown, guest_port
-from fdbhook.model import FdbEntry, Link
+from fdbhook.model import FdbEntry
 from fdbhook.state import Store
 from tests.fakes import FakeKernel
 from tests.helpers import bridge_nic, domain_xml
