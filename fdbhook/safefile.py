@@ -13,7 +13,7 @@ whatever ``fs.protected_symlinks``/``fs.protected_regular`` say. So:
   directory, which we only ever rename into, and a log's directory, where
   the file itself is checked);
 * a file is created relative to that directory's fd with
-  ``O_CREAT|O_EXCL|O_NOFOLLOW`` under an unpredictable ``.tmp-<hex>`` name,
+  ``O_CREAT|O_EXCL|O_NOFOLLOW`` under an unpredictable ``.tmp-<pid>-<hex>`` name,
   with its mode set at creation, fsynced, renamed over the final name
   (``rename`` replaces a planted link, never follows it), and the
   directory fsynced;
@@ -115,7 +115,8 @@ def ensure_dir(path, mode=0o700):
 
 
 def tmp_name():
-    return ".tmp-" + secrets.token_hex(8)
+    """``.tmp-<pid>-<hex>``: a sweep of leftovers (fdbhook.state) spares the files of writers still alive."""
+    return ".tmp-%d-%s" % (os.getpid(), secrets.token_hex(8))
 
 
 def write_at(dir_fd, name, data, mode=0o600, fsync=True, group=None):

@@ -205,20 +205,41 @@ def _unlink(path):
 
 
 def clean_temp_files(directory):
-    """Remove ``.tmp-*`` files a killed writer left behind (call with the store's lock held)."""
+    """Remove ``.tmp-*`` files a killed writer left behind (call with the store's lock held).
+
+    A writer that takes no lock (the salvage of a bad record in ``_load_path``,
+    a lock-down's pending record) may be writing one right now: the files of
+    a process still alive, this one included, are left alone.
+    """
     try:
         names = os.listdir(directory)
     except OSError:
         return 0
     removed = 0
     for name in names:
-        if name.startswith(TMP_PREFIX):
+        if name.startswith(TMP_PREFIX) and not _writer_alive(name):
             try:
                 os.unlink(os.path.join(directory, name))
                 removed += 1
             except OSError:
                 pass
     return removed
+
+
+def _writer_alive(name):
+    """Is the process named in a ``.tmp-<pid>-<hex>`` file still there? (An older name: no.)"""
+    pid, sep, _ = name[len(TMP_PREFIX):].partition("-")
+    if not sep or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: somebody's process by that number is alive
+        return True
+    return True
 
 
 def _create_if_absent(path, data):

@@ -105,3 +105,22 @@ def test_orphan_temp_files_cleaned(tmp_path):
         assert store.clean_temp_files() == 2
     assert not [n for n in os.listdir(store.domain_dir) + os.listdir(store.prev_dir) if n.startswith(".tmp-")]
     assert store.load("qemu", "g") == GOOD
+
+
+def test_a_live_writer_keeps_its_temp_file(tmp_path):
+    """The sweep (under the lock) spares a temp file a lock-free writer still alive is writing (a salvage
+    in another thread of fdbhookd, another process): only a dead writer's leftovers go."""
+    import subprocess
+
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = os.path.join(store.domain_dir, ".tmp-%d-%s" % (os.getpid(), "ab" * 8))
+    gone = os.path.join(store.domain_dir, ".tmp-%d-%s" % (dead.pid, "cd" * 8))
+    for path in (live, gone):
+        with open(path, "w") as handle:
+            handle.write("{")
+    with store.lock():
+        assert store.clean_temp_files() == 1
+    assert os.path.exists(live) and not os.path.exists(gone)
