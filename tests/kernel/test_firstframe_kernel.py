@@ -73,7 +73,9 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
     assert not poll(lambda: pyroute2_view(lab, "vnet0")[2], timeout=1)
     guest.send(frame(MAC))
     assert poll(lambda: pyroute2_view(lab, "vnet0") == (False, False, [MAC]), timeout=10), log(denv)
-    assert "qemu/t1: first frame of the incoming guest on vnet0: entries in before RESUMED, " in log(denv)
+    # the log line follows the transaction that put the entry in: wait for it, not only for the entry
+    assert poll(lambda: "qemu/t1: first frame of the incoming guest on vnet0: entries in before RESUMED, "
+                in log(denv), timeout=10), log(denv)
     assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10)
     # later frames change nothing; the stopped hook tears down as ever
     guest.send(frame(MAC))
