@@ -326,6 +326,7 @@ class Daemon:
         self._pause_lock = threading.RLock()  # RESUMED/SUSPENDED jobs vs the first frame of an incoming guest
         self._last_pause = {}  # (driver, name) -> when its last SUSPENDED/RESUMED job started (for the log)
         self.first_frames = 0
+        self.frames_unavailable = ""  # why no first-frame socket can be opened here (start-up probe), or ""
         self._guests = {}  # (driver, name) -> (Domain, when): NICs whose ports may join before libvirt says whose
         self._guests_lock = threading.Lock()
         self.watchers = {}  # uri -> virt.Watcher
@@ -358,7 +359,8 @@ class Daemon:
         """What `fdbhook status` shows about fdbhookd itself (JSON-ready)."""
         config = self.config()
         return {"threads_restarted": {name: {"count": n, "error": err} for name, (n, err) in self.restarts.items()},
-                "config_fallback": config.fallback, "hooks_served": self.hooks_served}
+                "config_fallback": config.fallback, "hooks_served": self.hooks_served,
+                "first_frames_unavailable": self.frames_unavailable}
 
     def note_ports_changed(self):
         """Refresh the set of ports that records know (link monitor) and those of incoming guests (frames)."""
@@ -447,6 +449,9 @@ class Daemon:
         self.note_ports_changed()
         self._start_metrics()
         self._open_monitors()  # before the socket says "ready": no port joining from then on goes unseen
+        self.frames_unavailable = FrameSocket.unavailable()
+        if self.frames_unavailable:  # RESUMED still puts an incoming guest's entries in, later
+            LOG.warning("no first-frame watch for incoming migrations: %s", self.frames_unavailable)
         self._start_server()
         sd_notify("READY=1\nSTATUS=serving hooks on %s" % self.socket_path)  # Type=notify: libvirtd may start
         self._spawn("worker", self._worker)

@@ -735,6 +735,18 @@ class FrameSocket:
 
     SO_ATTACH_FILTER, SOL_PACKET, PACKET_IGNORE_OUTGOING, ETH_P_ALL = 26, 263, 23, 0x0003
 
+    @staticmethod
+    def unavailable():
+        """Why this process cannot open a packet socket ("" if it can): no CAP_NET_RAW, or AF_PACKET
+        filtered (systemd's CapabilityBoundingSet=, RestrictAddressFamilies=)."""
+        import socket
+
+        try:
+            socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
+        except OSError as exc:
+            return "AF_PACKET socket: %s (needs CAP_NET_RAW and AF_PACKET)" % (exc.strerror or exc)
+        return ""
+
     def __init__(self, ifindex, program):
         import ctypes
         import socket

@@ -116,11 +116,12 @@ def daemon_info():
 
     answer = offer("ping", [], b"", timeout=1.0)
     info = {"socket": socket_path(), "answering": answer is not None, "threads_restarted": {},
-            "config_fallback": ""}
+            "config_fallback": "", "first_frames_unavailable": ""}
     try:
         health = json.loads(answer[1]) if answer is not None and answer[1] else {}
         info["threads_restarted"] = dict(health.get("threads_restarted") or {})
         info["config_fallback"] = str(health.get("config_fallback") or "")
+        info["first_frames_unavailable"] = str(health.get("first_frames_unavailable") or "")
     except (ValueError, TypeError, AttributeError):
         pass  # an older fdbhookd answers the ping with nothing
     info.update(version_facts())
@@ -355,6 +356,9 @@ def render_text(data):
         lines.append("fdbhookd: CONFIG BAD: %s" % daemon["config_fallback"])
     for name, info in sorted((daemon.get("threads_restarted") or {}).items()):
         lines.append("fdbhookd: thread %s restarted %d time(s) (last: %s)" % (name, info["count"], info["error"]))
+    if daemon.get("first_frames_unavailable"):
+        lines.append("fdbhookd: incoming migrations get their entries at RESUMED, not at the guest's first frame: "
+                     "%s" % daemon["first_frames_unavailable"])
     lines.extend(mac_change_sentences(daemon))
     lines.append("drift: %s" % ("YES" if data["drift"] else "none"))
     if data.get("first_run"):

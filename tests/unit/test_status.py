@@ -1,3 +1,5 @@
+import pytest
+
 from fdbhook.status import explain_bridge
 
 
@@ -49,3 +51,35 @@ def test_status_of_a_vlan_filtering_bridge_is_the_records_plan(tmp_path):
     data = collect(cfg, k, store)
     port = next(p for p in data["bridges"][0]["ports"] if p["name"] == "vnet0")
     assert port["drift"] == ["static entry for 52:54:00:00:00:01 on VLAN 100 missing"] and data["drift"]
+
+
+def test_status_says_when_fdbhookd_cannot_watch_for_first_frames(tmp_path):
+    from fdbhook.state import Store
+    from fdbhook.status import collect, render_text
+    from tests.fakes import FakeKernel
+    from tests.helpers import config
+
+    data = collect(config(), FakeKernel.bridge_with_ports("br0", ("vnet0",)), Store(str(tmp_path)))
+    data["daemon"].update(answering=True, first_frames_unavailable="AF_PACKET socket: Operation not permitted")
+    assert "incoming migrations get their entries at RESUMED, not at the guest's first frame: AF_PACKET socket: " \
+           "Operation not permitted" in render_text(data)
+    data["daemon"]["first_frames_unavailable"] = ""
+    assert "first frame" not in render_text(data)
+
+
+def test_the_packet_socket_probe_as_root_and_without_cap_net_raw():
+    import os
+    import subprocess
+    import sys
+
+    from fdbhook.kernel import FrameSocket
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    assert FrameSocket.unavailable() == ""
+    # without CAP_NET_RAW (setpriv drops it from every set): the reason, not an exception
+    code = "from fdbhook.kernel import FrameSocket; print(FrameSocket.unavailable())"
+    out = subprocess.run(["setpriv", "--inh-caps=-net_raw", "--bounding-set=-net_raw", sys.executable, "-c", code],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("AF_PACKET socket: ") and "CAP_NET_RAW" in out.stdout
