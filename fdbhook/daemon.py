@@ -972,28 +972,62 @@ class Daemon:
             self._frames_wake = wake
         poller.register(wake[0], select.POLLIN)
         kernel = Kernel()  # opens its netlink socket on first use
+        armed, tried = {}, set()  # (driver, name) -> engine.Armed; domains armed or tried while watched
         try:
             while not self.stopping.is_set():
                 self._update_frame_sockets(frames, socks, poller)
+                self._arm_watched(frames, armed, tried, kernel)
                 ready = [fd for fd, _ in poller.poll(1000 if socks else 30000)]
                 arrived_at = time.monotonic()
                 if any(fd != wake[0] for fd in ready):
                     # A frame: hold the pause lock before anything else (no syscall, no GIL hand-over
                     # in between), so a RESUMED job that libvirt delivers meanwhile waits and finds it done.
                     with self._pause_lock:
-                        self._frames_arrived(frames, socks, poller, ready, kernel, arrived_at)
+                        self._frames_arrived(frames, socks, poller, ready, kernel, arrived_at, armed)
                 if wake[0] in ready:
                     _drain_pipe(wake[0])
         finally:
             for ifindex in list(socks):
                 self._close_frame_socket(socks, poller, ifindex)
+            for item in armed.values():
+                self._disarm(item)
             kernel.close()
             with self._known_lock:
                 self._frames_wake = None
             for fd in wake:
                 os.close(fd)
 
-    def _frames_arrived(self, frames, socks, poller, fds, kernel, arrived_at):
+    def _arm_watched(self, frames, armed, tried, kernel):
+        """Each watched domain's resume planned ahead (engine.arm_record), again when its record changed;
+        disarmed when its ports are no longer watched."""
+        watched = {(w.driver, w.name) for w, _ in frames.watching.values()}
+        store = self.store()
+        for key in list(armed):
+            if key not in watched:
+                self._disarm(armed.pop(key))
+            elif store.stamp(*key) != armed[key].stamp:  # its record changed (a started hook): plan again
+                self._disarm(armed.pop(key))
+                tried.discard(key)
+        tried &= watched
+        for key in sorted(watched - tried):
+            tried.add(key)
+            try:
+                item = engine.arm_record(key[0], key[1], kernel, store)
+            except (FdbhookError, OSError) as exc:  # the first frame takes the whole path
+                LOG.warning("%s/%s: planning its resume ahead failed: %s", key[0], key[1], exc)
+                continue
+            if item is not None:
+                armed[key] = item
+                LOG.info("%s/%s: resume planned ahead, its intent written: its first frame leaves only the kernel "
+                         "writes", key[0], key[1])
+
+    def _disarm(self, item):
+        try:
+            engine.disarm(item, self.store())
+        except (FdbhookError, OSError) as exc:  # the next recovery drops it (no longer armed)
+            LOG.warning("%s/%s: dropping its planned resume: %s", item.driver, item.name, exc)
+
+    def _frames_arrived(self, frames, socks, poller, fds, kernel, arrived_at, armed=None):
         """Sockets ``fds`` are readable: a guest's first frame (its domain's entries in), or a port gone."""
         by_fd = {sock.fileno(): sock for sock in socks.values()}
         for fd in fds:
@@ -1013,7 +1047,7 @@ class Daemon:
             for closed in done:
                 poller.unregister(closed)
             if watch is not None:
-                self._first_frame(kernel, watch, arrived_at)
+                self._first_frame(kernel, watch, arrived_at, (armed or {}).pop((watch.driver, watch.name), None))
             for closed in done:  # only now: closing a packet socket waits for an RCU grace period (ms)
                 closed.close()
 
@@ -1043,12 +1077,26 @@ class Daemon:
             poller.unregister(sock)
             sock.close()
 
-    def _first_frame(self, kernel, watch, arrived_at=None):
-        """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does."""
+    def _first_frame(self, kernel, watch, arrived_at=None, armed=None):
+        """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does (the
+        plan ``armed`` ahead if it still holds: only the kernel writes are left)."""
         arrived_at = time.monotonic() if arrived_at is None else arrived_at
         config = self.config()
         store = self.store(config)
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
+            report = None
+            if armed is not None:
+                try:
+                    if store.is_incoming(watch.driver, watch.name):
+                        report = engine.fire_armed(armed, kernel, store)
+                    else:
+                        engine.disarm(armed, store)
+                except (FdbhookError, OSError) as exc:  # RESUMED tries again
+                    LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
+                    return
+            if report is not None:
+                self._first_frame_done(store, watch, arrived_at, report, "planned ahead")
+                return
             record = store.load(watch.driver, watch.name)
             if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):
                 job = self._last_pause.get((watch.driver, watch.name))
@@ -1062,14 +1110,17 @@ class Daemon:
             except (FdbhookError, OSError) as exc:  # RESUMED tries again
                 LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                 return
-            store.clear_incoming(watch.driver, watch.name)
-            took = (time.monotonic() - arrived_at) * 1000
+            self._first_frame_done(store, watch, arrived_at, report, "planned now")
+
+    def _first_frame_done(self, store, watch, arrived_at, report, how):
+        store.clear_incoming(watch.driver, watch.name)
+        took = (time.monotonic() - arrived_at) * 1000
         self.first_frames += 1
         if self.metrics is not None:
             self.metrics.first_frame()
         LOG.info("%s/%s: first frame of the incoming guest on %s: entries in before RESUMED, %.1f ms after the frame"
-                 " (%s)", watch.driver, watch.name, watch.port, took,
-                 ", ".join("%s %s" % (r.decision.port or "-", r.status) for r in report.results) or "no NIC")
+                 " (%s; %s)", watch.driver, watch.name, watch.port, took,
+                 ", ".join("%s %s" % (r.decision.port or "-", r.status) for r in report.results) or "no NIC", how)
         self.note_ports_changed()
 
     def _resync_timer(self):

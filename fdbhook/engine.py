@@ -882,38 +882,133 @@ def reapply_record(driver, name, kernel, store, config, paused=None, facts=None,
         record = store.load(driver, name)
         if record is None:
             return Report(driver, name, ())
-        fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
-        kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]],
-                        vlans=[rec.ifindex for rec in record.nics if rec.set_vlans is not None])  # what repair checks
         paused = record.paused if paused is None else paused
-        facts = facts or BridgeFacts(kernel)
-        results, kept, planned = [], [], []
-        for rec in record.nics:
-            result, rec, todo = _plan_reapply_nic(kernel, rec, paused, facts)
-            results.append(result)
-            if rec is not None:
-                kept.append(rec)
-            if todo is not None:
-                planned.append((len(results) - 1, todo))
-        new_record = replace(record, nics=tuple(kept), paused=paused)
+        results, planned, new_record = _plan_reapply(kernel, record, paused, facts or BridgeFacts(kernel))
         tx = txn.Transaction(store, driver, name, record)
         tx.begin(new_record, [(want, before) for _, (_, want, before, ops) in planned if ops])
-        executed = []
-        for i, (d, want, before, ops) in planned:
-            try:
-                execute_verified(kernel, want, ops, before, tx)
-            except ApplyError as exc:
-                results[i] = NicResult(d, "failed", exc.kwargs["reason"])
-                continue
-            if ops:
-                executed.append((want, before))
-            results[i] = NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops)
+        executed = _execute_reapply(kernel, tx, planned, results)
         # an unchanged record is not rewritten (resync of 1000 ports)
         _commit(kernel, tx, new_record, executed, changed=new_record != record)
+    return _reapply_report(driver, name, results, new_record)
+
+
+def _plan_reapply(kernel, record, paused, facts):
+    """(results, planned, new record) of bringing ``record``'s ports to it (``paused``: entries out). Nothing
+    written; a result is None where ``planned`` holds (its index, (decision, want, before, ops))."""
+    fdb = [(mac, kernel.bridge_for(rec.bridge), vid) for rec in record.nics for mac, vid in sorted(rec.keys)]
+    kernel.prefetch(indexes=[rec.ifindex for rec in record.nics], fdb=[key for key in fdb if key[1]],
+                    vlans=[rec.ifindex for rec in record.nics if rec.set_vlans is not None])  # what repair checks
+    results, kept, planned = [], [], []
+    for rec in record.nics:
+        result, rec, todo = _plan_reapply_nic(kernel, rec, paused, facts)
+        results.append(result)
+        if rec is not None:
+            kept.append(rec)
+        if todo is not None:
+            planned.append((len(results) - 1, todo))
+    return results, planned, replace(record, nics=tuple(kept), paused=paused)
+
+
+def _execute_reapply(kernel, tx, planned, results):
+    """Send and verify the planned ports (``results`` filled in); returns [(want, before)] of those changed."""
+    executed = []
+    for i, (d, want, before, ops) in planned:
+        try:
+            execute_verified(kernel, want, ops, before, tx)
+        except ApplyError as exc:
+            results[i] = NicResult(d, "failed", exc.kwargs["reason"])
+            continue
+        if ops:
+            executed.append((want, before))
+        results[i] = NicResult(d, "changed" if ops else "unchanged", planner.describe(ops), ops)
+    return executed
+
+
+def _reapply_report(driver, name, results, record):
     for result in results:
         if result.status != "unchanged":
             _log_line(driver, name, result, "reapply")
-    return Report(driver, name, tuple(results), new_record)
+    return Report(driver, name, tuple(results), record)
+
+
+# --- an incoming guest's resume, planned ahead: its first frame costs only the kernel writes ----------
+
+@dataclass(frozen=True)
+class Armed:
+    """A paused record's resume, planned and its intent written ahead (``arm_record``)."""
+
+    driver: str
+    name: str
+    token: dict  # txn.arm_token(): whose it is
+    stamp: tuple  # Store.stamp once written: anything else writing the record or the intent changes it
+    record: DomainRecord
+    new_record: DomainRecord
+    planned: tuple
+    results: tuple
+
+
+def arm_record(driver, name, kernel, store):
+    """Plan the resume of ``driver/name``'s paused record and write its intent now, armed.
+
+    fdbhookd on the destination of a live migration: the guest's first
+    frame (fire_armed) then costs the kernel writes alone, the intent that
+    covers them being on disk already. An armed intent is left alone by
+    every recovery while the process that armed it lives (txn.armed_alive);
+    once it is gone, recovery finishes or rolls it back like any other.
+    Returns None when there is nothing to arm (no paused record, nothing to
+    write, a NIC that cannot be planned). StateError: nothing armed.
+    """
+    with store.lock():
+        _recover(kernel, store, driver, name)
+        kernel.forget()
+        record = store.load(driver, name)
+        if record is None or not record.paused:
+            return None
+        results, planned, new_record = _plan_reapply(kernel, record, False, BridgeFacts(kernel))
+        ports = [(want, before) for _, (_, want, before, ops) in planned if ops]
+        if not ports or any(result is not None and result.status == "failed" for result in results):
+            return None
+        token = txn.arm_token()
+        try:
+            store.save_intent(driver, name, dict(txn.intent_to_json(driver, name, record, new_record, ports),
+                                                 armed=token))
+        except StateError:
+            txn.disarmed(token)
+            raise
+        return Armed(driver, name, token, store.stamp(driver, name), record, new_record, tuple(planned),
+                     tuple(results))
+
+
+def fire_armed(armed, kernel, store):
+    """The armed plan's kernel writes, then its record; the intent goes. Returns the Report, or None (the
+    armed intent is no longer there as written: another operation ran meanwhile; nothing done)."""
+    try:
+        with store.lock():
+            stamp = store.stamp(armed.driver, armed.name)
+            if stamp != armed.stamp:
+                if stamp[0] == armed.stamp[0]:  # the intent is still ours, the record changed: it goes
+                    store.remove_intent(armed.driver, armed.name)
+                return None
+            tx = txn.Transaction(store, armed.driver, armed.name, armed.record)
+            tx.open = True  # its intent: written when it was armed
+            kernel.forget()
+            results = list(armed.results)
+            executed = _execute_reapply(kernel, tx, armed.planned, results)
+            _commit(kernel, tx, armed.new_record, executed)
+    finally:
+        txn.disarmed(armed.token)
+    return _reapply_report(armed.driver, armed.name, results, armed.new_record)
+
+
+def disarm(armed, store):
+    """The armed guest's frame will not come (RESUMED did it, a stop, a port gone), or its record changed
+    since: its intent goes if it is still the one written. StateError: it stays, and the next recovery (no longer alive) drops it."""
+    try:
+        with store.lock():
+            if store.stamp(armed.driver, armed.name)[0] == armed.stamp[0]:  # still the intent written
+                store.remove_intent(armed.driver, armed.name)
+    finally:
+        txn.disarmed(armed.token)
 
 
 def resync(kernel, store, config):

@@ -448,6 +448,19 @@ class Store:
     def remove_intent(self, driver, domain):
         _unlink(self.intent_path(driver, domain))
 
+    def stamp(self, driver, domain):
+        """Which intent and record files of a domain are there now ((inode, mtime, size) or None each): every
+        write replaces a file, so any write since changes it."""
+        out = []
+        for path in (self.intent_path(driver, domain), self.path(driver, domain)):
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+                continue
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
     def intents(self):
         """[(path, parsed JSON or None if unreadable)] of every intent left, sorted."""
         try:

@@ -136,6 +136,57 @@ def _save(store, record, driver, domain):
         store.save(record)
 
 
+# --- armed intents: written ahead of the kernel writes they cover (engine.arm_record) -------------------
+#
+# An armed intent is complete (old record, new record, every port's state
+# before): it only waits for its trigger, an incoming guest's first frame.
+# It carries the token of the process that armed it; recovery leaves it to
+# that process while it lives, and treats it like any other intent once it
+# is gone (finished when the ports match, else the ports are put back; the
+# record is left as it is, an armed operation writes it only after the kernel).
+
+_ARMED = set()  # nonces of this process's armed intents not yet fired or disarmed
+
+
+def _start_time(pid):
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def arm_token():
+    """A new token of this process for an armed intent (registered as live until ``disarmed``)."""
+    import os
+
+    token = {"pid": os.getpid(), "start": _start_time(os.getpid()), "nonce": os.urandom(8).hex()}
+    _ARMED.add(token["nonce"])
+    return token
+
+
+def disarmed(token):
+    _ARMED.discard(token.get("nonce"))
+
+
+def armed_alive(token):
+    """Will the process that armed this intent still fire or disarm it? (This process: if it says so.)"""
+    import os
+
+    if not isinstance(token, dict):
+        return False
+    try:
+        pid = int(token["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return token.get("nonce") in _ARMED
+    start = _start_time(pid)
+    return start is not None and start == token.get("start")
+
+
 def recover(kernel, store, all_pending=False):
     """Finish or roll back what killed runs left (call with the store's lock held).
 
@@ -159,6 +210,9 @@ def recover(kernel, store, all_pending=False):
             LOG.error("intent %s: %s; moved aside to %s.bad, nothing recovered", path, exc, path)
             _set_aside(path)
             continue
+        armed = data.get("armed")
+        if armed is not None and armed_alive(armed):
+            continue  # planned ahead and still awaited by the process that armed it
         try:
             if all(_matches(kernel, want) for want, _ in ports):
                 _save(store, new, driver, domain)
@@ -166,7 +220,8 @@ def recover(kernel, store, all_pending=False):
             else:
                 for want, before in ports:
                     restore_port(kernel, want, before)
-                _save(store, old, driver, domain)
+                if armed is None:
+                    _save(store, old, driver, domain)
                 what = "rolled back"
             store.remove_intent(driver, domain)
             LOG.warning("%s/%s: an interrupted operation was %s (%d ports)", driver, domain, what, len(ports))

@@ -56,6 +56,9 @@ OPS = ("start", "started", "stopped", "release", "reconnect", "attach", "detach"
 # like libvirt's): the lock-down itself (then claimed by the hot-plug apply, or put back at its bound),
 # the claim (the apply of its NIC), the put-back at the bound.
 LOCKDOWN_OPS = ("lockdown", "lockdown-undo", "claim", "expire")
+# fdbhookd on a live migration's destination: the paused record's resume planned and its intent written
+# ahead (engine.arm_record), then fired at the guest's first frame (engine.fire_armed); one child does both.
+ARMED_OPS = ("firstframe",)
 BRIDGE_OPS = ("start", "stopped")  # --bridge-vlan: the first start switches the bridge, the last stop undoes it
 HOOK_OPS = ("start", "started", "stopped", "release", "reconnect")
 APPLY_HOOKS = ("start", "started", "reconnect")
@@ -64,7 +67,8 @@ APPLY_HOOKS = ("start", "started", "reconnect")
 NEXT = {"start": "started", "started": "reconnect", "stopped": "release", "release": "start",
         "reconnect": "stopped", "attach": "sync", "detach": "sync-detached", "macchange": "sync-mac",
         "suspend": "resume", "resume": "resync", "resync": "resync",
-        "lockdown": "attach", "lockdown-undo": "expire", "claim": "sync", "expire": "expire"}
+        "lockdown": "attach", "lockdown-undo": "expire", "claim": "sync", "expire": "expire",
+        "firstframe": "resync"}
 
 
 def sh(*argv, check=True):
@@ -261,6 +265,11 @@ def _child(bench, step, env):
     elif step == "macchange":
         alias = "net0"
     with Kernel() as kernel:
+        if step == "firstframe":
+            from fdbhook.engine import arm_record, fire_armed
+
+            armed = arm_record("qemu", bench.name, kernel, store)
+            return 3 if armed is None or fire_armed(armed, kernel, store) is None else 0
         if step in ("suspend", "resume"):
             reapply_record("qemu", bench.name, kernel, store, config, paused=step == "suspend")
         elif step == "resync":
@@ -335,7 +344,7 @@ def prepare(bench, op):
             _ok(bench, "start-partial")
         return
     _ok(bench, "start")
-    if op == "resume":
+    if op in ("resume", "firstframe"):
         _ok(bench, "suspend")
     if op in ("reconnect", "resync"):  # drift to heal: a port learning again, an entry gone
         sh("bridge", "link", "set", "dev", bench.ports[0], "learning", "on")
@@ -432,7 +441,7 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nics", default="1,4")
-    parser.add_argument("--ops", default=None, help="default: %s (also: %s)" % (",".join(OPS), ",".join(LOCKDOWN_OPS)))
+    parser.add_argument("--ops", default=None, help="default: %s (also: %s)" % (",".join(OPS), ",".join(LOCKDOWN_OPS + ARMED_OPS)))
     parser.add_argument("--faults", default="EINVAL,EBUSY,ENOBUFS", help="errno names for fault rows ('' none)")
     parser.add_argument("--fault-nics", default=None, help="NIC counts that get fault rows (default: all)")
     parser.add_argument("--json", default=None)

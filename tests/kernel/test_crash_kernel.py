@@ -119,3 +119,18 @@ def test_a_kill_or_fault_at_every_step_of_a_lock_down_its_claim_and_its_put_back
     assert rows[(1, "lockdown", "crash", "kernel")]["points"] == 2
     # a refused lock-down request is undone at once: nothing left to repair
     assert rows[(1, "lockdown", "fault", "EINVAL")]["dirty"] == 0
+
+
+def test_a_kill_or_fault_at_every_step_of_a_resume_planned_ahead_and_fired(lab, tmp_path):
+    """fdbhookd on a migration's destination writes the paused guest's resume intent ahead and fires it at
+    the guest's first frame: killed at any step (its intent then has no live owner), the next run leaves
+    the ports paused (locked down, no entry) or resumed (entries in), and no intent."""
+    data, res = run_crashlab(lab, tmp_path, "--nics", "1,4", "--ops", "firstframe", "--faults", "EINVAL",
+                             "--fault-nics", "1")
+    assert data["violations"] == 0, res.stdout[-4000:]
+    rows = {(r["nics"], r["op"], r["mode"], r["kind"] if r["mode"] == "crash" else r["errno"]): r
+            for r in data["rows"]}
+    # arming writes the intent (1 file); firing sends the entries, then the record and the intent's removal
+    assert rows[(1, "firstframe", "crash", "file")]["points"] >= 3
+    assert rows[(1, "firstframe", "crash", "kernel")]["points"] >= 1
+    assert rows[(4, "firstframe", "crash", "kernel")]["points"] >= 4

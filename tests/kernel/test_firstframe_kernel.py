@@ -82,6 +82,9 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
     assert hook(lab, denv, "stopped").returncode == 0
     assert pyroute2_view(lab, "vnet0") == (True, True, [])
     assert log(denv).count("first frame of the incoming guest") == 1
+    # the resume was planned and its intent written before the frame: only the kernel write was left
+    assert "entries in before RESUMED" in log(denv) and "; planned ahead)" in log(denv), log(denv)
+    assert "interrupted operation" not in log(denv)
 
 
 def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, daemon):
@@ -95,3 +98,67 @@ def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, 
     assert poll(lambda: packet_sockets(lab, ifindex) == 1, timeout=10), log(denv)
     assert hook(lab, denv, "stopped").returncode == 0  # the migration was aborted: libvirt stops the guest
     assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10), log(denv)
+
+
+def _intents(denv):
+    import json
+    import os
+
+    path = os.path.join(denv["FDBHOOK_STATE_DIR"], "intents")
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return [json.load(open(os.path.join(path, n))) for n in names if n.endswith(".json")]
+
+
+def test_an_armed_resume_outlives_other_runs_and_a_killed_fdbhookd_leaves_the_guest_paused(lab, denv, daemon):
+    """The intent written ahead: other runs' recovery leaves it while fdbhookd lives; once fdbhookd is
+    killed the next run drops it (rolled back: nothing was written) and the port stays locked, no entry."""
+    import subprocess
+    import sys
+
+    lab.add_bridge("br0")
+    lab.add_tap("vnet0", bridge="br0")
+    with in_netns(lab.ns):
+        ifindex = socket.if_nametoindex("vnet0")
+    xml = domain_xml([bridge_nic()])
+    for op in ("migrate", "start"):
+        assert hook(lab, denv, op, xml).returncode == 0
+    assert poll(lambda: packet_sockets(lab, ifindex) == 1 and _intents(denv), timeout=10), log(denv)
+    intent = _intents(denv)[0]
+    assert intent["armed"]["pid"] == daemon.pid and intent["domain"] == "t1"
+    # another process's run recovers first: fdbhookd is alive, the armed intent stays
+    status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=denv,
+                            capture_output=True, timeout=60)
+    assert status.returncode in (0, 1), status.stderr
+    assert _intents(denv) == [intent] and "interrupted operation" not in log(denv)
+    daemon.kill()
+    daemon.wait(timeout=10)
+    assert hook(lab, denv, "started", xml).returncode == 0  # the next run, without fdbhookd
+    assert _intents(denv) == []
+    assert "qemu/t1: an interrupted operation was rolled back (1 ports)" in log(denv)
+    assert pyroute2_view(lab, "vnet0") == (False, False, [])  # still paused: locked down, no entry
+
+
+def test_a_record_changed_after_the_arming_is_planned_again(lab, denv, daemon):
+    import os
+
+    lab.add_bridge("br0")
+    guest = lab.add_tap("vnet0", bridge="br0")
+    xml = domain_xml([bridge_nic()])
+    for op in ("migrate", "start"):
+        assert hook(lab, denv, op, xml).returncode == 0
+    assert poll(lambda: "qemu/t1: resume planned ahead" in log(denv), timeout=10), log(denv)
+    record = os.path.join(denv["FDBHOOK_STATE_DIR"], "domains", "qemu-t1.json")
+    before = os.stat(record).st_ino
+    os.rename(record, record + ".x")  # the record rewritten (as an apply that changes it does)
+    os.rename(record + ".x", record)
+    with open(record + ".y", "wb") as out, open(record, "rb") as src:
+        out.write(src.read())
+    os.rename(record + ".y", record)
+    assert os.stat(record).st_ino != before
+    assert hook(lab, denv, "started", xml).returncode == 0  # any hook wakes fdbhookd's threads
+    assert poll(lambda: log(denv).count("qemu/t1: resume planned ahead") == 2, timeout=10), log(denv)
+    assert len(_intents(denv)) == 1
+    guest.send(frame(MAC))
+    assert poll(lambda: pyroute2_view(lab, "vnet0") == (False, False, [MAC]), timeout=10), log(denv)
+    assert poll(lambda: "; planned ahead)" in log(denv), timeout=10), log(denv)
+    assert _intents(denv) == [] and "interrupted operation" not in log(denv)

@@ -179,3 +179,26 @@ def test_an_unreadable_intent_is_set_aside(tmp_path):
         handle.write("{not json")
     assert txn.recover(k, store) == {}
     assert os.listdir(store.intent_dir()) == ["qemu-t1.json.bad"]
+
+
+def test_an_armed_intent_is_alive_only_while_its_process_says_so():
+    import os
+    import subprocess
+
+    from fdbhook import txn
+
+    token = txn.arm_token()
+    assert token["pid"] == os.getpid() and txn.armed_alive(token)
+    txn.disarmed(token)
+    assert not txn.armed_alive(token)  # this process no longer awaits it
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        other = {"pid": child.pid, "start": txn._start_time(child.pid), "nonce": "x"}
+        assert txn.armed_alive(other)
+        assert not txn.armed_alive(dict(other, start=other["start"] - 1))  # the pid reused by another process
+    finally:
+        child.kill()
+        child.wait()
+    assert not txn.armed_alive(other)  # gone
+    for bad in (None, "x", {}, {"pid": "no"}, {"pid": None}):
+        assert not txn.armed_alive(bad)
