@@ -125,7 +125,9 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
         if tree is not None:
             env["PYTHONPATH"] = tree
             argv = [PYTHON, "-m", "fdbhook", "daemon"]
-        daemon = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nice = unit_nice(tree or REPO)  # as systemd starts it (the unit's Nice=)
+        daemon = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  preexec_fn=(lambda: os.nice(nice)) if nice else None)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and "qemu:///system: connected" not in _read(log):
             time.sleep(0.1)
@@ -206,9 +208,17 @@ def _read(path):
         return ""
 
 
+def unit_nice(tree):
+    sys.path.insert(0, REPO)
+    from tests.helpers import unit_nice as nice
+
+    return nice(tree)
+
+
 def _export(ref, into):
-    """The fdbhook package as of git ``ref`` (the old path), unpacked under ``into``."""
-    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "fdbhook"], capture_output=True, check=True).stdout
+    """The fdbhook package and unit as of git ``ref`` (the old path), unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "fdbhook", "fdbhookd.service"], capture_output=True,
+                             check=True).stdout
     subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
     return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", ref], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -268,7 +278,8 @@ def compare(before_ref, cycles, rounds, boots):
         shutil.rmtree(old, ignore_errors=True)
     out = {"rounds": rounds}
     for (kind, label), got in runs.items():
-        out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip())
+        out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip(),
+                                               nice=unit_nice(old if label == "before" else REPO))
     out["before_ref"] = before_ref
     return out
 
@@ -295,7 +306,7 @@ def main():
         print(title)
         for label in ("before", "after"):
             row = result[kind][label]
-            name = "  %s (%s)" % (label, row.get("commit"))
+            name = "  %s (%s, nice %s)" % (label, row.get("commit"), row.get("nice"))
             if "skipped" in row:
                 print("%-30s skipped: %s" % (name, row["skipped"]))
             else:

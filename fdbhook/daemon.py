@@ -377,7 +377,7 @@ class Daemon:
             self._known_ports = ports
             changed, self._frames_want = want != self._frames_want, want
         self._announce_wake.set()
-        if changed:
+        if changed or want:  # while a guest is incoming, a record written may need its resume planned again
             self._wake_frames()
 
     def _wake_frames(self):
@@ -1084,18 +1084,19 @@ class Daemon:
         config = self.config()
         store = self.store(config)
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
-            report = None
+            report, marks = None, []
             if armed is not None:
                 try:
                     if store.is_incoming(watch.driver, watch.name):
-                        report = engine.fire_armed(armed, kernel, store)
+                        report = engine.fire_armed(armed, kernel, store, marks)
                     else:
                         engine.disarm(armed, store)
                 except (FdbhookError, OSError) as exc:  # RESUMED tries again
                     LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                     return
             if report is not None:
-                self._first_frame_done(store, watch, arrived_at, report, "planned ahead")
+                self._first_frame_done(store, watch, arrived_at, report, "planned ahead, kernel written after "
+                                       "%.1f ms" % ((marks[0] - arrived_at) * 1000))
                 return
             record = store.load(watch.driver, watch.name)
             if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):

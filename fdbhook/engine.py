@@ -979,9 +979,10 @@ def arm_record(driver, name, kernel, store):
                      tuple(results))
 
 
-def fire_armed(armed, kernel, store):
+def fire_armed(armed, kernel, store, marks=None):
     """The armed plan's kernel writes, then its record; the intent goes. Returns the Report, or None (the
-    armed intent is no longer there as written: another operation ran meanwhile; nothing done)."""
+    armed intent is no longer there as written: another operation ran meanwhile; nothing done).
+    ``marks``: a list that gets the monotonic time the kernel writes were done."""
     try:
         with store.lock():
             stamp = store.stamp(armed.driver, armed.name)
@@ -994,6 +995,8 @@ def fire_armed(armed, kernel, store):
             kernel.forget()
             results = list(armed.results)
             executed = _execute_reapply(kernel, tx, armed.planned, results)
+            if marks is not None:
+                marks.append(time.monotonic())
             _commit(kernel, tx, armed.new_record, executed)
     finally:
         txn.disarmed(armed.token)

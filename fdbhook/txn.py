@@ -148,8 +148,9 @@ def _save(store, record, driver, domain):
 _ARMED = set()  # nonces of this process's armed intents not yet fired or disarmed
 
 
-def _start_time(pid):
-    """A process's start time (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone."""
+def process_start(pid):
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone: with
+    the pid, it names one process (a pid alone may be reused)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as handle:
             data = handle.read()
@@ -162,7 +163,7 @@ def arm_token():
     """A new token of this process for an armed intent (registered as live until ``disarmed``)."""
     import os
 
-    token = {"pid": os.getpid(), "start": _start_time(os.getpid()), "nonce": os.urandom(8).hex()}
+    token = {"pid": os.getpid(), "start": process_start(os.getpid()), "nonce": os.urandom(8).hex()}
     _ARMED.add(token["nonce"])
     return token
 
@@ -183,7 +184,7 @@ def armed_alive(token):
         return False
     if pid == os.getpid():
         return token.get("nonce") in _ARMED
-    start = _start_time(pid)
+    start = process_start(pid)
     return start is not None and start == token.get("start")
 
 

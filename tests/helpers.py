@@ -84,3 +84,15 @@ def running_fdbhookd(argv, env, timeout=30):
         finally:
             if proc.poll() is None:
                 stop_process(proc, timeout=30)
+
+
+def unit_nice(tree=None):
+    """The ``Nice=`` of ``tree``'s fdbhookd.service (0 without one): systemd starts fdbhookd at it, and so
+    do the labs and benchmarks that start it by hand."""
+    tree = tree or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with open(os.path.join(tree, "fdbhookd.service")) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split("=", 1)[1]) for line in lines if line.startswith("Nice=")), 0)

@@ -40,7 +40,8 @@ import time
 import uuid
 
 from fdbhook.lab import in_netns, poll
-from tests.helpers import stop_process
+from fdbhook.txn import process_start
+from tests.helpers import stop_process, unit_nice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "/tmp/fxd-lab"
@@ -99,11 +100,8 @@ def ns_json(tool, ns, *args):
 # --- process bookkeeping (exact pids, never names) ------------------------------------
 
 def _start_time(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    start = process_start(pid)
+    return None if start is None else str(start)
 
 
 def _remember(pid):
@@ -288,7 +286,8 @@ class Host:
             return
         log = open(os.path.join(self.root, "var", "log", "libvirt", "fdbhookd.log"), "ab")
         self.fdbhookd = subprocess.Popen(
-            self.enter(self.service_env() + ["/opt/fdbhook/bin/fdbhook", "-v", "daemon", "--uri", "qemu:///system"]),
+            self.enter(self.service_env() + ["nice", "-n", str(unit_nice()),  # as the unit starts it
+                                             "/opt/fdbhook/bin/fdbhook", "-v", "daemon", "--uri", "qemu:///system"]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         _remember(self.fdbhookd.pid)

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 
+from fdbhook.txn import process_start
 from tests.helpers import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,11 +339,8 @@ def _remember(pid):
 
 
 def _start_time(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    start = process_start(pid)
+    return None if start is None else str(start)
 
 
 def cleanup():

@@ -83,7 +83,7 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
     assert pyroute2_view(lab, "vnet0") == (True, True, [])
     assert log(denv).count("first frame of the incoming guest") == 1
     # the resume was planned and its intent written before the frame: only the kernel write was left
-    assert "entries in before RESUMED" in log(denv) and "; planned ahead)" in log(denv), log(denv)
+    assert "entries in before RESUMED" in log(denv) and "; planned ahead, kernel written after " in log(denv), log(denv)
     assert "interrupted operation" not in log(denv)
 
 
@@ -160,5 +160,5 @@ def test_a_record_changed_after_the_arming_is_planned_again(lab, denv, daemon):
     assert len(_intents(denv)) == 1
     guest.send(frame(MAC))
     assert poll(lambda: pyroute2_view(lab, "vnet0") == (False, False, [MAC]), timeout=10), log(denv)
-    assert poll(lambda: "; planned ahead)" in log(denv), timeout=10), log(denv)
+    assert poll(lambda: "; planned ahead, kernel written after " in log(denv), timeout=10), log(denv)
     assert _intents(denv) == [] and "interrupted operation" not in log(denv)

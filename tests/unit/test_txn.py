@@ -193,7 +193,7 @@ def test_an_armed_intent_is_alive_only_while_its_process_says_so():
     assert not txn.armed_alive(token)  # this process no longer awaits it
     child = subprocess.Popen(["sleep", "30"])
     try:
-        other = {"pid": child.pid, "start": txn._start_time(child.pid), "nonce": "x"}
+        other = {"pid": child.pid, "start": txn.process_start(child.pid), "nonce": "x"}
         assert txn.armed_alive(other)
         assert not txn.armed_alive(dict(other, start=other["start"] - 1))  # the pid reused by another process
     finally:
