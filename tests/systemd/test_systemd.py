@@ -119,7 +119,9 @@ def test_fdbhookd_is_type_notify_and_ready_with_its_socket(box):
 
 def test_hardening_leaves_only_net_admin_net_raw_and_unix_netlink_packet(box):
     props = _show(box, "fdbhookd", "CapabilityBoundingSet", "RestrictAddressFamilies", "ProtectSystem",
-                  "ProtectHome", "NoNewPrivileges", "MainPID")
+                  "ProtectHome", "NoNewPrivileges", "MainPID", "Nice")
+    assert props["Nice"] == "-10"
+    assert box.sh("cat /proc/%s/stat" % props["MainPID"]).stdout.rsplit(")", 1)[1].split()[16] == "-10"
     assert sorted(props["CapabilityBoundingSet"].split()) == ["cap_net_admin", "cap_net_raw"]
     assert sorted(props["RestrictAddressFamilies"].split()) == ["AF_NETLINK", "AF_PACKET", "AF_UNIX"]
     assert props["ProtectSystem"] == "strict" and props["ProtectHome"] == "yes" and props["NoNewPrivileges"] == "yes"
