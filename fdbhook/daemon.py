@@ -1081,23 +1081,23 @@ class Daemon:
         """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does (the
         plan ``armed`` ahead if it still holds: only the kernel writes are left)."""
         arrived_at = time.monotonic() if arrived_at is None else arrived_at
-        config = self.config()
-        store = self.store(config)
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
             report, marks = None, []
             if armed is not None:
+                # As few syscalls as may be before the kernel write (each one hands the GIL over): the
+                # store of the arming, no incoming mark check (what clears it also rewrites the record,
+                # which fire_armed's stamp check sees).
                 try:
-                    if store.is_incoming(watch.driver, watch.name):
-                        report = engine.fire_armed(armed, kernel, store, marks)
-                    else:
-                        engine.disarm(armed, store)
+                    report = engine.fire_armed(armed, kernel, armed.store, marks)
                 except (FdbhookError, OSError) as exc:  # RESUMED tries again
                     LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                     return
             if report is not None:
-                self._first_frame_done(store, watch, arrived_at, report, "planned ahead, kernel written after "
-                                       "%.1f ms" % ((marks[0] - arrived_at) * 1000))
+                self._first_frame_done(armed.store, watch, arrived_at, report, "planned ahead, kernel written "
+                                       "after %.1f ms" % ((marks[0] - arrived_at) * 1000))
                 return
+            config = self.config()
+            store = self.store(config)
             record = store.load(watch.driver, watch.name)
             if record is None or not record.paused or not store.is_incoming(watch.driver, watch.name):
                 job = self._last_pause.get((watch.driver, watch.name))

@@ -945,6 +945,7 @@ class Armed:
     new_record: DomainRecord
     planned: tuple
     results: tuple
+    store: object  # the Store it was written to
 
 
 def arm_record(driver, name, kernel, store):
@@ -976,7 +977,7 @@ def arm_record(driver, name, kernel, store):
             txn.disarmed(token)
             raise
         return Armed(driver, name, token, store.stamp(driver, name), record, new_record, tuple(planned),
-                     tuple(results))
+                     tuple(results), store)
 
 
 def fire_armed(armed, kernel, store, marks=None):

@@ -87,7 +87,8 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
     assert "interrupted operation" not in log(denv)
 
 
-def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, daemon):
+def incoming_guest(lab, denv):
+    """vnet0 on br0, its guest t1 incoming (the migrate and start hooks ran): (vnet0's ifindex, the XML)."""
     lab.add_bridge("br0")
     lab.add_tap("vnet0", bridge="br0")
     with in_netns(lab.ns):
@@ -95,6 +96,11 @@ def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, 
     xml = domain_xml([bridge_nic()])
     for op in ("migrate", "start"):
         assert hook(lab, denv, op, xml).returncode == 0
+    return ifindex, xml
+
+
+def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, daemon):
+    ifindex, _ = incoming_guest(lab, denv)
     assert poll(lambda: packet_sockets(lab, ifindex) == 1, timeout=10), log(denv)
     assert hook(lab, denv, "stopped").returncode == 0  # the migration was aborted: libvirt stops the guest
     assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10), log(denv)
@@ -115,13 +121,7 @@ def test_an_armed_resume_outlives_other_runs_and_a_killed_fdbhookd_leaves_the_gu
     import subprocess
     import sys
 
-    lab.add_bridge("br0")
-    lab.add_tap("vnet0", bridge="br0")
-    with in_netns(lab.ns):
-        ifindex = socket.if_nametoindex("vnet0")
-    xml = domain_xml([bridge_nic()])
-    for op in ("migrate", "start"):
-        assert hook(lab, denv, op, xml).returncode == 0
+    ifindex, xml = incoming_guest(lab, denv)
     assert poll(lambda: packet_sockets(lab, ifindex) == 1 and _intents(denv), timeout=10), log(denv)
     intent = _intents(denv)[0]
     assert intent["armed"]["pid"] == daemon.pid and intent["domain"] == "t1"
