@@ -225,7 +225,7 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
         # OBJECT is the same string from libvirt, so even broken XML tears down.
         name = _xml_name(data, driver, obj)
         store.clear_incoming(driver, name)
-        if not os.path.exists(store.path(driver, name)) and not store.has_intents() \
+        if not store.has_record(driver, name) and not store.has_intents() \
                 and not store.has_pending_bridges():
             return HookResult(0)
         from fdbhook.engine import teardown_domain
@@ -233,7 +233,7 @@ def _serve(driver, obj, op, data, config, kernel, store, daemon=False):
             teardown_domain(driver, name, k, store)
         return HookResult(0)
 
-    if not maybe_ours(config, driver, obj, data, os.path.exists(store.path(driver, obj))):
+    if not maybe_ours(config, driver, obj, data, store.has_record(driver, obj)):
         LOG.debug("%s/%s %s: nothing of ours (%s)", driver, obj, op, config.path)
         return HookResult(0)
     from fdbhook.domxml import parse_domain

@@ -315,6 +315,11 @@ class Store:
     def prev_path(self, path):
         return os.path.join(self.prev_dir, os.path.basename(path))
 
+    def has_record(self, driver, domain):
+        """Is there a record file, or its second copy alone (``_orphaned_copy``)? Cheap: one or two stats."""
+        path = self.path(driver, domain)
+        return os.path.exists(path) or os.path.exists(self.prev_path(path))
+
     def load(self, driver, domain):
         """The domain's record or None. Never raises for a bad file: see ``_load_path``."""
         return self._load_path(self.path(driver, domain))
@@ -331,7 +336,7 @@ class Store:
             st = os.stat(path)
             return _parsed(path, st)
         except FileNotFoundError:
-            return None
+            return self._orphaned_copy(path)
         except BadRecord as exc:
             reason = str(exc)
         except OSError as exc:
@@ -343,6 +348,22 @@ class Store:
         if replaced and again:
             return self._load_path(path, again=False)
         self.quarantine(path, reason)
+        return self._from_second_copy(path)
+
+    def _orphaned_copy(self, path):
+        """No record file, yet its second copy is there: the record was quarantined and could not be put back
+        (a full disk), or its file was deleted. The copy is used and put back, unless an operation on that
+        domain is under way (its intent is there: a save writes the copy before the file, and recovery
+        settles it)."""
+        if not os.path.exists(self.prev_path(path)):  # the usual case: no record at all, one stat
+            return None
+        if os.path.exists(os.path.join(self.intent_dir(), os.path.basename(path))):
+            return None
+        LOG.warning("state %s: missing, its second copy is there", path)
+        return self._from_second_copy(path)
+
+    def _from_second_copy(self, path):
+        """The record's second copy (quarantined if bad), put back where no record file is; None if none."""
         prev = self.prev_path(path)
         try:
             record = read_record(prev)
@@ -599,11 +620,15 @@ class Store:
     def all(self):
         """Every record, sorted by file name. Bad files are quarantined (their second copy used); never raises."""
         try:
-            names = sorted(os.listdir(self.domain_dir))
+            names = set(os.listdir(self.domain_dir))
         except OSError:
             return []
+        try:  # a record only its second copy holds (see _orphaned_copy)
+            names.update(n for n in os.listdir(self.prev_dir) if n.endswith(".json") and not n.startswith("."))
+        except OSError:
+            pass
         out = []
-        for name in names:
+        for name in sorted(names):
             if not name.endswith(".json") or name.startswith("."):
                 continue
             try:

@@ -124,3 +124,50 @@ def test_a_live_writer_keeps_its_temp_file(tmp_path):
     with store.lock():
         assert store.clean_temp_files() == 1
     assert os.path.exists(live) and not os.path.exists(gone)
+
+
+def test_a_record_only_its_second_copy_holds_is_put_back(tmp_path, lines):
+    """Quarantined on a full disk (the copy could not be put back), or deleted: the next reader, and the
+    next teardown, still find the ports' original state."""
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    os.unlink(store.path("qemu", "g"))
+    assert store.has_record("qemu", "g")
+    assert store.all() == [GOOD]  # listed from the second copy, and put back
+    assert os.path.exists(store.path("qemu", "g")) and store.load("qemu", "g") == GOOD
+    assert any("missing, its second copy is there" in r.getMessage() for r in lines)
+    os.unlink(store.path("qemu", "g"))
+    assert store.load("qemu", "g") == GOOD
+
+
+def test_a_second_copy_alone_is_left_while_an_operation_on_it_is_under_way(tmp_path):
+    """A save writes the copy before the file: between the two (its intent on disk) a reader must not
+    take the copy for a record; recovery settles it."""
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    os.unlink(store.path("qemu", "g"))
+    store.save_intent("qemu", "g", {"format": 1})
+    assert store.load("qemu", "g") is None and store.all() == []
+    assert not os.path.exists(store.path("qemu", "g"))
+    store.remove_intent("qemu", "g")
+    assert store.load("qemu", "g") == GOOD
+
+
+def test_a_quarantined_record_not_put_back_on_a_full_disk_is_put_back_later(tmp_path, monkeypatch):
+    import fdbhook.state as state
+    from fdbhook.errors import StateError
+
+    store = Store(str(tmp_path))
+    store.save(GOOD)
+    with open(store.path("qemu", "g"), "wb") as handle:
+        handle.write(b"null")
+
+    def full(path, data):
+        raise StateError(path=path, reason="No space left on device")
+
+    monkeypatch.setattr(state, "_create_if_absent", full)
+    assert store.load("qemu", "g") == GOOD  # from the copy, this once
+    assert not os.path.exists(store.path("qemu", "g"))
+    monkeypatch.undo()
+    assert store.has_record("qemu", "g") and store.all() == [GOOD]  # the disk has room again
+    assert os.path.exists(store.path("qemu", "g")) and len(store.quarantined()) == 1
