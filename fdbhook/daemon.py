@@ -848,7 +848,8 @@ class Daemon:
                     timeout = max(0.0, min(timeout, min(self._lockdowns.values()) - time.monotonic() + 0.05))
                 ready, _, _ = select.select([monitor], [], [], timeout)
                 if ready:
-                    self._lockdown_events(kernel, monitor.read(), bridges, masters)
+                    woke = time.monotonic()
+                    self._lockdown_events(kernel, monitor.read(), bridges, masters, woke)
                 if self._lockdowns:
                     now = time.monotonic()
                     self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
@@ -856,7 +857,7 @@ class Daemon:
             monitor.close()
             kernel.close()
 
-    def _lockdown_events(self, kernel, events, bridges, masters):
+    def _lockdown_events(self, kernel, events, bridges, masters, woke=None):
         """Lock down each unknown guest port that joined a managed bridge; settle those that left."""
         with self._known_lock:
             known = self._known_ports
@@ -873,13 +874,13 @@ class Daemon:
             if not bridges[master] or not self._managed_bridge(config, bridges[master]):
                 continue
             try:
-                self._lock_down(kernel, config, ifindex, bridges[master], master)
+                self._lock_down(kernel, config, ifindex, bridges[master], master, woke)
             except (FdbhookError, OSError) as exc:
                 LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
             except Exception:  # never this thread's end
                 LOG.exception("port %s joined %s", port, bridges[master])
 
-    def _lock_down(self, kernel, config, ifindex, bridge, bridge_ifindex):
+    def _lock_down(self, kernel, config, ifindex, bridge, bridge_ifindex, woke=None):
         """A guest's port nobody knows yet: learning and flood off now (fdbhook.lockdown), until its NIC
         is known (the apply takes it over) or the bound passes (put back as it was). A port a known NIC
         matches is left to the link monitor, which applies its plan."""
@@ -895,7 +896,7 @@ class Daemon:
         target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
         try:
             decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
-                                          target_devs)
+                                          target_devs, read_now=False)  # _joined_port read it
         except FdbhookError as exc:  # a pending record may be there: settled at the bound like any other
             self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
             LOG.error("%s joined %s: locking it down failed: %s", link.name, bridge, exc)
@@ -903,7 +904,8 @@ class Daemon:
         if decision.lock:
             self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
             self.lockdowns += 1
-            LOG.info("%s joined %s: locked down until its NIC is known: %s", link.name, bridge, decision.why)
+            LOG.info("%s joined %s: locked down until its NIC is known: %s (%.1f ms after its event was read)",
+                     link.name, bridge, decision.why, (time.monotonic() - (woke or time.monotonic())) * 1000)
         else:
             LOG.debug("%s joined %s: not locked down: %s", link.name, bridge, decision.why)
 

@@ -60,7 +60,7 @@ def _want(port, ifindex, bridge, bridge_ifindex):
 
 
 def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, target_devs=frozenset(),
-              now=None):
+              now=None, read_now=True):
     """Decide and, if so, lock ``link`` (a port that just joined ``bridge``) down. Returns the Lockdown decision.
 
     Without the store's lock, so that no apply in progress (another port's)
@@ -71,10 +71,12 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     first). StateError: the pending record could not be written, nothing
     changed. A request the kernel refuses is undone at once (decision: not
     locked); KernelError only when that fails too (the pending record stays;
-    the next settle restores).
+    the next settle restores). ``read_now`` False: the caller read ``link``
+    from ``kernel`` just now, its cache answers (one round trip less).
     """
     bound = config.hotplug_lockdown
-    kernel.forget()
+    if read_now:  # else the caller read it just now (kernel's cache)
+        kernel.forget()
     link = kernel.by_index(link.ifindex)
     if link is None or not link.is_bridge_port or link.master != bridge_ifindex:
         return Lockdown(False, "it left the bridge")
@@ -82,8 +84,7 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
         return Lockdown(False, "it neither learns nor floods")
     recorded = next(("%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics
                      if nic.ifindex == link.ifindex), None)
-    pending = [i for i, _ in store.pending() if i == link.ifindex]
-    if pending:
+    if store.has_pending_port(link.ifindex):
         return Lockdown(False, "already locked down")
     joined = JoinedPort(link.name, link.kind, link.mac, bridge,
                         peer.mac if peer is not None else None, peer.kind if peer is not None else None)

@@ -510,6 +510,9 @@ class Store:
     def pending_path(self, ifindex):
         return os.path.join(self.pending_dir(), "%d.json" % int(ifindex))
 
+    def has_pending_port(self, ifindex):
+        return os.path.exists(self.pending_path(ifindex))
+
     def save_pending(self, ifindex, data):
         _ensure_dir(self.pending_dir())
         _atomic_write(self.pending_path(ifindex), json.dumps(data, sort_keys=True).encode())
