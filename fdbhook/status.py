@@ -11,6 +11,7 @@ import os
 from fdbhook import lockdown
 from fdbhook.current import read_port
 from fdbhook.engine import desired_from_record
+from fdbhook.errors import StateError
 from fdbhook.plan import drift
 from fdbhook.resolve import load_networks
 
@@ -177,6 +178,19 @@ def _evpn(bridge, view, recs):
             port["evpn"] = {mac: port_view(view, mac, port["name"], paused) for mac in rec.macs}
 
 
+def _incoming(store, records):
+    """{"driver/domain": "first frame" or "first frame, planned ahead"} of paused records marked incoming (a
+    live migration's destination: the entries go in at the guest's first frame, or at RESUMED)."""
+    try:
+        armed = {(d.get("driver"), d.get("domain")) for _, d in store.intents()
+                 if isinstance(d, dict) and d.get("armed")}
+    except StateError:
+        armed = set()
+    return {"%s/%s" % (r.driver, r.domain): "first frame" + (", planned ahead" if (r.driver, r.domain) in armed
+                                                               else "")
+            for r in records if r.paused and store.is_incoming(r.driver, r.domain)}
+
+
 def _records_by_ifindex(store):
     out = {}
     for record in store.all():
@@ -257,8 +271,12 @@ def collect(config, kernel, store, frr=None):
                                 "port": rec.port, "bridge": rec.bridge, "drift": ["port gone"]})
     drift = any(p["drift"] for b in out for p in b["ports"]) or bool(missing)
     daemon = daemon_info()
+    incoming = _incoming(store, records)
     for bridge in out:
         _guest_mac_change(bridge["ports"], daemon)
+        for port in bridge["ports"]:
+            if port.get("paused") and port["domain"] in incoming:
+                port["incoming"] = incoming[port["domain"]]
     return {
         "config": config.path,
         "config_exists": config.exists,
@@ -416,6 +434,8 @@ def _evpn_lines(port):
 def _entry_word(port):
     if not port["domain"]:
         return ""
+    if port.get("paused") and port.get("incoming"):
+        return "  no entry yet (incoming migration: it goes in at the guest's %s)" % port["incoming"]
     if port.get("paused"):
         return "  entry removed (guest paused)"
     return "  entry %s" % ("ok" if port["static_entry"] else "MISSING")

@@ -129,6 +129,8 @@ def test_an_armed_resume_outlives_other_runs_and_a_killed_fdbhookd_leaves_the_gu
     status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=denv,
                             capture_output=True, timeout=60)
     assert status.returncode in (0, 1), status.stderr
+    assert b"no entry yet (incoming migration: it goes in at the guest's first frame, planned ahead)" \
+        in status.stdout, status.stdout
     assert _intents(denv) == [intent] and "interrupted operation" not in log(denv)
     daemon.kill()
     daemon.wait(timeout=10)

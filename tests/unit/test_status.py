@@ -83,3 +83,12 @@ def test_the_packet_socket_probe_as_root_and_without_cap_net_raw():
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("AF_PACKET socket: ") and "CAP_NET_RAW" in out.stdout
+
+
+def test_an_incoming_guests_port_says_where_its_entry_comes_from():
+    from fdbhook.status import _entry_word
+
+    port = {"domain": "qemu/a", "paused": True, "static_entry": None}
+    assert _entry_word(port) == "  entry removed (guest paused)"
+    assert _entry_word(dict(port, incoming="first frame")) == \
+        "  no entry yet (incoming migration: it goes in at the guest's first frame)"
