@@ -1025,7 +1025,7 @@ class Daemon:
 
     def _disarm(self, item):
         try:
-            engine.disarm(item, self.store())
+            engine.disarm(item)
         except (FdbhookError, OSError) as exc:  # the next recovery drops it (no longer armed)
             LOG.warning("%s/%s: dropping its planned resume: %s", item.driver, item.name, exc)
 
@@ -1090,7 +1090,7 @@ class Daemon:
                 # store of the arming, no incoming mark check (what clears it also rewrites the record,
                 # which fire_armed's stamp check sees).
                 try:
-                    report = engine.fire_armed(armed, kernel, armed.store, marks)
+                    report = engine.fire_armed(armed, kernel, marks)
                 except (FdbhookError, OSError) as exc:  # RESUMED tries again
                     LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                     return

@@ -980,10 +980,11 @@ def arm_record(driver, name, kernel, store):
                      tuple(results), store)
 
 
-def fire_armed(armed, kernel, store, marks=None):
+def fire_armed(armed, kernel, marks=None):
     """The armed plan's kernel writes, then its record; the intent goes. Returns the Report, or None (the
     armed intent is no longer there as written: another operation ran meanwhile; nothing done).
     ``marks``: a list that gets the monotonic time the kernel writes were done."""
+    store = armed.store
     try:
         with store.lock():
             stamp = store.stamp(armed.driver, armed.name)
@@ -1004,9 +1005,11 @@ def fire_armed(armed, kernel, store, marks=None):
     return _reapply_report(armed.driver, armed.name, results, armed.new_record)
 
 
-def disarm(armed, store):
+def disarm(armed):
     """The armed guest's frame will not come (RESUMED did it, a stop, a port gone), or its record changed
-    since: its intent goes if it is still the one written. StateError: it stays, and the next recovery (no longer alive) drops it."""
+    since: its intent goes if it is still the one written. StateError: it stays, and the next recovery
+    (no longer alive) drops it."""
+    store = armed.store
     try:
         with store.lock():
             if store.stamp(armed.driver, armed.name)[0] == armed.stamp[0]:  # still the intent written

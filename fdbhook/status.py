@@ -434,7 +434,7 @@ def _evpn_lines(port):
 def _entry_word(port):
     if not port["domain"]:
         return ""
-    if port.get("paused") and port.get("incoming"):
+    if port.get("incoming"):  # set only on a paused port
         return "  no entry yet (incoming migration: it goes in at the guest's %s)" % port["incoming"]
     if port.get("paused"):
         return "  entry removed (guest paused)"

@@ -269,7 +269,7 @@ def _child(bench, step, env):
             from fdbhook.engine import arm_record, fire_armed
 
             armed = arm_record("qemu", bench.name, kernel, store)
-            return 3 if armed is None or fire_armed(armed, kernel, store) is None else 0
+            return 3 if armed is None or fire_armed(armed, kernel) is None else 0
         if step in ("suspend", "resume"):
             reapply_record("qemu", bench.name, kernel, store, config, paused=step == "suspend")
         elif step == "resync":
