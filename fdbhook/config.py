@@ -32,7 +32,7 @@ _BOOL = {"1": True, "yes": True, "true": True, "on": True,
 # Every key we read, so a typo in the file is an error, not a silent default.
 KNOWN = {
     "manage": {"bridges", "networks", "sticky", "locked", "mab", "uplinks", "max_extra_macs",
-               "hotplug_lockdown"},
+               "hotplug_lockdown", "hotplug_predict"},
     "hook": {"on_error", "capture", "capture_dir", "capture_max_bytes"},
     "daemon": {"resync_interval"},
     "metrics": {"textfile", "listen"},
@@ -73,6 +73,7 @@ class Config:
     uplinks: Tuple[str, ...] = ()  # port names (globs) never managed, whatever a domain's XML says
     max_extra_macs: int = 64  # extra MACs per NIC (metadata + sections); more is refused
     hotplug_lockdown: float = 30.0  # s a guest port may stay locked down at its join awaiting its NIC; 0 = off
+    hotplug_predict: bool = True  # the lock-down also puts in the entry the port predicts (fdbhook.joined)
     on_error: str = "fail"  # fail | continue
     capture: bool = False
     capture_dir: str = "/var/lib/fdbhook/capture"
@@ -260,6 +261,7 @@ def parse_config(text, path=DEFAULT_CONF, env=None):
         uplinks=tuple((get("manage", "uplinks", "") or "").split()),
         max_extra_macs=_number(path, "manage", "max_extra_macs", get("manage", "max_extra_macs", "64"), int),
         hotplug_lockdown=_seconds_or_off(path, "manage", "hotplug_lockdown", get("manage", "hotplug_lockdown", "30")),
+        hotplug_predict=_bool(path, "manage", "hotplug_predict", get("manage", "hotplug_predict", "yes")),
         on_error=on_error,
         capture=_bool(path, "hook", "capture", get("hook", "capture", "no")),
         capture_dir=get("hook", "capture_dir", Config.capture_dir),

@@ -894,9 +894,11 @@ class Daemon:
         if not libvirt_style(port) or match_joined(port, domains) is not None:
             return
         target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
+        taken = frozenset(mac for d in domains for nic in d.nics
+                          for mac in (nic.mac, nic.config_mac) + tuple(nic.extra_macs) if mac)
         try:
             decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
-                                          target_devs, read_now=False)  # _joined_port read it
+                                          target_devs, read_now=False, taken=taken)  # _joined_port read it
         except FdbhookError as exc:  # a pending record may be there: settled at the bound like any other
             self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
             LOG.error("%s joined %s: locking it down failed: %s", link.name, bridge, exc)

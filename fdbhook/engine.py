@@ -690,7 +690,7 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
     results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
     # Read after every port was (see fdbhook.lockdown.lock_down): a port seen locked down has its pending record.
     pending = lockdown.originals(store)
-    planned = _with_originals(planned, kept, pending)
+    planned = _with_originals(kernel, planned, kept, pending)
     fail = config.on_error == "fail"
     if fail and not dry_run and any(r.failed for r in results):
         # a NIC could not even be planned: nothing is written
@@ -718,10 +718,11 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
     return results, new_record
 
 
-def _with_originals(planned, kept, pending):
+def _with_originals(kernel, planned, kept, pending):
     """A new record of a port locked down at its join (fdbhook.lockdown) gets, as its state-before, the
     state the port had before the lock-down (the intent keeps the state read: a rollback leaves the port
-    locked down, its pending record still there)."""
+    locked down, its pending record still there). A predicted entry the NIC does not want (a wrong
+    prediction, another VLAN) is watched too: the plan takes it out after the NIC's own went in."""
     if not pending:
         return planned
     out = []
@@ -731,6 +732,15 @@ def _with_originals(planned, kept, pending):
         if fresh and original is not None and original[0] == rec.port:
             rec = replace(rec, prev_learning=original[1], prev_flood=original[2])
             kept[_port_key(rec)] = rec
+            want = todo[0]
+            stale = original[3] - want.entries - want.watch
+            if stale:
+                want = replace(want, watch=want.watch | stale)
+                try:
+                    ops, before = plan_converge(kernel, want, flush=True)
+                    todo = (want, before, ops)
+                except (ApplyError, KernelError) as exc:  # the port went (or the read failed): the verify says
+                    LOG.debug("%s: predicted entries not replanned: %s", rec.port, exc)
         out.append((i, d, todo, old, rec))
     return out
 

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from fdbhook.domxml import mac_problem
 from fdbhook.model import Domain, Nic
 
 TAP_BYTE = "fe"
@@ -110,9 +111,10 @@ def match_joined(port, domains):
 # A hot-plugged NIC's MAC is known to nothing before libvirt lists the NIC
 # (tens of ms after the tap joined, more under load), and meanwhile its port
 # learns and floods. What the port itself tells is enough to know it is a
-# guest's, never whose: so it only gets learning and unicast flood off, no
-# entry, until the NIC becomes known (the normal apply takes it over) or a
-# bound passes (it is put back as it was). fdbhook.lockdown does the writes.
+# guest's, never whose: so it gets learning and unicast flood off, and the
+# one entry the port predicts (``predicted_mac``), until the NIC becomes known
+# (the normal apply takes it over) or a bound passes (it is put back as it
+# was). fdbhook.lockdown does the writes.
 
 VNET = re.compile(r"^%s[0-9]+$" % LIBVIRT_PREFIX)
 
@@ -146,6 +148,26 @@ def guest_port(port, target_devs=frozenset()):
         return None
     if port.kind == "veth" and VNET.match(port.name) and port.peer_kind == "veth" and port.peer_mac:
         return "lxc host veth %s (libvirt's name, its peer a veth in the host namespace)" % port.name
+    return None
+
+
+QEMU_PREFIX = "52:54:00"  # the prefix libvirt's qemu driver generates every NIC MAC under (QEMU's OUI)
+
+
+def predicted_mac(port):
+    """The NIC's MAC as far as ``port`` (a guest port being locked down) tells it, or None. Pure.
+
+    lxc: the peer (the container end) carries the NIC's MAC itself. qemu:
+    the tap carries all of it but the first byte; a tap ``fe:54:00:..`` is
+    taken for ``52:54:00:..``, the prefix libvirt generates every qemu NIC MAC
+    under. An admin's MAC ``02:54:00:..`` is predicted wrong: the apply of
+    the NIC, once libvirt names it, puts its own entry in and takes the
+    predicted one out (the pending record names it), as at the bound.
+    """
+    if port.kind == "tun" and port.mac and port.mac.startswith(TAP_BYTE + QEMU_PREFIX[2:] + ":"):
+        return QEMU_PREFIX[:2] + port.mac[2:]
+    if port.kind == "veth" and port.peer_kind == "veth" and mac_problem(port.peer_mac) is None:
+        return port.peer_mac
     return None
 
 

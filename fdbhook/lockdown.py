@@ -3,21 +3,26 @@
 fdbhookd's link monitor sees a port join a managed bridge within a
 millisecond; the NIC's MAC comes from libvirt tens of ms later (a hotplug).
 A port that is unmistakably libvirt's guest port (fdbhook.joined.decide_lockdown)
-gets learning and unicast flood off meanwhile, with no entry. That is a
-change of kernel state, so it is a transaction of its own:
+gets learning and unicast flood off meanwhile, and a static entry for the
+MAC the port predicts (fdbhook.joined.predicted_mac) when that MAC has no
+entry on the bridge yet and no NIC fdbhookd knows has it. That is a change of
+kernel state, so it is a transaction of its own:
 
-1. under the store's lock, the port's original state (learning, flood) goes
-   durably into a *pending* record, ``STATE/pending/IFINDEX.json``, with the
-   bound it may stay locked (``until``) and why it was locked;
-2. one netlink send: learning and flood off, the port's learned entries flushed.
+1. the port's original state (learning, flood) goes durably into a *pending*
+   record, ``STATE/pending/IFINDEX.json``, with the bound it may stay locked
+   (``until``), why it was locked and the predicted entry (``entries``);
+2. one netlink send: learning and flood off, the port's learned entries
+   flushed, the predicted entry added (last: if the kernel refuses it, the
+   rest is undone like any refusal).
 
 Any later run settles it (``settle``, called by ``txn.recover``, so by every
 hook, daemon job, resync and ``status``, and by the link monitor at the
 bound): a port a domain record now holds was *claimed* (the apply took it
-over; its record's state-before is the pending record's original state, see
-``originals``), the pending record goes; a port that is gone or left the
+over; its record's state-before is the pending record's original state, and
+a predicted entry that is not the NIC's is one of the entries it takes out,
+see ``originals``), the pending record goes; a port that is gone or left the
 bridge needs nothing; a port past its bound (or every port, at fdbhookd's
-start) is put back as it was, then the record goes. So a port is always
+start) is put back as it was, predicted entry out, then the record goes. So a port is always
 managed with a record, or locked down with a pending record that says how it
 was, or exactly as it was.
 """
@@ -27,20 +32,36 @@ import time
 
 from fdbhook import plan as planner
 from fdbhook.current import read_port
+from fdbhook.domxml import normalize_mac
 from fdbhook.errors import FdbhookError, KernelError, StateError
-from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown
-from fdbhook.model import CurrentPort, DesiredPort
+from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown, predicted_mac
+from fdbhook.model import CurrentPort, DesiredPort, Op
 
 LOG = logging.getLogger(__name__)
 
 FORMAT = 1
 
 
-def pending_record(link, bridge, bridge_ifindex, why, now, bound):
+def pending_record(link, bridge, bridge_ifindex, why, now, bound, keys=frozenset()):
     """The pending record of a port about to be locked down (JSON-ready). Pure."""
     return {"format": FORMAT, "port": link.name, "ifindex": link.ifindex, "bridge": bridge,
             "bridge_ifindex": bridge_ifindex, "learning": bool(link.learning), "flood": bool(link.flood),
-            "since": round(now, 3), "until": round(now + bound, 3), "why": why}
+            "since": round(now, 3), "until": round(now + bound, 3), "why": why,
+            "entries": [[mac, vid] for mac, vid in sorted(keys)]}
+
+
+def pending_keys(data):
+    """The predicted entries of a pending record: frozenset((mac, vid)); ValueError if malformed. Pure.
+
+    A record written before predictions (no ``entries``) has none.
+    """
+    try:
+        keys = frozenset((normalize_mac(str(mac)), int(vid)) for mac, vid in data.get("entries") or ())
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError("malformed pending record: entries: %s" % (exc,)) from None
+    if any(mac is None or not 0 <= vid <= 4094 for mac, vid in keys):
+        raise ValueError("malformed pending record: entries: not a MAC, or a VLAN out of range")
+    return keys
 
 
 def parse_pending(ifindex, data):
@@ -54,13 +75,47 @@ def parse_pending(ifindex, data):
         raise ValueError("malformed pending record: %s" % (exc,)) from None
 
 
-def _want(port, ifindex, bridge, bridge_ifindex):
-    """The locked-down port: learning and flood off, no entry, nothing else touched."""
-    return DesiredPort(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex)
+def _want(port, ifindex, bridge, bridge_ifindex, keys=frozenset()):
+    """The locked-down port: learning and flood off, the predicted entries ``keys`` (or, watched only, out),
+    nothing else touched."""
+    return DesiredPort(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex, watch=keys)
+
+
+def lockdown_ops(link, bridge, bridge_ifindex, keys):
+    """The lock-down's one send: learning and flood off and the flush, then the predicted entries. Pure.
+
+    Not plan_port's order (entries first, in a send of their own): this
+    port carries no guest traffic yet, and learning and flood off is what
+    must not wait for a second round trip.
+    """
+    have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
+                       flood=bool(link.flood))
+    ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
+    return ops + tuple(Op(kind="fdb_replace", port=link.name, ifindex=link.ifindex, bridge=bridge,
+                          bridge_ifindex=bridge_ifindex, mac=mac, vlan=vid, sticky=False)
+                       for mac, vid in sorted(keys))
+
+
+def predicted_keys(kernel, link, bridge_ifindex, mac, taken):
+    """(mac, vid) for the entry ``mac`` predicted for ``link`` (a port being locked down): one per VLAN the
+    port carries on a VLAN-filtering bridge, none without VLANs. Empty unless ``mac`` is free: no NIC
+    fdbhookd knows has it (``taken``), and no entry for it on the bridge but what the port itself learned."""
+    if not mac or mac in taken:
+        return frozenset()
+    kernel.prefetch(indexes=[bridge_ifindex], fdb=[(mac, bridge_ifindex, 0)])
+    vids = (0,)
+    if kernel.bridge_vlan_filtering(bridge_ifindex):
+        vids = tuple(vid for vid, _, _ in kernel.port_vlans(link.ifindex))
+        kernel.prefetch(fdb=[(mac, bridge_ifindex, vid) for vid in vids])
+    for vid in vids:
+        entry = kernel.fdb_get(mac, bridge_ifindex, vid)
+        if entry is not None and not (entry.dynamic and entry.ifindex == link.ifindex):
+            return frozenset()
+    return frozenset((mac, vid) for vid in vids)
 
 
 def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, target_devs=frozenset(),
-              now=None, read_now=True):
+              now=None, read_now=True, taken=frozenset()):
     """Decide and, if so, lock ``link`` (a port that just joined ``bridge``) down. Returns the Lockdown decision.
 
     Without the store's lock, so that no apply in progress (another port's)
@@ -73,6 +128,7 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     locked); KernelError only when that fails too (the pending record stays;
     the next settle restores). ``read_now`` False: the caller read ``link``
     from ``kernel`` just now, its cache answers (one round trip less).
+    ``taken``: MACs of the NICs the caller knows (never predicted for this port).
     """
     bound = config.hotplug_lockdown
     if read_now:  # else the caller read it just now (kernel's cache)
@@ -82,7 +138,8 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
         return Lockdown(False, "it left the bridge")
     if not link.learning and not link.flood:
         return Lockdown(False, "it neither learns nor floods")
-    recorded = next(("%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics
+    records = store.all()
+    recorded = next(("%s/%s" % (r.driver, r.domain) for r in records for nic in r.nics
                      if nic.ifindex == link.ifindex), None)
     if store.has_pending_port(link.ifindex):
         return Lockdown(False, "already locked down")
@@ -95,31 +152,36 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
         decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
     if not decision.lock:
         return decision
+    keys = frozenset()
+    if config.hotplug_predict:
+        taken = set(taken) | {mac for r in records for nic in r.nics for mac in nic.macs}
+        keys = predicted_keys(kernel, link, bridge_ifindex, predicted_mac(joined), taken)
     now = time.time() if now is None else now
-    store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound))
-    have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
-                       flood=bool(link.flood))
-    ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
+    store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound, keys))
     try:
-        kernel.execute_many(ops)
+        kernel.execute_many(lockdown_ops(link, bridge, bridge_ifindex, keys), staged=False)
     except KernelError as exc:
         # Put back at once; if that fails too, the pending record stays for the next settle.
         kernel.forget()
-        restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood))
+        restore(kernel, link.name, link.ifindex, None, bridge_ifindex, bool(link.learning), bool(link.flood), keys)
         store.remove_pending(link.ifindex)
         return Lockdown(False, "the kernel refused it (%s); left as it was" % exc)
+    if keys:
+        return Lockdown(True, "%s; entry %s predicted" % (decision.why, sorted(keys)[0][0]))
     return decision
 
 
 def originals(store):
-    """{ifindex: (port, learning, flood)} of every pending port: the apply's state-before for those ports."""
+    """{ifindex: (port, learning, flood, predicted keys)} of every pending port: the apply's state-before for
+    those ports, and the entries it must take out unless the NIC wants them."""
     out = {}
     for ifindex, data in store.pending():
         try:
             port, _, learning, flood, _ = parse_pending(ifindex, data or {})
+            keys = pending_keys(data)
         except ValueError:
             continue
-        out[ifindex] = (port, learning, flood)
+        out[ifindex] = (port, learning, flood, keys)
     return out
 
 
@@ -141,7 +203,7 @@ def release_unclaimed(kernel, store, names, record, pending):
     """After an apply: a pending port named by one of the domain's NICs (``names``: their target devs) that
     the apply did not take (the NIC is opted out, skipped, refused) is put back now, not at its bound."""
     held = {nic.ifindex for nic in record.nics} if record is not None else set()
-    todo = {i for i, (port, _, _) in (pending or {}).items() if port in names and i not in held}
+    todo = {i for i, (port, _, _, _) in (pending or {}).items() if port in names and i not in held}
     if todo:
         settle(kernel, store, only=todo, everything=True)
 
@@ -164,6 +226,7 @@ def settle(kernel, store, now=None, only=None, everything=False):
         try:
             try:
                 port, bridge_ifindex, learning, flood, until = parse_pending(ifindex, data or {})
+                keys = pending_keys(data)
             except ValueError as exc:
                 LOG.error("%s: %s; removed, the port is not touched", store.pending_path(ifindex), exc)
                 store.remove_pending(ifindex)
@@ -182,20 +245,22 @@ def settle(kernel, store, now=None, only=None, everything=False):
                 continue
             if not everything and now <= until:
                 continue
-            restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood)
+            restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood, keys)
             store.remove_pending(ifindex)
             done[ifindex] = "restored"
-            LOG.info("%s: no NIC claimed it after its lock-down; learning %s, flood %s again (as before)",
-                     port, "on" if learning else "off", "on" if flood else "off")
+            LOG.info("%s: no NIC claimed it after its lock-down; learning %s, flood %s again (as before)%s",
+                     port, "on" if learning else "off", "on" if flood else "off",
+                     ", predicted entry removed" if keys else "")
         except FdbhookError as exc:
             LOG.error("pending port %d: settling failed: %s", ifindex, exc)
     return done
 
 
-def restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood):
-    """Put a locked-down port's learning and flood back as they were; verified. KernelError if not."""
+def restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood, keys=frozenset()):
+    """Put a locked-down port's learning and flood back as they were, its predicted entries ``keys`` out;
+    verified. KernelError if not."""
     bridge = kernel.by_index(bridge_ifindex)
-    want = _want(port, ifindex, bridge.name if bridge is not None else "?", bridge_ifindex)
+    want = _want(port, ifindex, bridge.name if bridge is not None else "?", bridge_ifindex, keys)
     target = planner.restore_state(want, CurrentPort(port=port, ifindex=ifindex, exists=True, learning=learning,
                                                      flood=flood))
     ops = planner.plan_port(target, read_port(kernel, target, link))
@@ -208,16 +273,19 @@ def restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood):
 
 
 def describe(store, now=None):
-    """The pending ports for ``status``: [{port, ifindex, bridge, why, since, until, learning, flood}]."""
+    """The pending ports for ``status``: [{port, ifindex, bridge, why, since, until, learning, flood,
+    predicted}]."""
     now = time.time() if now is None else now
     out = []
     for ifindex, data in store.pending():
         try:
             port, _, learning, flood, until = parse_pending(ifindex, data or {})
+            keys = pending_keys(data)
         except ValueError as exc:
             out.append({"ifindex": ifindex, "port": None, "why": str(exc)})
             continue
         out.append({"port": port, "ifindex": ifindex, "bridge": data.get("bridge"), "why": data.get("why"),
                     "since": data.get("since"), "until": until, "left_s": round(max(0.0, until - now), 1),
-                    "learning": learning, "flood": flood})
+                    "learning": learning, "flood": flood,
+                    "predicted": [{"mac": mac, "vlan": vid} for mac, vid in sorted(keys)]})
     return out

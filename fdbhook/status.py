@@ -392,10 +392,12 @@ def _pending_lines(pending):
         if pend.get("port") is None:
             lines.append("PENDING port ifindex %d: %s" % (pend["ifindex"], pend["why"]))
             continue
-        lines.append("PENDING %s on %s: locked down at its join (%s), its NIC not known yet; put back to learning "
-                     "%s flood %s in %.0f s unless a NIC claims it" % (
-                         pend["port"], pend["bridge"], pend["why"], "on" if pend["learning"] else "off",
-                         "on" if pend["flood"] else "off", pend["left_s"]))
+        predicted = sorted({p["mac"] for p in pend.get("predicted") or ()})
+        lines.append("PENDING %s on %s: locked down at its join (%s)%s, its NIC not known yet; put back to "
+                     "learning %s flood %s in %.0f s unless a NIC claims it" % (
+                         pend["port"], pend["bridge"], pend["why"],
+                         ", static entry for %s predicted from the port" % " ".join(predicted) if predicted else "",
+                         "on" if pend["learning"] else "off", "on" if pend["flood"] else "off", pend["left_s"]))
     return lines
 
 

@@ -101,10 +101,10 @@ class FakeKernel:
     def vlan_filtering_capable(self, bridge_ifindex):
         return self.vlan_supported
 
-    def execute_many(self, ops):
+    def execute_many(self, ops, staged=True):
         from fdbhook.plan import stages
 
-        for stage in stages(list(ops)):
+        for stage in (stages(list(ops)) if staged else [list(ops)] if ops else []):
             failed = None
             for op in stage:
                 try:

@@ -91,29 +91,39 @@ def test_unknown_guest_ports_locked_down_at_join_claimed_with_their_original_sta
         lab.add_tap("vnet5", bridge="br0", mac="52:54:00:00:00:05")  # a tun without the tap address
         lab.add_tap("vnet7", bridge="br0", mac="fe:54:00:00:00:07")  # listed in [manage] uplinks
         lab.add_veth("vnet8", "q2hc8", bridge="br0", mac="52:54:00:00:00:08")  # lxc: host veth, peer in the host ns
+        lab.add_tap("vnet11", bridge="br0", mac="fe:54:00:00:00:0b")  # qemu: its NIC has an admin's MAC 02:54:..
         lab.add_tap("vnet9", bridge="br0", mac="fe:54:00:00:00:09")  # qemu: a hot-plugged NIC's tap
         # events are handled in order: once vnet9 (the last) is locked down, every port before it was decided
         assert poll(lambda: flags(lab, "vnet9") == (False, False), timeout=30), read(env["FDBHOOK_LOG"])[-3000:]
-        assert flags(lab, "vnet8") == (False, False) and statics(lab, "vnet8") == statics(lab, "vnet9") == []
+        assert flags(lab, "vnet8") == (False, False) == flags(lab, "vnet11")
+        # each with the entry its port predicts: lxc the peer's MAC, qemu the tap's under libvirt's prefix
+        assert statics(lab, "vnet8") == ["52:54:00:00:00:08"] and statics(lab, "vnet9") == ["52:54:00:00:00:09"]
+        assert statics(lab, "vnet11") == ["52:54:00:00:00:0b"]
         for port in ("vnet6", "eth1", "wan0", "vnet5", "vnet7"):
             assert flags(lab, port) == (True, True), port
         assert statics(lab, "vnet6") == ["52:54:00:aa:bb:cc"]
-        assert pending(env) == {"vnet8": (True, True), "vnet9": (True, True)}
+        assert statics(lab, "eth1") == statics(lab, "vnet5") == statics(lab, "vnet7") == statics(lab, "wan0") == []
+        assert pending(env) == {"vnet8": (True, True), "vnet9": (True, True), "vnet11": (True, True)}
         status = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "status"]), env=env,
                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert "PENDING vnet9 on br0: locked down at its join (qemu tap vnet9" in status.stdout, status.stdout
-        assert pending(env) == {"vnet8": (True, True), "vnet9": (True, True)}  # within the bound: kept
+        assert "static entry for 52:54:00:00:00:09 predicted from the port" in status.stdout, status.stdout
+        assert len(pending(env)) == 3  # within the bound: kept
 
         # the NIC becomes known (here: a start hook's XML): the apply takes the port over
         hook = subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", "t1", "start",
                                              "begin", "-"]),
-                              input=domain_xml([bridge_nic(mac="52:54:00:00:00:09", dev="vnet9")]), env=env,
+                              input=domain_xml([bridge_nic(mac="02:54:00:00:00:0b", dev="vnet11", alias="net1"),
+                                                bridge_nic(mac="52:54:00:00:00:09", dev="vnet9")]), env=env,
                               capture_output=True, timeout=60)
         assert hook.returncode == 0, hook.stderr
         with open(os.path.join(env["FDBHOOK_STATE_DIR"], "domains", "qemu-t1.json")) as handle:
-            nic, = json.load(handle)["nics"]
-        assert (nic["port"], nic["prev_learning"], nic["prev_flood"]) == ("vnet9", True, True)  # not the lock-down
+            nics = {nic["port"]: nic for nic in json.load(handle)["nics"]}
+        for port in ("vnet9", "vnet11"):  # their state from before the lock-down
+            assert (nics[port]["prev_learning"], nics[port]["prev_flood"]) == (True, True)
         assert flags(lab, "vnet9") == (False, False) and statics(lab, "vnet9") == ["52:54:00:00:00:09"]
+        # the wrong prediction is gone, the NIC's own entry in
+        assert flags(lab, "vnet11") == (False, False) and statics(lab, "vnet11") == ["02:54:00:00:00:0b"]
         assert pending(env) == {"vnet8": (True, True)}
 
         # a locked-down port that leaves the bridge: its pending record goes
@@ -127,7 +137,7 @@ def test_unknown_guest_ports_locked_down_at_join_claimed_with_their_original_sta
         proc.wait(timeout=30)
         proc = start_daemon(lab, env)
         assert poll(lambda: pending(env) == {}, timeout=30), read(env["FDBHOOK_LOG"])[-2000:]
-        assert flags(lab, "vnet8") == (True, True)
+        assert flags(lab, "vnet8") == (True, True) and statics(lab, "vnet8") == []
         assert flags(lab, "vnet9") == (False, False) and statics(lab, "vnet9") == ["52:54:00:00:00:09"]
     finally:
         stop(proc)
@@ -142,6 +152,6 @@ def test_a_locked_down_port_nobody_claims_is_put_back_at_its_bound(lab, tmp_path
         assert poll(lambda: "vnet3: no NIC claimed it" in read(env["FDBHOOK_LOG"]), timeout=30), \
             read(env["FDBHOOK_LOG"])[-2000:]
         assert "vnet3 joined br0: locked down until its NIC is known" in read(env["FDBHOOK_LOG"])
-        assert flags(lab, "vnet3") == (True, True) and pending(env) == {}
+        assert flags(lab, "vnet3") == (True, True) and pending(env) == {} and statics(lab, "vnet3") == []
     finally:
         stop(proc)

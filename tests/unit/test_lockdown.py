@@ -151,3 +151,91 @@ def test_only_a_join_is_locked_down_not_a_flag_change_of_a_port_already_on_the_b
     d._lockdown_events(kernel, [("new", 11, "vnet0", 10)], {}, masters)  # it joins
     assert kernel.by_name("vnet0").learning is False and masters == {11: 10}
     assert [i for i, _ in d.store().pending()] == [11]
+
+
+# --- the entry the port predicts (fdbhook.joined.predicted_mac) ------------------------------------------
+
+def test_the_port_predicts_the_nic_mac_a_qemu_tap_under_libvirt_s_prefix_an_lxc_peer_exactly():
+    from fdbhook.joined import predicted_mac
+
+    assert predicted_mac(port(mac="fe:54:00:12:34:56")) == "52:54:00:12:34:56"
+    assert predicted_mac(port(mac="fe:16:3e:12:34:56")) is None  # not libvirt's qemu prefix: no guess
+    assert predicted_mac(port(mac="52:54:00:12:34:56")) is None  # not a tap address
+    lxc = port(kind="veth", mac="aa:bb:cc:00:00:01", peer_mac="00:16:3e:00:00:07", peer_kind="veth")
+    assert predicted_mac(lxc) == "00:16:3e:00:00:07"
+    assert predicted_mac(replace(lxc, peer_mac="01:00:5e:00:00:07")) is None  # multicast: never an entry
+    assert predicted_mac(replace(lxc, peer_mac=None, peer_kind=None)) is None
+
+
+def entries_on(kernel, ifindex):
+    return sorted((e.mac, e.vlan) for e in kernel.entries.values() if e.ifindex == ifindex and e.static)
+
+
+def test_the_lock_down_puts_the_predicted_entry_in_and_the_bound_takes_it_out(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    decision = lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10, now=1000.0)
+    assert decision.lock and decision.why.endswith("entry 52:54:00:00:00:01 predicted")
+    assert entries_on(kernel, 11) == [("52:54:00:00:00:01", 0)]
+    # one send, learning and flood off before the entry
+    assert [op.kind for op in kernel.executed] == ["set_flags", "flush", "fdb_replace"]
+    (_, data), = store.pending()
+    assert data["entries"] == [["52:54:00:00:00:01", 0]]
+    text = "\n".join(status._pending_lines(lockdown.describe(store, now=1010.0)))
+    assert "static entry for 52:54:00:00:00:01 predicted from the port" in text
+    assert lockdown.settle(kernel, store, now=1031.0) == {11: "restored"}
+    assert entries_on(kernel, 11) == [] and kernel.by_name("vnet0").learning is True
+
+
+def test_a_claim_keeps_a_right_prediction_and_takes_a_wrong_one_out(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10)
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet1"), "br0", 10)
+    assert entries_on(kernel, 12) == [("52:54:00:00:00:02", 0)]
+    # vnet0's NIC is 52:54:00:00:00:01 (predicted right); vnet1's is an admin's 02:54:00:00:00:02
+    right = parse_domain(domain_xml([bridge_nic(dev="vnet0")]), driver="qemu")
+    assert not engine.apply_domain(right, config, kernel, store).failures
+    assert entries_on(kernel, 11) == [("52:54:00:00:00:01", 0)]
+    wrong = parse_domain(domain_xml([bridge_nic(mac="02:54:00:00:00:02", dev="vnet1")], name="t2"),
+                         driver="qemu")
+    assert not engine.apply_domain(wrong, config, kernel, store).failures
+    assert entries_on(kernel, 12) == [("02:54:00:00:00:02", 0)]
+    assert store.pending() == []
+    engine.teardown_domain("qemu", "t2", kernel, store)
+    assert entries_on(kernel, 12) == [] and kernel.by_name("vnet1").learning is True
+
+
+def test_no_prediction_for_a_mac_someone_has_or_with_hotplug_predict_off(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    # a known NIC has it: locked down, no entry
+    assert lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10,
+                              taken=frozenset(["52:54:00:00:00:01"])).lock
+    assert entries_on(kernel, 11) == []
+    # an entry on another port has it (here the uplink's static entry)
+    kernel.links_by_index[13] = replace(kernel.links_by_index[12], name="vnet2", ifindex=13, mac="fe:54:00:00:00:03")
+    kernel.add_entry(10, FdbEntry(mac="52:54:00:00:00:03", ifindex=12, static=False, local=False))
+    assert lockdown.lock_down(kernel, store, config, kernel.by_name("vnet2"), "br0", 10).lock
+    assert entries_on(kernel, 13) == [] and kernel.fdb_get("52:54:00:00:00:03", 10).ifindex == 12
+    off = parse_config("[manage]\nbridges = br0\nhotplug_predict = no\n",
+                       env={"FDBHOOK_STATE_DIR": str(tmp_path / "state")})
+    assert not off.hotplug_predict and config.hotplug_predict
+    assert lockdown.lock_down(kernel, store, off, kernel.by_name("vnet1"), "br0", 10).lock
+    assert entries_on(kernel, 12) == []
+    assert all(data["entries"] == [] for _, data in store.pending())
+
+
+def test_on_a_vlan_filtering_bridge_the_prediction_goes_on_every_vlan_the_port_carries(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    kernel.filtering[10] = True
+    kernel.vlans[11] = {1: (True, True), 20: (False, False)}
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10)
+    assert entries_on(kernel, 11) == [("52:54:00:00:00:01", 1), ("52:54:00:00:00:01", 20)]
+    kernel.vlans[12] = {}  # no VLAN: nothing to put an entry on
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet1"), "br0", 10)
+    assert entries_on(kernel, 12) == []
+
+
+def test_a_pending_record_with_malformed_predicted_entries_is_refused():
+    for bad in ([["nonsense", 0]], [["52:54:00:00:00:01", 5000]], "x", [[1]]):
+        with pytest.raises(ValueError):
+            lockdown.pending_keys({"entries": bad})
+    assert lockdown.pending_keys({}) == frozenset()
