@@ -65,7 +65,14 @@ def test_hotplug_bridge_and_network_nics(guests, daemon):
     net_dev = E.dev_of(E.QEMU, name, "52:54:00:e4:00:03")
     assert E.poll(lambda: managed(br_dev, "52:54:00:e4:00:02"), timeout=5), E.port(br_dev)
     assert E.poll(lambda: managed(net_dev, "52:54:00:e4:00:03", E.NET_BR), timeout=5), E.port(net_dev)
-    want = ["52:54:00:e4:00:01", "52:54:00:e4:00:02", "52:54:00:e4:00:03"]
+    # The lock-down at the join put in the entry the tap predicts (fe:54:00:.. -> 52:54:00:..).
+    assert E.poll(lambda: "entry 52:54:00:e4:00:02 predicted" in daemon.text(), timeout=5), daemon.text()[-3000:]
+    # An admin's MAC outside libvirt's prefix is predicted wrong: the claim replaces the entry.
+    attach(E.QEMU, name, E.nic_bridge("02:54:00:e4:00:04", E.BR))
+    odd_dev = E.dev_of(E.QEMU, name, "02:54:00:e4:00:04")
+    assert E.poll(lambda: managed(odd_dev, "02:54:00:e4:00:04"), timeout=5), E.port(odd_dev)
+    assert E.poll(lambda: not E.static_entries(E.BR, "52:54:00:e4:00:04"), timeout=5)
+    want = ["02:54:00:e4:00:04", "52:54:00:e4:00:01", "52:54:00:e4:00:02", "52:54:00:e4:00:03"]
     # The record is written right after the kernel changes, in the same transaction.
     assert E.poll(lambda: sorted(n["mac"] for n in E.record("qemu", name)["nics"]) == want, timeout=5)
     guests.destroy("qemu", name)

@@ -136,6 +136,7 @@ def test_a_pending_port_whose_nic_is_opted_out_is_put_back_by_the_apply_not_at_t
     link = kernel.by_name("vnet0")
     assert (link.learning, link.flood) == (True, False)  # as it was before the lock-down
     assert store.pending() == [] and store.load("qemu", "t1") is None
+    assert not [e for e in kernel.entries.values() if e.ifindex == 11]  # the predicted entry went too
 
 
 def test_only_a_join_is_locked_down_not_a_flag_change_of_a_port_already_on_the_bridge(tmp_path, monkeypatch):
