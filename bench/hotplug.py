@@ -100,11 +100,11 @@ class Watcher(threading.Thread):
         return [(self.entry[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.entry]
 
 
-def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False):
+def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False, keep_log=None):
     """Hot-plug ``cycles`` NICs into guests of their own; window percentiles. ``tree``: run fdbhookd from it.
 
     ``boot``: start ``cycles`` guests with one NIC each instead (the window from the tap joining the
-    bridge, during the start, to the port being managed).
+    bridge, during the start, to the port being managed). ``keep_log``: fdbhookd's log is copied there.
     """
     reason = available()
     if reason:
@@ -171,6 +171,8 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
             with open(CONF, "w") as handle:
                 handle.write(saved)
         if os.path.exists(log):
+            if keep_log:
+                shutil.copyfile(log, keep_log)
             os.unlink(log)
     if not windows:
         return {"skipped": "no hotplug completed"}
@@ -256,10 +258,11 @@ def fsync_cost(writes=50):
     return dict(_percentiles(times), where=base)
 
 
-def compare(before_ref, cycles, rounds, boots):
+def compare(before_ref, cycles, rounds, boots, logs=None):
     """fdbhookd at ``before_ref`` and the working tree, ``rounds`` times each, interleaved (same load).
 
     Each round: ``cycles`` hot-plugged NICs (attach), then ``boots`` guests started with one NIC (boot).
+    ``logs``: a directory that keeps fdbhookd's log of each run (ROUND-KIND-SIDE.log).
     """
     old = tempfile.mkdtemp(prefix=PFX + "-old-")
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
@@ -267,12 +270,14 @@ def compare(before_ref, cycles, rounds, boots):
         commit = _export(before_ref, old)
         runs = {(kind, label): [] for kind in ("attach", "boot") for label in ("before", "after")}
         base = 0
-        for _ in range(rounds):
+        for n in range(rounds):
             for kind, count in (("attach", cycles), ("boot", boots)):
                 for label, tree in (("before", old), ("after", REPO)):
                     if count:
+                        keep = os.path.join(logs, "%d-%s-%s.log" % (n, kind, label)) if logs else None
                         runs[kind, label].append(bench_hotplug(cycles=count, tree=tree, mac_base=base,
-                                                               keep_windows=True, boot=kind == "boot"))
+                                                               keep_windows=True, boot=kind == "boot",
+                                                               keep_log=keep))
                     base += count
     finally:
         shutil.rmtree(old, ignore_errors=True)
@@ -291,9 +296,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--boots", type=int, default=10, help="guests started with one NIC per round and side")
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--logs", help="keep fdbhookd's log of each run in this directory")
     args = parser.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
-    result = compare(args.before, args.cycles, args.rounds, args.boots)
+    if args.logs:
+        os.makedirs(args.logs, exist_ok=True)
+    result = compare(args.before, args.cycles, args.rounds, args.boots, args.logs)
     result["fsync"] = fsync_cost()
     result["machine"] = {"bench_nice": os.getpriority(os.PRIO_PROCESS, 0), "kernel": os.uname().release, "host": os.uname().nodename, "cpus": os.cpu_count(),
                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
