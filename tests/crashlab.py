@@ -54,8 +54,10 @@ OPS = ("start", "started", "stopped", "release", "reconnect", "attach", "detach"
        "suspend", "resume", "resync")
 # fdbhookd's lock-down of a guest port at its join (fdbhook.lockdown), on the last port (a tap addressed
 # like libvirt's): the lock-down itself (then claimed by the hot-plug apply, or put back at its bound),
-# the claim (the apply of its NIC), the put-back at the bound.
-LOCKDOWN_OPS = ("lockdown", "lockdown-undo", "claim", "expire")
+# the claim (the apply of its NIC), the put-back at the bound; claim-other: the NIC's MAC is not the one
+# the tap predicted (02:54:00:.. for a tap fe:54:00:..), so the claim takes the predicted entry out.
+LOCKDOWN_OPS = ("lockdown", "lockdown-undo", "claim", "claim-other", "expire")
+CLAIMS = ("claim", "claim-other")
 # fdbhookd on a live migration's destination: the paused record's resume planned and its intent written
 # ahead (engine.arm_record), then fired at the guest's first frame (engine.fire_armed); one child does both.
 ARMED_OPS = ("firstframe",)
@@ -67,7 +69,8 @@ APPLY_HOOKS = ("start", "started", "reconnect")
 NEXT = {"start": "started", "started": "reconnect", "stopped": "release", "release": "start",
         "reconnect": "stopped", "attach": "sync", "detach": "sync-detached", "macchange": "sync-mac",
         "suspend": "resume", "resume": "resync", "resync": "resync",
-        "lockdown": "attach", "lockdown-undo": "expire", "claim": "sync", "expire": "expire",
+        "lockdown": "attach", "lockdown-undo": "expire", "claim": "sync", "claim-other": "sync-other",
+        "expire": "expire",
         "firstframe": "resync"}
 
 
@@ -87,6 +90,7 @@ class Bench:
         self.ports = ["%s%dp%d" % (tag, nics, i) for i in range(nics)]
         self.macs = ["52:54:00:c%x:%02x:%02x" % (nics % 16, nics, i) for i in range(nics)]
         self.new_mac = "52:54:00:cc:%02x:ff" % nics
+        self.other_mac = "02" + self.macs[-1][2:]  # the last NIC's MAC in claim-other (not the predicted one)
         self.name = "crash%d" % nics
         self.original = {p: {"learning": True, "flood": i % 2 == 0, "locked": False}
                          for i, p in enumerate(self.ports)}
@@ -106,10 +110,10 @@ class Bench:
             sh("ip", "link", "set", port, "master", BRIDGE)
 
     # --- XML ----------------------------------------------------------------------------
-    def xml(self, nics=None, mac0=None):
+    def xml(self, nics=None, mac0=None, last_mac=None):
         items = []
         for i in range(self.nics if nics is None else nics):
-            mac = self.macs[i]
+            mac = last_mac if last_mac and i == self.nics - 1 else self.macs[i]
             mac_el = "<mac address='%s'%s/>" % (mac, " currentAddress='%s'" % mac0 if i == 0 and mac0 else "")
             items.append("<interface type='bridge'>%s<source bridge='%s'/><target dev='%s'/><alias name='net%d'/>"
                          "</interface>" % (mac_el, BRIDGE, self.ports[i], i))
@@ -251,16 +255,18 @@ def _child(bench, step, env):
     setup_logging(verbose=False, hook=True)
     config = load_config()
     store = Store(config.state_dir)
-    if step in LOCKDOWN_OPS and step != "claim":
+    if step in LOCKDOWN_OPS and step not in CLAIMS:
         return _lockdown_child(bench, step, config, store)
     alias = None
     if step in ("detach", "sync-detached"):
         domain = parse_domain(bench.xml(bench.nics - 1), driver="qemu")
+    elif step in ("claim-other", "sync-other"):
+        domain = parse_domain(bench.xml(last_mac=bench.other_mac), driver="qemu")
     else:
         domain = parse_domain(bench.xml(), driver="qemu")
     if step in ("macchange", "sync-mac"):
         domain = with_guest_mac(domain, "net0", bench.new_mac)
-    if step in ("attach", "claim"):
+    if step in ("attach",) + CLAIMS:
         alias = "net%d" % (bench.nics - 1)
     elif step == "macchange":
         alias = "net0"
@@ -336,7 +342,7 @@ def prepare(bench, op):
         return
     if op in LOCKDOWN_OPS:
         prepare(bench, "attach")
-        if op in ("claim", "expire"):
+        if op in CLAIMS + ("expire",):
             _ok(bench, "lockdown")
         return
     if op == "attach":
