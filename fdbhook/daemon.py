@@ -1086,7 +1086,7 @@ class Daemon:
         plan ``armed`` ahead if it still holds: only the kernel writes are left)."""
         arrived_at = time.monotonic() if arrived_at is None else arrived_at
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
-            report, marks = None, []
+            report, marks = None, {}
             if armed is not None:
                 # As few syscalls as may be before the kernel write (each one hands the GIL over): the
                 # store of the arming, no incoming mark check (what clears it also rewrites the record,
@@ -1097,8 +1097,11 @@ class Daemon:
                     LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                     return
             if report is not None:
+                LOG.debug("%s/%s: first frame: store lock after %.2f ms, checked after %.2f ms, kernel written "
+                          "after %.2f ms", watch.driver, watch.name, *((marks[k] - arrived_at) * 1000
+                                                                       for k in ("locked", "checked", "written")))
                 self._first_frame_done(armed.store, watch, arrived_at, report, "planned ahead, kernel written "
-                                       "after %.1f ms" % ((marks[0] - arrived_at) * 1000))
+                                       "after %.1f ms" % ((marks["written"] - arrived_at) * 1000))
                 return
             config = self.config()
             store = self.store(config)

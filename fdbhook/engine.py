@@ -993,11 +993,15 @@ def arm_record(driver, name, kernel, store):
 def fire_armed(armed, kernel, marks=None):
     """The armed plan's kernel writes, then its record; the intent goes. Returns the Report, or None (the
     armed intent is no longer there as written: another operation ran meanwhile; nothing done).
-    ``marks``: a list that gets the monotonic time the kernel writes were done."""
+    ``marks``: a dict that gets the monotonic times the store lock was held ("locked"), the stamp
+    checked ("checked") and the kernel writes done ("written")."""
     store = armed.store
+    marks = {} if marks is None else marks
     try:
         with store.lock():
+            marks["locked"] = time.monotonic()
             stamp = store.stamp(armed.driver, armed.name)
+            marks["checked"] = time.monotonic()
             if stamp != armed.stamp:
                 if stamp[0] == armed.stamp[0]:  # the intent is still ours, the record changed: it goes
                     store.remove_intent(armed.driver, armed.name)
@@ -1007,8 +1011,7 @@ def fire_armed(armed, kernel, marks=None):
             kernel.forget()
             results = list(armed.results)
             executed = _execute_reapply(kernel, tx, armed.planned, results)
-            if marks is not None:
-                marks.append(time.monotonic())
+            marks["written"] = time.monotonic()
             _commit(kernel, tx, armed.new_record, executed)
     finally:
         txn.disarmed(armed.token)
