@@ -5,18 +5,15 @@ as hostile all the same: no DTDs, no entity expansion, no network or file
 access, and a size cap checked before parsing.
 """
 
-import re
-
 from lxml import etree
 
 from fdbhook import MAX_INPUT_BYTES
 from fdbhook.errors import InvalidDomainXML
-from fdbhook.model import FDB_NS, Domain, Network, Nic
+from fdbhook.model import FDB_NS, Domain, Network, Nic, mac_problem, normalize_mac
 
 # libvirt's largest real domain XML is a few hundred KiB; 8 MiB is generous.
 MAX_XML_BYTES = MAX_INPUT_BYTES
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def _parser():
@@ -51,27 +48,6 @@ def parse_document(data, what="?"):
     if root is None:
         raise InvalidDomainXML(domain=what, reason="no root element")
     return root
-
-
-def normalize_mac(text):
-    """Return the MAC in lower-case colon form, or None if it is not one."""
-    if text is None:
-        return None
-    mac = text.strip().lower().replace("-", ":")
-    if _MAC_RE.match(mac):
-        return mac
-    return None
-
-
-def mac_problem(mac):
-    """Why this MAC cannot get a static unicast entry, or None if it can."""
-    if mac is None:
-        return "no MAC address"
-    if mac == "00:00:00:00:00:00":
-        return "MAC %s is all-zero" % mac
-    if int(mac[:2], 16) & 1:
-        return "MAC %s is multicast/broadcast" % mac
-    return None
 
 
 def parse_vlan_spec(text):

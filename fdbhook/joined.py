@@ -30,8 +30,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fdbhook.domxml import mac_problem
-from fdbhook.model import Domain, Nic
+from fdbhook.model import Domain, Nic, mac_problem
 
 TAP_BYTE = "fe"
 LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself

@@ -32,10 +32,9 @@ import time
 
 from fdbhook import plan as planner
 from fdbhook.current import read_port
-from fdbhook.domxml import normalize_mac
 from fdbhook.errors import FdbhookError, KernelError, StateError
 from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown, predicted_mac
-from fdbhook.model import CurrentPort, DesiredPort, Op
+from fdbhook.model import CurrentPort, DesiredPort, Op, normalize_mac
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,31 @@
 """Pure state objects. Nothing here touches the kernel, libvirt or files."""
 
+import re
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional, Tuple
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def normalize_mac(text):
+    """Return the MAC in lower-case colon form, or None if it is not one."""
+    if text is None:
+        return None
+    mac = text.strip().lower().replace("-", ":")
+    if _MAC_RE.match(mac):
+        return mac
+    return None
+
+
+def mac_problem(mac):
+    """Why this MAC cannot get a static unicast entry, or None if it can."""
+    if mac is None:
+        return "no MAC address"
+    if mac == "00:00:00:00:00:00":
+        return "MAC %s is all-zero" % mac
+    if int(mac[:2], 16) & 1:
+        return "MAC %s is multicast/broadcast" % mac
+    return None
 
 # Our metadata namespace inside <domain><metadata>.
 FDB_NS = "urn:x-fdbhook:1"
