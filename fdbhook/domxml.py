@@ -15,7 +15,6 @@ from fdbhook.model import FDB_NS, Domain, Network, Nic, mac_problem, normalize_m
 MAX_XML_BYTES = MAX_INPUT_BYTES
 
 
-
 def _parser():
     return etree.XMLParser(
         resolve_entities=False,

@@ -22,9 +22,9 @@ over; its record's state-before is the pending record's original state, and
 a predicted entry that is not the NIC's is one of the entries it takes out,
 see ``originals``), the pending record goes; a port that is gone or left the
 bridge needs nothing; a port past its bound (or every port, at fdbhookd's
-start) is put back as it was, predicted entry out, then the record goes. So a port is always
-managed with a record, or locked down with a pending record that says how it
-was, or exactly as it was.
+start) is put back as it was, predicted entry out, then the record goes. So
+a port is always managed with a record, or locked down with a pending record
+that says how it was, or exactly as it was.
 """
 
 import logging
