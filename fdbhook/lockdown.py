@@ -154,7 +154,10 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     keys = frozenset()
     if config.hotplug_predict:
         taken = set(taken) | {mac for r in records for nic in r.nics for mac in nic.macs}
-        keys = predicted_keys(kernel, link, bridge_ifindex, predicted_mac(joined), taken)
+        try:
+            keys = predicted_keys(kernel, link, bridge_ifindex, predicted_mac(joined), taken)
+        except KernelError as exc:  # no entry then; the lock-down itself still goes on
+            LOG.warning("%s joined %s: no predicted entry: %s", link.name, bridge, exc)
     now = time.time() if now is None else now
     store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound, keys))
     try:

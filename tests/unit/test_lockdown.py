@@ -240,3 +240,16 @@ def test_a_pending_record_with_malformed_predicted_entries_is_refused():
         with pytest.raises(ValueError):
             lockdown.pending_keys({"entries": bad})
     assert lockdown.pending_keys({}) == frozenset()
+
+
+def test_a_failed_read_for_the_prediction_still_locks_the_port_down(tmp_path):
+    from fdbhook.errors import KernelError
+
+    kernel, config, store = fake_host(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise KernelError(what="bridge fdb get", reason="Operation not permitted (errno 1)")
+
+    kernel.fdb_get = broken
+    assert lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10).lock
+    assert entries_on(kernel, 11) == [] and kernel.by_name("vnet0").learning is False
