@@ -268,6 +268,7 @@ def compare(before_ref, cycles, rounds, boots, logs=None):
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     try:
         commit = _export(before_ref, old)
+        nices = {"before": unit_nice(old), "after": unit_nice(REPO)}  # read while the old tree is there
         runs = {(kind, label): [] for kind in ("attach", "boot") for label in ("before", "after")}
         base = 0
         for n in range(rounds):
@@ -284,7 +285,7 @@ def compare(before_ref, cycles, rounds, boots, logs=None):
     out = {"rounds": rounds}
     for (kind, label), got in runs.items():
         out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip(),
-                                               nice=unit_nice(old if label == "before" else REPO))
+                                               nice=nices[label])
     out["before_ref"] = before_ref
     return out
 
