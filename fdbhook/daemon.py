@@ -72,9 +72,6 @@ STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger t
 ANNOUNCE_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 SWITCH_INTERVAL = 0.0005  # s (Python's default: 0.005)
 LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
-# s the link monitor waits for the lock-down thread to have decided on a joined port before it looks the port's
-# NIC up in libvirt's XML: parsing that XML holds the GIL the lock-down needs at each of its syscalls
-LOCKDOWN_FIRST = 0.02
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
 HOOK_OPS_ENDING = ("stopped", "release")
@@ -322,9 +319,6 @@ class Daemon:
         self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
         self._monitors = {}  # thread name -> LinkMonitor opened at start-up
         self._lockdowns = {}  # lock-down thread only: locked-down port ifindex -> monotonic time of its bound
-        self._decided = {}  # port ifindex -> when the lock-down thread decided on its join (under _decided_cond)
-        self._decided_cond = threading.Condition()
-        self._lockdown_running = False
         self._known_ports = set()
         self._known_lock = threading.Lock()
         self._frames_want = {}  # ifindex -> firstframe.Watch: ports of incoming migrations
@@ -748,7 +742,6 @@ class Daemon:
                 if ready:
                     self._link_events(kernel, monitor.read(), bridges, asked, pending, masters)
                 if pending:
-                    self._await_lockdown(pending)
                     # libvirt lists a hot-plugged NIC only once QEMU has it, then sends DEVICE_ADDED:
                     # look every few ms meanwhile, never spending more than a third of the time on it.
                     started = time.monotonic()
@@ -761,19 +754,6 @@ class Daemon:
         finally:
             monitor.close()
             kernel.close()
-
-    def _await_lockdown(self, pending):
-        """Let the lock-down thread decide on the ports joined just now before looking them up (at most
-        LOCKDOWN_FIRST): the lookup parses libvirt's XML, and the lock-down waits for the GIL at each syscall."""
-        if self.config().hotplug_lockdown <= 0 or not self._lockdown_running:
-            return
-        deadline = time.monotonic() + LOCKDOWN_FIRST
-        with self._decided_cond:
-            while not all(ifindex in self._decided for ifindex in pending):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._decided_cond.wait(left)
 
     def _link_events(self, kernel, events, bridges, asked, pending=None, masters=None):
         with self._known_lock:
@@ -856,7 +836,6 @@ class Daemon:
     # monitor's thread (libvirt's live XML, a reconcile) ever delays it ---------------------------------
     def _lockdown_monitor(self):
         monitor = self._monitor("lockdown")
-        self._lockdown_running = True
         kernel = Kernel()
         bridges = {}  # bridge ifindex -> name or None
         # port ifindex -> its master as last seen: only a change of master is a join (a flag change of a
@@ -875,7 +854,6 @@ class Daemon:
                     now = time.monotonic()
                     self._settle_lockdowns(kernel, {i for i, until in self._lockdowns.items() if now > until})
         finally:
-            self._lockdown_running = False
             monitor.close()
             kernel.close()
 
@@ -886,12 +864,9 @@ class Daemon:
         left = {i for event, i, _, master in events if i in self._lockdowns and (event == "del" or not master)}
         self._settle_lockdowns(kernel, left)  # gone or off its bridge: its pending record goes
         config = self.config()
-        joins = []
         for event, ifindex, port, master in events:
-            if not _is_join(masters, event, ifindex, master):
-                continue
-            joins.append(ifindex)
-            if not port or ifindex in known or ifindex in self._lockdowns or config.hotplug_lockdown <= 0:
+            if not _is_join(masters, event, ifindex, master) or not port or ifindex in known \
+                    or ifindex in self._lockdowns or config.hotplug_lockdown <= 0:
                 continue
             if master not in bridges:
                 link = kernel.by_index(master)
@@ -904,13 +879,6 @@ class Daemon:
                 LOG.warning("port %s joined %s: %s", port, bridges[master], exc)
             except Exception:  # never this thread's end
                 LOG.exception("port %s joined %s", port, bridges[master])
-        now = time.monotonic()
-        with self._decided_cond:  # the link monitor may look these up now (_await_lockdown)
-            for ifindex in joins:
-                self._decided[ifindex] = now
-            for ifindex in [i for i, when in self._decided.items() if now - when > 2 * LOOKUP_FOR]:
-                del self._decided[ifindex]
-            self._decided_cond.notify_all()
 
     def _lock_down(self, kernel, config, ifindex, bridge, bridge_ifindex, woke=None):
         """A guest's port nobody knows yet: learning and flood off now (fdbhook.lockdown), until its NIC

@@ -253,32 +253,3 @@ def test_a_failed_read_for_the_prediction_still_locks_the_port_down(tmp_path):
     kernel.fdb_get = broken
     assert lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10).lock
     assert entries_on(kernel, 11) == [] and kernel.by_name("vnet0").learning is False
-
-
-def test_the_link_monitor_looks_a_joined_port_up_only_once_the_lock_down_thread_decided_on_it(tmp_path, monkeypatch):
-    import threading
-    import time
-
-    from fdbhook import daemon as daemon_mod
-    from tests.unit.test_daemon import make
-
-    monkeypatch.setenv("FDBHOOK_STATE_DIR", str(tmp_path / "state"))
-    d = make(tmp_path)
-    d._lockdown_running = True
-    kernel = FakeKernel.bridge_with_ports("br0", ("vnet0",))
-    kernel.links_by_index[11] = replace(kernel.links_by_index[11], mac="fe:54:00:00:00:01")
-    monkeypatch.setattr(daemon_mod, "LOCKDOWN_FIRST", 5.0)
-    waited = []
-    waiter = threading.Thread(target=lambda: (d._await_lockdown({11: ("vnet0", 0)}), waited.append(time.monotonic())))
-    started = time.monotonic()
-    waiter.start()
-    time.sleep(0.05)
-    assert not waited  # the lock-down thread has not decided yet
-    d._lockdown_events(kernel, [("new", 11, "vnet0", 10)], {}, {11: None})
-    waiter.join(timeout=5)
-    assert waited and waited[0] - started < 2.0 and kernel.by_name("vnet0").learning is False
-    # nothing decides on a port the lock-down thread never saw join: the wait ends at its bound
-    monkeypatch.setattr(daemon_mod, "LOCKDOWN_FIRST", 0.05)
-    started = time.monotonic()
-    d._await_lockdown({12: ("vnet1", 0)})
-    assert 0.04 < time.monotonic() - started < 1.0
