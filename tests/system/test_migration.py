@@ -77,6 +77,41 @@ def _wait_answers(lab, host, name, timeout=120):
         control.close()
 
 
+def _alive(host, name, timeout=10.0):
+    """Does the guest's init still answer on its command channel? (A TCG guest here can hang in a soft
+    lockup after a migration on a loaded machine: then it answers nothing, whatever the bridges do.)"""
+    from tests import hostlab
+
+    control = hostlab.guest_control(host, name)
+    try:
+        rc, lines = control.raw_call("ping", timeout=timeout)
+        return rc == 0 and "pong" in lines
+    except AssertionError:
+        return False
+    finally:
+        control.close()
+
+
+def _observed(lab, record_property, src, dst, name=None, mac=None, xml=None, **kw):
+    """hostlab.observed_migration, once more if the guest hung after it (as bench/migration.py leaves
+    such a migration out): the guest answered no frame from DST *and* its init answers nothing on its
+    command channel either. A guest that answers its channel but no frame is a failure, never retried."""
+    from tests import hostlab
+
+    name, mac = name or GUEST, mac or MAC
+    obs = hostlab.observed_migration(lab, name, mac, src, dst, **kw)
+    if obs.summary().get("to") == dst.name or _alive(dst, name):
+        return obs
+    record_property("%s hung after %s->%s, booted again" % (name, src.name, dst.name), 1)
+    print("%s hung after %s->%s (its command channel is silent too): booted again on %s, migrated once more"
+          % (name, src.name, dst.name, src.name))
+    dst.virsh("destroy", name, check=False)
+    assert poll(lambda: not dst.state(name), timeout=60), dst.state(name)
+    src.create(xml or hostlab.os_guest_xml(GUEST, MAC, tap=TAP))
+    _wait_answers(lab, src, name)
+    return hostlab.observed_migration(lab, name, mac, src, dst, **kw)
+
+
 @pytest.fixture
 def home(lab, guest):
     """The guest on A, running, with its entry, before and after the test."""
@@ -101,6 +136,11 @@ def _bring_home(lab):
         _wait_answers(lab, lab.a, GUEST)
     if lab.a.state(GUEST) != "running":
         lab.a.virsh("resume", GUEST)
+    if not _alive(lab.a, GUEST):  # hung after an earlier migration: a fresh boot, not a poisoned next test
+        lab.a.virsh("destroy", GUEST, check=False)
+        assert poll(lambda: not lab.a.state(GUEST), timeout=60), lab.a.state(GUEST)
+        lab.a.create(hostlab.os_guest_xml(GUEST, MAC, tap=TAP))
+        _wait_answers(lab, lab.a, GUEST)
     assert poll(lambda: lab.a.static_entries(MAC), timeout=10), lab.a.fdb()
 
 
@@ -159,15 +199,13 @@ def _check_managed_move(obs, src, dst):
 
 
 def test_migration_moves_the_entry_at_pause_and_resume(lab, home, record_property):
-    from tests import hostlab
-
     by_frame = 0
     for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
         before = _first_frames(dst)
-        obs = hostlab.observed_migration(lab, GUEST, MAC, src, dst)
+        obs = _observed(lab, record_property, src, dst)
         _report(record_property, "fdbhook %s->%s" % (src.name, dst.name), obs)
         _check_managed_move(obs, src, dst)
-        by_frame += 1 if poll(lambda: _first_frames(dst) == before + 1, timeout=2) else 0
+        by_frame += 1 if poll(lambda: _first_frames(dst) > before, timeout=2) else 0
         # the destination's record says running, its incoming mark is gone; the source has nothing
         assert poll(lambda: not _incoming(dst), timeout=5), _incoming(dst)
         assert src.records() == [] and src.static_entries(MAC) == [], (src.records(), src.fdb())
@@ -193,7 +231,8 @@ def test_unmanaged_bridge_baseline(lab, record_property):
     try:
         _wait_answers(lab, lab.a, UM_GUEST)
         for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
-            obs = hostlab.observed_migration(lab, UM_GUEST, UM_MAC, src, dst, bridge=hostlab.UNMANAGED)
+            obs = _observed(lab, record_property, src, dst, UM_GUEST, UM_MAC, bridge=hostlab.UNMANAGED,
+                            xml=hostlab.os_guest_xml(UM_GUEST, UM_MAC, bridge=hostlab.UNMANAGED, tap=UM_TAP))
             summary = _report(record_property, "unmanaged %s->%s" % (src.name, dst.name), obs)
             assert (summary.get("from"), summary.get("to")) == (src.name, dst.name), summary
             assert _port_states(obs.timeline, dst.name, UM_TAP) == [(True, True)]
@@ -206,10 +245,8 @@ def test_unmanaged_bridge_baseline(lab, record_property):
 
 def test_without_fdbhookd_on_the_destination(lab, home, record_property):
     """README: without the daemon an incoming migration gets its entries at `started`, while paused."""
-    from tests import hostlab
-
     lab.b.stop_fdbhookd()
-    obs = hostlab.observed_migration(lab, GUEST, MAC, lab.a, lab.b)
+    obs = _observed(lab, record_property, lab.a, lab.b)
     summary = _report(record_property, "no fdbhookd on b: a->b", obs)
     tl = obs.timeline
     assert _port_states(tl, "b", TAP)[-1] == (False, False)
@@ -320,3 +357,15 @@ def test_guest_destroyed_on_the_source_mid_way(lab, home, record_property):
         assert poll(lambda: host.state(GUEST) is None and not host.records() and host.port(TAP) is None,
                     timeout=30), (host.name, host.state(GUEST), host.records())
         _assert_nothing_left(host)
+
+
+def test_a_guest_that_answers_nothing_is_told_from_one_that_does(lab, home):
+    """_observed retries a migration only for a guest whose init is silent (a TCG soft lockup); a paused
+    guest stands in for a hung one here."""
+    assert _alive(lab.a, GUEST)
+    lab.a.virsh("suspend", GUEST)
+    try:
+        assert not _alive(lab.a, GUEST, timeout=2.0)
+    finally:
+        lab.a.virsh("resume", GUEST)
+    assert poll(lambda: _alive(lab.a, GUEST), timeout=30)
