@@ -501,7 +501,7 @@ class Kernel:
         return tuple(sorted(out))
 
     # --- writes ----------------------------------------------------------
-    def execute_many(self, ops, staged=True):
+    def execute_many(self, ops):
         """Carry out one port's plan.Ops: the only write path (apply, verify, rollback, teardown).
 
         The kernel handles every message of one send on its own and goes on
@@ -509,12 +509,11 @@ class Kernel:
         and VLANs first; learning/flood off, the lock, removals and the flush
         only once every answer of the first stage says done. The first failure
         is raised (KernelError naming its op) once its stage's answers are in;
-        later stages are not sent. ``staged`` False: one send, in the order
-        given (the lock-down at a join, whose every partial outcome is safe).
+        later stages are not sent.
         """
         from fdbhook.plan import render, stages
 
-        for stage in (stages(list(ops)) if staged else [list(ops)] if ops else []):
+        for stage in stages(list(ops)):
             for op in stage:
                 self._written(op)
             try:

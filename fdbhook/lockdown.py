@@ -12,8 +12,8 @@ kernel state, so it is a transaction of its own:
    record, ``STATE/pending/IFINDEX.json``, with the bound it may stay locked
    (``until``), why it was locked and the predicted entry (``entries``);
 2. one netlink send: learning and flood off, the port's learned entries
-   flushed, the predicted entry added (last: if the kernel refuses it, the
-   rest is undone like any refusal).
+   flushed; then one more: the predicted entry (if the kernel refuses it,
+   all is undone like any refusal).
 
 Any later run settles it (``settle``, called by ``txn.recover``, so by every
 hook, daemon job, resync and ``status``, and by the link monitor at the
@@ -34,7 +34,7 @@ from fdbhook import plan as planner
 from fdbhook.current import read_port
 from fdbhook.errors import FdbhookError, KernelError, StateError
 from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown, predicted_mac
-from fdbhook.model import CurrentPort, DesiredPort, Op, normalize_mac
+from fdbhook.model import CurrentPort, DesiredPort, normalize_mac
 
 LOG = logging.getLogger(__name__)
 
@@ -49,50 +49,40 @@ def pending_record(link, bridge, bridge_ifindex, why, now, bound, keys=frozenset
             "entries": [[mac, vid] for mac, vid in sorted(keys)]}
 
 
-def pending_keys(data):
-    """The predicted entries of a pending record: frozenset((mac, vid)); ValueError if malformed. Pure.
-
-    A record written before predictions (no ``entries``) has none.
-    """
-    try:
-        keys = frozenset((normalize_mac(str(mac)), int(vid)) for mac, vid in data.get("entries") or ())
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ValueError("malformed pending record: entries: %s" % (exc,)) from None
-    if any(mac is None or not 0 <= vid <= 4094 for mac, vid in keys):
-        raise ValueError("malformed pending record: entries: not a MAC, or a VLAN out of range")
-    return keys
-
-
 def parse_pending(ifindex, data):
-    """(port, bridge_ifindex, learning, flood, until) of a pending record; ValueError if malformed. Pure."""
+    """(port, bridge_ifindex, learning, flood, until, predicted entries) of a pending record; ValueError if
+    malformed. Pure. A record written before predictions (no ``entries``) has none."""
     try:
         if data.get("format") != FORMAT or int(data["ifindex"]) != ifindex:
             raise ValueError("not a pending record of ifindex %d" % ifindex)
+        keys = frozenset((normalize_mac(str(mac)), int(vid)) for mac, vid in data.get("entries") or ())
+        if any(mac is None or not 0 <= vid <= 4094 for mac, vid in keys):
+            raise ValueError("entries: not a MAC, or a VLAN out of range")
         return (str(data["port"]), int(data["bridge_ifindex"]), bool(data["learning"]), bool(data["flood"]),
-                float(data["until"]))
+                float(data["until"]), keys)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError("malformed pending record: %s" % (exc,)) from None
 
 
-def _want(port, ifindex, bridge, bridge_ifindex, keys=frozenset()):
-    """The locked-down port: learning and flood off, the predicted entries ``keys`` (or, watched only, out),
-    nothing else touched."""
-    return DesiredPort(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex, watch=keys)
+def _want(port, ifindex, bridge, bridge_ifindex, entries=frozenset(), watch=frozenset()):
+    """The locked-down port: learning and flood off, the predicted ``entries`` (plain static: the NIC's apply
+    makes them sticky if its bridge wants that), ``watch``: predicted entries that go; nothing else touched."""
+    return DesiredPort(port=port, ifindex=ifindex, bridge=bridge, bridge_ifindex=bridge_ifindex, entries=entries,
+                       watch=entries | watch, sticky=False)
 
 
 def lockdown_ops(link, bridge, bridge_ifindex, keys):
-    """The lock-down's one send: learning and flood off and the flush, then the predicted entries. Pure.
+    """(learning and flood off and the flush, then the predicted entries): the lock-down's two sends. Pure.
 
-    Not plan_port's order (entries first, in a send of their own): this
-    port carries no guest traffic yet, and learning and flood off is what
-    must not wait for a second round trip.
+    Not plan_port's order, entries first: this port carries no guest
+    traffic yet, and learning and flood off is what must not wait for the
+    entries' round trip.
     """
     have = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=bool(link.learning),
                        flood=bool(link.flood))
-    ops = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
-    return ops + tuple(Op(kind="fdb_replace", port=link.name, ifindex=link.ifindex, bridge=bridge,
-                          bridge_ifindex=bridge_ifindex, mac=mac, vlan=vid, sticky=False)
-                       for mac, vid in sorted(keys))
+    off = planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex), have, flush=True)
+    locked = CurrentPort(port=link.name, ifindex=link.ifindex, exists=True, learning=False, flood=False)
+    return off, planner.plan_port(_want(link.name, link.ifindex, bridge, bridge_ifindex, entries=keys), locked)
 
 
 def predicted_keys(kernel, link, bridge_ifindex, mac, taken):
@@ -161,7 +151,8 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     now = time.time() if now is None else now
     store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound, keys))
     try:
-        kernel.execute_many(lockdown_ops(link, bridge, bridge_ifindex, keys), staged=False)
+        for ops in lockdown_ops(link, bridge, bridge_ifindex, keys):
+            kernel.execute_many(ops)
     except KernelError as exc:
         # Put back at once; if that fails too, the pending record stays for the next settle.
         kernel.forget()
@@ -179,8 +170,7 @@ def originals(store):
     out = {}
     for ifindex, data in store.pending():
         try:
-            port, _, learning, flood, _ = parse_pending(ifindex, data or {})
-            keys = pending_keys(data)
+            port, _, learning, flood, _, keys = parse_pending(ifindex, data or {})
         except ValueError:
             continue
         out[ifindex] = (port, learning, flood, keys)
@@ -227,8 +217,7 @@ def settle(kernel, store, now=None, only=None, everything=False):
     for ifindex, data in entries:
         try:
             try:
-                port, bridge_ifindex, learning, flood, until = parse_pending(ifindex, data or {})
-                keys = pending_keys(data)
+                port, bridge_ifindex, learning, flood, until, keys = parse_pending(ifindex, data or {})
             except ValueError as exc:
                 LOG.error("%s: %s; removed, the port is not touched", store.pending_path(ifindex), exc)
                 store.remove_pending(ifindex)
@@ -262,7 +251,7 @@ def restore(kernel, port, ifindex, link, bridge_ifindex, learning, flood, keys=f
     """Put a locked-down port's learning and flood back as they were, its predicted entries ``keys`` out;
     verified. KernelError if not."""
     bridge = kernel.by_index(bridge_ifindex)
-    want = _want(port, ifindex, bridge.name if bridge is not None else "?", bridge_ifindex, keys)
+    want = _want(port, ifindex, bridge.name if bridge is not None else "?", bridge_ifindex, watch=keys)
     target = planner.restore_state(want, CurrentPort(port=port, ifindex=ifindex, exists=True, learning=learning,
                                                      flood=flood))
     ops = planner.plan_port(target, read_port(kernel, target, link))
@@ -281,8 +270,7 @@ def describe(store, now=None):
     out = []
     for ifindex, data in store.pending():
         try:
-            port, _, learning, flood, until = parse_pending(ifindex, data or {})
-            keys = pending_keys(data)
+            port, _, learning, flood, until, keys = parse_pending(ifindex, data or {})
         except ValueError as exc:
             out.append({"ifindex": ifindex, "port": None, "why": str(exc)})
             continue

@@ -101,10 +101,10 @@ class FakeKernel:
     def vlan_filtering_capable(self, bridge_ifindex):
         return self.vlan_supported
 
-    def execute_many(self, ops, staged=True):
+    def execute_many(self, ops):
         from fdbhook.plan import stages
 
-        for stage in (stages(list(ops)) if staged else [list(ops)] if ops else []):
+        for stage in stages(list(ops)):
             failed = None
             for op in stage:
                 try:

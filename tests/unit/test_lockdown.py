@@ -177,7 +177,7 @@ def test_the_lock_down_puts_the_predicted_entry_in_and_the_bound_takes_it_out(tm
     decision = lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10, now=1000.0)
     assert decision.lock and decision.why.endswith("entry 52:54:00:00:00:01 predicted")
     assert entries_on(kernel, 11) == [("52:54:00:00:00:01", 0)]
-    # one send, learning and flood off before the entry
+    # learning and flood off before the entry
     assert [op.kind for op in kernel.executed] == ["set_flags", "flush", "fdb_replace"]
     (_, data), = store.pending()
     assert data["entries"] == [["52:54:00:00:00:01", 0]]
@@ -236,10 +236,12 @@ def test_on_a_vlan_filtering_bridge_the_prediction_goes_on_every_vlan_the_port_c
 
 
 def test_a_pending_record_with_malformed_predicted_entries_is_refused():
+    good = {"format": 1, "ifindex": 7, "port": "vnet0", "bridge_ifindex": 10, "learning": True, "flood": True,
+            "until": 1.0}
     for bad in ([["nonsense", 0]], [["52:54:00:00:00:01", 5000]], "x", [[1]]):
         with pytest.raises(ValueError):
-            lockdown.pending_keys({"entries": bad})
-    assert lockdown.pending_keys({}) == frozenset()
+            lockdown.parse_pending(7, dict(good, entries=bad))
+    assert lockdown.parse_pending(7, good)[-1] == frozenset()
 
 
 def test_a_failed_read_for_the_prediction_still_locks_the_port_down(tmp_path):
