@@ -105,11 +105,16 @@ def _observed(lab, record_property, src, dst, name=None, mac=None, xml=None, **k
     record_property("%s hung after %s->%s, booted again" % (name, src.name, dst.name), 1)
     print("%s hung after %s->%s (its command channel is silent too): booted again on %s, migrated once more"
           % (name, src.name, dst.name, src.name))
-    dst.virsh("destroy", name, check=False)
-    assert poll(lambda: not dst.state(name), timeout=60), dst.state(name)
-    src.create(xml or hostlab.os_guest_xml(GUEST, MAC, tap=TAP))
-    _wait_answers(lab, src, name)
+    _boot_again(lab, name, xml or hostlab.os_guest_xml(GUEST, MAC, tap=TAP), dst, src)
     return hostlab.observed_migration(lab, name, mac, src, dst, **kw)
+
+
+def _boot_again(lab, name, xml, on, at):
+    """The (hung) guest destroyed on host ``on``, booted afresh on host ``at``, answering."""
+    on.virsh("destroy", name, check=False)
+    assert poll(lambda: not on.state(name), timeout=60), on.state(name)
+    at.create(xml)
+    _wait_answers(lab, at, name)
 
 
 @pytest.fixture
@@ -137,10 +142,7 @@ def _bring_home(lab):
     if lab.a.state(GUEST) != "running":
         lab.a.virsh("resume", GUEST)
     if not _alive(lab.a, GUEST):  # hung after an earlier migration: a fresh boot, not a poisoned next test
-        lab.a.virsh("destroy", GUEST, check=False)
-        assert poll(lambda: not lab.a.state(GUEST), timeout=60), lab.a.state(GUEST)
-        lab.a.create(hostlab.os_guest_xml(GUEST, MAC, tap=TAP))
-        _wait_answers(lab, lab.a, GUEST)
+        _boot_again(lab, GUEST, hostlab.os_guest_xml(GUEST, MAC, tap=TAP), lab.a, lab.a)
     assert poll(lambda: lab.a.static_entries(MAC), timeout=10), lab.a.fdb()
 
 
