@@ -71,6 +71,7 @@ STALE_RECORD_AGE = 30.0  # a record of a domain libvirt does not list, younger t
 # the rounds stop once it knows them all (or FRR is absent); the resync asks too.
 ANNOUNCE_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 SWITCH_INTERVAL = 0.0005  # s (Python's default: 0.005)
+STOP_WAIT = 3.0  # s: at stop, the lock-down thread's longest wait (1 s) and a lock-down in progress
 LOOKUP_FOR = 2.0  # s: the link monitor looks this long for the guest of a libvirt-style port libvirt has not named
 HOOK_OPS_CHANGING_PORTS = ("start", "started", "reconnect")
 HOOK_OPS_KNOWING_NICS = ("migrate", "prepare", "start", "started", "reconnect")  # their XML names the NICs to come
@@ -318,6 +319,7 @@ class Daemon:
         self.mac_changes = 0
         self.lockdowns = 0  # guest ports locked down at their join (fdbhook.lockdown)
         self._monitors = {}  # thread name -> LinkMonitor opened at start-up
+        self._threads = {}  # thread name -> its Thread
         self._lockdowns = {}  # lock-down thread only: locked-down port ifindex -> monotonic time of its bound
         self._known_ports = set()
         self._known_lock = threading.Lock()
@@ -518,7 +520,9 @@ class Daemon:
         self._spawn("metrics", self.exporter.run)
 
     def _spawn(self, name, target, *args):
-        threading.Thread(target=self._survive, args=(name, target) + args, name=name, daemon=True).start()
+        thread = threading.Thread(target=self._survive, args=(name, target) + args, name=name, daemon=True)
+        self._threads[name] = thread
+        thread.start()
 
     def _survive(self, name, target, *args):
         """Run ``target`` until fdbhookd stops: an exception is logged and the target runs again."""
@@ -552,7 +556,29 @@ class Daemon:
                 pass
         for watcher in self.watchers.values():
             watcher.close()
+        self._put_back_at_stop()
         self.kernels.close()
+
+    def _put_back_at_stop(self):
+        """Ports still locked down go back as they were now, not at the next start: fdbhookd may not start
+        again (the package removed, an older version that knows no predicted entry installed). Once the
+        lock-down thread is gone (it writes without the store lock); else the next run settles them."""
+        thread = self._threads.get("lockdown")
+        if thread is not None:
+            thread.join(STOP_WAIT)
+            if thread.is_alive():
+                LOG.warning("locked-down ports left for the next run: the lock-down thread did not stop")
+                return
+        from fdbhook import lockdown
+
+        try:
+            store = self.store()
+            if not store.pending():
+                return
+            with Kernel() as kernel, store.lock():
+                lockdown.settle(kernel, store, everything=True)
+        except Exception as exc:  # the next run (hook, fdbhookd, status) settles them
+            LOG.error("putting locked-down ports back at stop failed: %s", exc)
 
     def run_forever(self):
         signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())

@@ -155,3 +155,22 @@ def test_a_locked_down_port_nobody_claims_is_put_back_at_its_bound(lab, tmp_path
         assert flags(lab, "vnet3") == (True, True) and pending(env) == {} and statics(lab, "vnet3") == []
     finally:
         stop(proc)
+
+
+def test_a_locked_down_port_is_put_back_when_fdbhookd_stops_not_left_for_a_start_that_may_never_come(
+        lab, tmp_path):
+    # fdbhookd stopped for good (the package removed, an older version installed) while a hot-plugged
+    # NIC's port waits for its NIC: nothing would put the port back, and it would neither learn nor flood
+    env = env_for(tmp_path, 300)
+    lab.add_bridge("br0")
+    proc = start_daemon(lab, env)
+    try:
+        lab.add_tap("vnet9", bridge="br0", mac="fe:54:00:00:00:09")
+        assert poll(lambda: flags(lab, "vnet9") == (False, False) and "vnet9" in pending(env), timeout=30), \
+            read(env["FDBHOOK_LOG"])[-2000:]
+        assert statics(lab, "vnet9") == ["52:54:00:00:00:09"]
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    assert flags(lab, "vnet9") == (True, True) and statics(lab, "vnet9") == [] and pending(env) == {}
+    assert "vnet9: no NIC claimed it after its lock-down" in read(env["FDBHOOK_LOG"])
