@@ -16,10 +16,12 @@ MAC from libvirt), and the cost of the lock-down's one durable write.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,38 +53,27 @@ def available():
     return None
 
 
-class Watcher(threading.Thread):
-    """Kernel events, timestamped on arrival: when each port joined BR and was managed."""
+class Stamps:
+    """When each port joined BR and was managed (monotonic s), from kernel events; the windows."""
 
     def __init__(self, bridge_index, macs):
-        super().__init__(daemon=True)
-        from pyroute2 import IPRoute
-
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=0x1 | 0x4)  # RTMGRP_LINK | RTMGRP_NEIGH
         self.bridge_index = bridge_index
         self.macs = set(macs)
         self.joined = {}  # ifindex -> t
         self.flags_off = {}  # ifindex -> t
         self.entry = {}  # ifindex -> t (static entry for a known MAC)
-        self.stop = threading.Event()
+        self.names = {}  # ifindex -> port name
+        self.realtime = False
 
-    def run(self):
-        while not self.stop.is_set():
-            for msg in self.ipr.get():
-                now = time.monotonic()
-                event = msg.get("event")
-                if event == "RTM_NEWLINK" and msg.get_attr("IFLA_MASTER") == self.bridge_index:
-                    idx = msg["index"]
-                    self.joined.setdefault(idx, now)
-                    info = msg.get_attr("IFLA_LINKINFO")
-                    data = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
-                    if data is not None and data.get_attr("IFLA_BRPORT_LEARNING") == 0 \
-                            and data.get_attr("IFLA_BRPORT_UNICAST_FLOOD") == 0:
-                        self.flags_off.setdefault(idx, now)
-                elif event == "RTM_NEWNEIGH" and msg.get_attr("NDA_LLADDR") in self.macs \
-                        and msg["state"] & 0x40:
-                    self.entry.setdefault(msg["ifindex"], now)
+    def note(self, now, kind, ifindex, master, learning, flood, mac, static, name=None):
+        if kind == "link" and master == self.bridge_index:
+            self.joined.setdefault(ifindex, now)
+            if name:
+                self.names.setdefault(ifindex, name)
+            if learning == 0 and flood == 0:
+                self.flags_off.setdefault(ifindex, now)
+        elif kind == "neigh" and mac in self.macs and static:
+            self.entry.setdefault(ifindex, now)
 
     def windows_ms(self):
         out = []
@@ -99,8 +90,156 @@ class Watcher(threading.Thread):
         """Per port: join -> the static entry for the NIC's MAC."""
         return [(self.entry[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.entry]
 
+    def ports(self):
+        """{port name: {joined, flags_off, entry}} in wall-clock seconds (to set beside fdbhookd's log)."""
+        wall = time.time() - time.monotonic()
+        return {self.names.get(i, str(i)): {"joined": wall + t, "flags_off": wall + self.flags_off[i]
+                                            if i in self.flags_off else None,
+                                            "entry": wall + self.entry[i] if i in self.entry else None}
+                for i, t in self.joined.items()}
 
-def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False, keep_log=None):
+
+class Watcher(Stamps):
+    """The instrument: a process of its own (no GIL shared with anything) at SCHED_FIFO priority 1 (if
+    the bench may) reads a raw NETLINK_ROUTE socket and stamps each datagram right after its recv,
+    decoding by hand only when nothing else waits; the stamps come back at ``finish``.
+    ``Pyroute2Watcher`` is the instrument of the runs before 2026-12-07 (pyroute2's parser in a thread of
+    the bench, stamped after decoding), run beside it to show what an instrument adds."""
+
+    RTMGRP = 0x1 | 0x4  # RTMGRP_LINK | RTMGRP_NEIGH
+
+    def start(self):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self._stop, ready = context.Event(), context.Event()
+        self._pipe, child = context.Pipe(duplex=False)
+        self._proc = context.Process(target=self._run, args=(ready, child), daemon=True)
+        self._proc.start()
+        if not ready.wait(10):
+            raise RuntimeError("the watcher process did not start")
+
+    def finish(self):
+        """Stop the process; its stamps are this object's."""
+        self._stop.set()
+        got = self._pipe.recv() if self._pipe.poll(10) else {}
+        self._proc.join(10)
+        for key, value in got.items():
+            setattr(self, key, value)
+
+    def _run(self, ready, pipe):
+        import select
+        import socket
+
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            self.realtime = True
+        except (OSError, AttributeError):
+            pass
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.bind((0, self.RTMGRP))
+        sock.settimeout(0.2)
+        ready.set()
+        stamped = []
+        while not self._stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            stamped.append((time.monotonic(), data))
+            if len(stamped) >= 64 or not select.select([sock], [], [], 0)[0]:  # stamp first, decode later
+                for now, chunk in stamped:
+                    for event in decode(chunk):
+                        self.note(now, *event)
+                stamped = []
+        pipe.send({"joined": self.joined, "flags_off": self.flags_off, "entry": self.entry, "names": self.names,
+                   "realtime": self.realtime})
+
+
+class Pyroute2Watcher(Stamps, threading.Thread):
+    """The instrument before 2026-12-07: pyroute2 decodes in a thread of the bench, the stamp is taken
+    after (the bench's nice). ``windows_ms`` live, while the run goes on."""
+
+    def __init__(self, bridge_index, macs):
+        Stamps.__init__(self, bridge_index, macs)
+        threading.Thread.__init__(self, daemon=True)
+        from pyroute2 import IPRoute
+
+        self.stop = threading.Event()
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=Watcher.RTMGRP)
+
+    def run(self):
+        while not self.stop.is_set():
+            for msg in self.ipr.get():
+                now = time.monotonic()
+                event = msg.get("event")
+                if event == "RTM_NEWLINK":
+                    info = msg.get_attr("IFLA_LINKINFO")
+                    data = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+                    learning = data.get_attr("IFLA_BRPORT_LEARNING") if data is not None else None
+                    flood = data.get_attr("IFLA_BRPORT_UNICAST_FLOOD") if data is not None else None
+                    self.note(now, "link", msg["index"], msg.get_attr("IFLA_MASTER"), learning, flood, None, False)
+                elif event == "RTM_NEWNEIGH":
+                    self.note(now, "neigh", msg["ifindex"], None, None, None, msg.get_attr("NDA_LLADDR"),
+                              bool(msg["state"] & 0x40))
+
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr
+_IFI = struct.Struct("=BxHiII")  # ifinfomsg
+_NDM = struct.Struct("=BxxxiHBB")  # ndmsg
+_RTA = struct.Struct("=HH")
+
+
+def _attrs(data, pos, end):
+    """{type: value bytes} of the netlink attributes in data[pos:end] (NLA_F_NESTED masked off)."""
+    out = {}
+    while pos + 4 <= end:
+        alen, atype = _RTA.unpack_from(data, pos)
+        if alen < 4:
+            break
+        out[atype & 0x3fff] = data[pos + 4:pos + alen]
+        pos += (alen + 3) & ~3
+    return out
+
+
+def _u(value):
+    return int.from_bytes(value, sys.byteorder) if value is not None else None
+
+
+def decode(data):
+    """(kind 'link'|'neigh', ifindex, master, learning, flood, MAC, static) per RTM_NEWLINK/RTM_NEWNEIGH in
+    one datagram; learning/flood from the port's bridge attributes (IFLA_LINKINFO's slave data, or an
+    AF_BRIDGE message's IFLA_PROTINFO), None if absent."""
+    out, pos = [], 0
+    while pos + _HDR.size <= len(data):
+        length, mtype = _HDR.unpack_from(data, pos)[:2]
+        if length < _HDR.size:
+            break
+        body, end = pos + _HDR.size, pos + length
+        if mtype == 16:  # RTM_NEWLINK
+            index = _IFI.unpack_from(data, body)[2]
+            attrs = _attrs(data, body + _IFI.size, end)
+            port = attrs.get(12)  # IFLA_PROTINFO (AF_BRIDGE)
+            if port is None and 18 in attrs:  # IFLA_LINKINFO -> IFLA_INFO_SLAVE_DATA
+                port = _attrs(attrs[18], 0, len(attrs[18])).get(5)
+            brport = _attrs(port, 0, len(port)) if port is not None else {}
+            learning, flood = brport.get(8), brport.get(9)  # IFLA_BRPORT_LEARNING, _UNICAST_FLOOD
+            name = attrs.get(3, b"").split(b"\0")[0].decode(errors="replace")  # IFLA_IFNAME
+            out.append(("link", index, _u(attrs.get(10)), learning[0] if learning else None,
+                        flood[0] if flood else None, None, False, name))
+        elif mtype == 28:  # RTM_NEWNEIGH
+            _, ifindex, state, _, _ = _NDM.unpack_from(data, body)
+            lladdr = _attrs(data, body + _NDM.size, end).get(2)  # NDA_LLADDR
+            mac = ":".join("%02x" % b for b in lladdr) if lladdr and len(lladdr) == 6 else None
+            out.append(("neigh", ifindex, None, None, None, mac, bool(state & 0x40)))
+        pos += (length + 3) & ~3
+    return out
+
+
+def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False, keep_log=None,
+                  state_tmpfs=False):
     """Hot-plug ``cycles`` NICs into guests of their own; window percentiles. ``tree``: run fdbhookd from it.
 
     ``boot``: start ``cycles`` guests with one NIC each instead (the window from the tap joining the
@@ -112,7 +251,7 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
     saved = open(CONF).read() if os.path.exists(CONF) else None
     log = tempfile.mktemp(prefix="fdbbench-hotplug-", suffix=".log")
     guests = [] if boot else ["%s-hp%d" % (PFX, i) for i in range((cycles + per_guest - 1) // per_guest)]
-    daemon = None
+    daemon = watcher = None
     try:
         os.makedirs(os.path.dirname(CONF), exist_ok=True)
         with open(CONF, "w") as handle:
@@ -137,8 +276,9 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
                 handle.flush()
                 virsh("create", handle.name)
         macs = ["52:54:00:b0:%02x:%02x" % ((mac_base + i) // 256, (mac_base + i) % 256) for i in range(cycles)]
-        watcher = Watcher(bridge_index, macs)
+        watcher, check = Watcher(bridge_index, macs), Pyroute2Watcher(bridge_index, macs)
         watcher.start()
+        check.start()
         for i, mac in enumerate(macs):
             nic = ("<interface type='bridge'><mac address='%s'/><source bridge='%s'/>"
                    "<model type='virtio'/><rom enabled='no'/></interface>" % (mac, BR))
@@ -153,11 +293,14 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
                 else:
                     virsh("attach-device", guests[i // per_guest], handle.name, "--live")
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(watcher.windows_ms()) < cycles:
+        while time.monotonic() < deadline and len(check.windows_ms()) < cycles:
             time.sleep(0.1)
-        watcher.stop.set()
+        time.sleep(0.2)  # the last events
+        watcher.finish()
+        check.stop.set()
         windows = sorted(watcher.windows_ms())
         lockdowns, entries = sorted(watcher.lockdown_ms()), sorted(watcher.entry_ms())
+        old_instrument = {"windows_ms": sorted(check.windows_ms()), "lockdown_ms": sorted(check.lockdown_ms())}
     finally:
         for name in guests:
             virsh("destroy", name, check=False)
@@ -173,6 +316,9 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
         if os.path.exists(log):
             if keep_log:
                 shutil.copyfile(log, keep_log)
+                if watcher is not None:  # the instrument's stamps, to split a window with the log's times
+                    with open(keep_log + ".ports.json", "w") as handle:
+                        json.dump(watcher.ports(), handle, indent=1, sort_keys=True)
             os.unlink(log)
     if not windows:
         return {"skipped": "no hotplug completed"}
@@ -180,11 +326,56 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
     out = {"cycles": cycles, "managed": len(windows), "p50_ms": round(statistics.median(windows), 1),
            "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1)}
     out["lockdown"], out["entry"] = _percentiles(lockdowns), _percentiles(entries)
+    out["instrument"] = {"realtime": watcher.realtime, "state": "tmpfs" if state_tmpfs else "as installed"}
+    out["pyroute2_instrument"] = {"window": _percentiles(old_instrument["windows_ms"]),
+                                  "lockdown": _percentiles(old_instrument["lockdown_ms"])}
     if keep_windows:
+        out["old_windows_ms"] = [round(w, 2) for w in old_instrument["windows_ms"]]
+        out["old_lockdown_ms"] = [round(w, 2) for w in old_instrument["lockdown_ms"]]
         out["windows_ms"] = [round(w, 2) for w in windows]
         out["lockdown_ms"] = [round(w, 2) for w in lockdowns]
         out["entry_ms"] = [round(w, 2) for w in entries]
     return out
+
+
+@contextlib.contextmanager
+def state_on_tmpfs(wanted=True):
+    """fdbhook's state directory on a tmpfs while the block runs (as on a host whose /run is one), its
+    contents carried over and back; a no-op if ``wanted`` is false or it already is a tmpfs."""
+    state = state_dir()
+    if not wanted or _fstype(state) == "tmpfs":
+        yield
+        return
+    os.makedirs(state, mode=0o755, exist_ok=True)
+    keep = tempfile.mkdtemp(prefix=PFX + "-state-")
+    subprocess.run(["cp", "-a", state + "/.", keep], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", PFX + "-state", state], check=True)
+    try:
+        subprocess.run(["cp", "-a", keep + "/.", state], check=True)
+        yield
+    finally:
+        shutil.rmtree(keep)
+        keep = tempfile.mkdtemp(prefix=PFX + "-state-")
+        subprocess.run(["cp", "-a", state + "/.", keep], check=True)
+        subprocess.run(["umount", state], check=True)
+        for name in os.listdir(state):  # what the run left, nothing else
+            path = os.path.join(state, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        subprocess.run(["cp", "-a", keep + "/.", state], check=True)
+        shutil.rmtree(keep)
+
+
+def state_dir():
+    """fdbhookd's state directory (fdbhook.config's default)."""
+    sys.path.insert(0, REPO)
+    from fdbhook.config import DEFAULT_STATE_DIR
+
+    return DEFAULT_STATE_DIR
+
+
+def _fstype(path):
+    return subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _percentiles(values):
@@ -234,7 +425,10 @@ def _pooled(runs):
     return {"cycles": sum(run.get("cycles", 0) for run in runs), "managed": len(windows),
             "p50_ms": round(statistics.median(windows), 1), "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1),
             "lockdown": _percentiles(w for run in runs for w in run.get("lockdown_ms", ())),
-            "entry": _percentiles(w for run in runs for w in run.get("entry_ms", ()))}
+            "entry": _percentiles(w for run in runs for w in run.get("entry_ms", ())),
+            "pyroute2_instrument": {"window": _percentiles(w for run in runs for w in run.get("old_windows_ms", ())),
+                                    "lockdown": _percentiles(w for run in runs
+                                                             for w in run.get("old_lockdown_ms", ()))}}
 
 
 def fsync_cost(writes=50):
@@ -242,9 +436,7 @@ def fsync_cost(writes=50):
     sys.path.insert(0, REPO)
     from fdbhook import safefile
 
-    from fdbhook.config import DEFAULT_STATE_DIR
-
-    base = os.path.dirname(DEFAULT_STATE_DIR)  # the file system fdbhookd's state directory lives on
+    base = os.path.dirname(state_dir())  # the file system fdbhookd's state directory lives on
     directory = tempfile.mkdtemp(prefix=PFX + "-fsync-", dir=base)
     times = []
     try:
@@ -258,11 +450,12 @@ def fsync_cost(writes=50):
     return dict(_percentiles(times), where=base)
 
 
-def compare(before_ref, cycles, rounds, boots, logs=None):
+def compare(before_ref, cycles, rounds, boots, logs=None, after_tmpfs=False):
     """fdbhookd at ``before_ref`` and the working tree, ``rounds`` times each, interleaved (same load).
 
     Each round: ``cycles`` hot-plugged NICs (attach), then ``boots`` guests started with one NIC (boot).
-    ``logs``: a directory that keeps fdbhookd's log of each run (ROUND-KIND-SIDE.log).
+    ``logs``: a directory that keeps fdbhookd's log of each run (ROUND-KIND-SIDE.log). ``after_tmpfs``: the
+    working tree's runs keep fdbhookd's state on a tmpfs (``--before HEAD``: the file system is all that differs).
     """
     old = tempfile.mkdtemp(prefix=PFX + "-old-")
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
@@ -276,16 +469,21 @@ def compare(before_ref, cycles, rounds, boots, logs=None):
                 for label, tree in (("before", old), ("after", REPO)):
                     if count:
                         keep = os.path.join(logs, "%d-%s-%s.log" % (n, kind, label)) if logs else None
-                        runs[kind, label].append(bench_hotplug(cycles=count, tree=tree, mac_base=base,
-                                                               keep_windows=True, boot=kind == "boot",
-                                                               keep_log=keep))
+                        tmpfs = after_tmpfs and label == "after"
+                        with state_on_tmpfs(tmpfs):
+                            runs[kind, label].append(bench_hotplug(cycles=count, tree=tree, mac_base=base,
+                                                                   keep_windows=True, boot=kind == "boot",
+                                                                   keep_log=keep, state_tmpfs=tmpfs))
                     base += count
     finally:
         shutil.rmtree(old, ignore_errors=True)
     out = {"rounds": rounds}
     for (kind, label), got in runs.items():
         out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip(),
-                                               nice=nices[label])
+                                               nice=nices[label], state="tmpfs" if after_tmpfs and label == "after"
+                                               else _fstype(state_dir()) or "?",
+                                               realtime=all(run.get("instrument", {}).get("realtime")
+                                                            for run in got))
     out["before_ref"] = before_ref
     return out
 
@@ -298,11 +496,14 @@ def main():
     parser.add_argument("--boots", type=int, default=10, help="guests started with one NIC per round and side")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--logs", help="keep fdbhookd's log of each run in this directory")
+    parser.add_argument("--after-state-tmpfs", action="store_true",
+                        help="the working tree's runs keep fdbhookd's state on a tmpfs (with --before HEAD: "
+                             "the state's file system is all that differs)")
     args = parser.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     if args.logs:
         os.makedirs(args.logs, exist_ok=True)
-    result = compare(args.before, args.cycles, args.rounds, args.boots, args.logs)
+    result = compare(args.before, args.cycles, args.rounds, args.boots, args.logs, args.after_state_tmpfs)
     result["fsync"] = fsync_cost()
     result["machine"] = {"bench_nice": os.getpriority(os.PRIO_PROCESS, 0), "kernel": os.uname().release, "host": os.uname().nodename, "cpus": os.cpu_count(),
                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -315,7 +516,7 @@ def main():
         print(title)
         for label in ("before", "after"):
             row = result[kind][label]
-            name = "  %s (%s, nice %s)" % (label, row.get("commit"), row.get("nice"))
+            name = "  %s (%s, nice %s, state on %s)" % (label, row.get("commit"), row.get("nice"), row.get("state"))
             if "skipped" in row:
                 print("%-30s skipped: %s" % (name, row["skipped"]))
             else:
@@ -328,6 +529,13 @@ def main():
                 if row["n"]:
                     print("%-30s %8s %8d %8.1f %8.1f %9.1f" % ("    " + label, "", row["n"], row["p50_ms"],
                                                             row["p99_ms"], row["max_ms"]))
+        print("  the instrument before 2026-12-07 (pyroute2, stamped after decoding), same ports:")
+        for part, words in (("window", "learning/flood off + entry"), ("lockdown", "learning/flood off")):
+            for label in ("before", "after"):
+                row = (result[kind][label].get("pyroute2_instrument") or {}).get(part) or {"n": 0}
+                if row["n"]:
+                    print("%-30s %8s %8d %8.1f %8.1f %9.1f" % ("    %s, %s" % (label, words), "", row["n"],
+                                                            row["p50_ms"], row["p99_ms"], row["max_ms"]))
         after = result[kind]["after"]
         if "p99_ms" in after:
             print("  target p99 <= 20 ms, join -> learning/flood off + entry: %s" % (
@@ -339,8 +547,11 @@ def main():
     fs = result["fsync"]
     print("durable write (pending record) in %s: p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d writes)" % (
         fs["where"], fs["p50_ms"], fs["p99_ms"], fs["max_ms"], fs["n"]))
-    print("load average at start %s, at end %s; the bench's own watcher at nice %d" % (
-        result["machine"]["loadavg_start"], result["machine"]["loadavg_end"], result["machine"]["bench_nice"]))
+    realtime = all(result[kind][label].get("realtime", True) for kind in ("attach", "boot")
+                   for label in ("before", "after") if "skipped" not in result[kind][label])
+    print("load average at start %s, at end %s; the watcher %s" % (
+        result["machine"]["loadavg_start"], result["machine"]["loadavg_end"],
+        "at SCHED_FIFO 1" if realtime else "at nice %d (SCHED_FIFO refused)" % result["machine"]["bench_nice"]))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2, sort_keys=True)
