@@ -922,9 +922,11 @@ class Daemon:
         target_devs = frozenset(nic.target_dev for d in domains for nic in d.nics if nic.target_dev)
         taken = frozenset(mac for d in domains for nic in d.nics
                           for mac in (nic.mac, nic.config_mac) + tuple(nic.extra_macs) if mac)
+        woke = time.monotonic() if woke is None else woke
+        marks = {"port read": time.monotonic()}
         try:
             decision = lockdown.lock_down(kernel, self.store(config), config, link, bridge, bridge_ifindex, peer,
-                                          target_devs, read_now=False, taken=taken)  # _joined_port read it
+                                          target_devs, read_now=False, taken=taken, marks=marks)  # port read
         except FdbhookError as exc:  # a pending record may be there: settled at the bound like any other
             self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
             LOG.error("%s joined %s: locking it down failed: %s", link.name, bridge, exc)
@@ -932,8 +934,9 @@ class Daemon:
         if decision.lock:
             self._lockdowns[link.ifindex] = time.monotonic() + config.hotplug_lockdown
             self.lockdowns += 1
-            LOG.info("%s joined %s: locked down until its NIC is known: %s (%.1f ms after its event was read)",
-                     link.name, bridge, decision.why, (time.monotonic() - (woke or time.monotonic())) * 1000)
+            split = ", ".join("%s %.1f" % (k, (t - woke) * 1000) for k, t in marks.items())
+            LOG.info("%s joined %s: locked down until its NIC is known: %s (%.1f ms after its event was read: %s)",
+                     link.name, bridge, decision.why, (time.monotonic() - woke) * 1000, split)
         else:
             LOG.debug("%s joined %s: not locked down: %s", link.name, bridge, decision.why)
 

@@ -104,7 +104,7 @@ def predicted_keys(kernel, link, bridge_ifindex, mac, taken):
 
 
 def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, target_devs=frozenset(),
-              now=None, read_now=True, taken=frozenset()):
+              now=None, read_now=True, taken=frozenset(), marks=None):
     """Decide and, if so, lock ``link`` (a port that just joined ``bridge``) down. Returns the Lockdown decision.
 
     Without the store's lock, so that no apply in progress (another port's)
@@ -117,8 +117,11 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     locked); KernelError only when that fails too (the pending record stays;
     the next settle restores). ``read_now`` False: the caller read ``link``
     from ``kernel`` just now, its cache answers (one round trip less).
-    ``taken``: MACs of the NICs the caller knows (never predicted for this port).
+    ``taken``: MACs of the NICs the caller knows (never predicted for this port). ``marks``: a dict that
+    gets the monotonic times it decided, wrote the pending record, and sent each of its two sends
+    ("decided", "recorded", "flags", "entry").
     """
+    marks = {} if marks is None else marks
     bound = config.hotplug_lockdown
     if read_now:  # else the caller read it just now (kernel's cache)
         kernel.forget()
@@ -141,18 +144,16 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
         decision = decide_lockdown(joined, foreign_entries=foreign, **facts)
     if not decision.lock:
         return decision
-    keys = frozenset()
-    if config.hotplug_predict:
-        taken = set(taken) | {mac for r in records for nic in r.nics for mac in nic.macs}
-        try:
-            keys = predicted_keys(kernel, link, bridge_ifindex, predicted_mac(joined), taken)
-        except KernelError as exc:  # no entry then; the lock-down itself still goes on
-            LOG.warning("%s joined %s: no predicted entry: %s", link.name, bridge, exc)
+    keys = _prediction(kernel, config, link, joined, bridge_ifindex, set(taken) | {
+        mac for r in records for nic in r.nics for mac in nic.macs})
+    marks["decided"] = time.monotonic()
     now = time.time() if now is None else now
     store.save_pending(link.ifindex, pending_record(link, bridge, bridge_ifindex, decision.why, now, bound, keys))
+    marks["recorded"] = time.monotonic()
     try:
-        for ops in lockdown_ops(link, bridge, bridge_ifindex, keys):
+        for ops, mark in zip(lockdown_ops(link, bridge, bridge_ifindex, keys), ("flags", "entry")):
             kernel.execute_many(ops)
+            marks[mark] = time.monotonic()
     except KernelError as exc:
         # Put back at once; if that fails too, the pending record stays for the next settle.
         kernel.forget()
@@ -162,6 +163,18 @@ def lock_down(kernel, store, config, link, bridge, bridge_ifindex, peer=None, ta
     if keys:
         return Lockdown(True, "%s; entry %s predicted" % (decision.why, sorted(keys)[0][0]))
     return decision
+
+
+def _prediction(kernel, config, link, joined, bridge_ifindex, taken):
+    """The predicted entries of a port being locked down (predicted_keys); none if the config says so or a
+    read for them fails (the lock-down itself still goes on)."""
+    if not config.hotplug_predict:
+        return frozenset()
+    try:
+        return predicted_keys(kernel, link, bridge_ifindex, predicted_mac(joined), taken)
+    except KernelError as exc:
+        LOG.warning("%s joined %s: no predicted entry: %s", link.name, joined.bridge, exc)
+        return frozenset()
 
 
 def originals(store):
