@@ -355,14 +355,18 @@ def _runs(value):
 def machine():
     with open("/proc/cpuinfo") as handle:
         model = next((ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), "?")
+    # the labs' state directories live under the temp dir ($TMPDIR): its file system is part of every hook's cost
+    state = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", tempfile.gettempdir()], capture_output=True,
+                           text=True).stdout.strip() or "?"
     return {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cpu": model,
-            "cores": os.cpu_count(), "python": subprocess.run([PY, "-V"], capture_output=True, text=True).stdout.strip()}
+            "cores": os.cpu_count(), "python": subprocess.run([PY, "-V"], capture_output=True, text=True).stdout.strip(),
+            "state_fs": state}
 
 
 def print_table(result):
     m = result["machine"]
-    print("fdbhook benchmarks, %s, %s, %d cores, kernel %s, %s" % (m["date"], m["cpu"], m["cores"], m["kernel"],
-                                                                    m["python"]))
+    print("fdbhook benchmarks, %s, %s, %d cores, kernel %s, %s, state on %s" % (
+        m["date"], m["cpu"], m["cores"], m["kernel"], m["python"], m.get("state_fs", "?")))
     if "hooks" in result:
         rows = result["hooks"]
         cols = list(next(iter(rows.values())))
