@@ -355,9 +355,10 @@ def _runs(value):
 def machine():
     with open("/proc/cpuinfo") as handle:
         model = next((ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), "?")
+    from hotplug import fstype
+
     # the labs' state directories live under the temp dir ($TMPDIR): its file system is part of every hook's cost
-    state = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", tempfile.gettempdir()], capture_output=True,
-                           text=True).stdout.strip() or "?"
+    state = fstype(tempfile.gettempdir()) or "?"
     return {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cpu": model,
             "cores": os.cpu_count(), "python": subprocess.run([PY, "-V"], capture_output=True, text=True).stdout.strip(),
             "state_fs": state}

@@ -17,15 +17,14 @@ MAC from libvirt), and the cost of the lock-down's one durable write.
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 PFX = os.environ.get("FDBHOOK_BENCH_PREFIX", "fdbbench")
@@ -53,8 +52,19 @@ def available():
     return None
 
 
-class Stamps:
-    """When each port joined BR and was managed (monotonic s), from kernel events; the windows."""
+class Watcher:
+    """The instrument: when each port joined BR and was managed (monotonic s), from kernel events.
+
+    A process of its own (no GIL shared with anything) at SCHED_FIFO priority
+    1 (if the bench may) reads a raw NETLINK_ROUTE socket and stamps each
+    datagram right after its recv, decoding (fdbhook.kernel's decoders) only
+    when nothing else waits; ``done`` is set once ``expected`` ports have
+    their window, and the stamps come back at ``finish``. Before 2026-12-07
+    (runs A-X) a thread of the bench at its nice stamped each event after
+    pyroute2 had decoded it, and was itself late by up to 20 ms.
+    """
+
+    RTMGRP = 0x1 | 0x4  # RTMGRP_LINK | RTMGRP_NEIGH
 
     def __init__(self, bridge_index, macs):
         self.bridge_index = bridge_index
@@ -65,54 +75,11 @@ class Stamps:
         self.names = {}  # ifindex -> port name
         self.realtime = False
 
-    def note(self, now, kind, ifindex, master, learning, flood, mac, static, name=None):
-        if kind == "link" and master == self.bridge_index:
-            self.joined.setdefault(ifindex, now)
-            if name:
-                self.names.setdefault(ifindex, name)
-            if learning == 0 and flood == 0:
-                self.flags_off.setdefault(ifindex, now)
-        elif kind == "neigh" and mac in self.macs and static:
-            self.entry.setdefault(ifindex, now)
-
-    def windows_ms(self):
-        out = []
-        for idx, joined in self.joined.items():
-            if idx in self.flags_off and idx in self.entry:
-                out.append((max(self.flags_off[idx], self.entry[idx]) - joined) * 1000)
-        return out
-
-    def lockdown_ms(self):
-        """Per port: join -> learning and flood off (the lock-down, or the whole apply on the old path)."""
-        return [(self.flags_off[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.flags_off]
-
-    def entry_ms(self):
-        """Per port: join -> the static entry for the NIC's MAC."""
-        return [(self.entry[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.entry]
-
-    def ports(self):
-        """{port name: {joined, flags_off, entry}} in wall-clock seconds (to set beside fdbhookd's log)."""
-        wall = time.time() - time.monotonic()
-        return {self.names.get(i, str(i)): {"joined": wall + t, "flags_off": wall + self.flags_off[i]
-                                            if i in self.flags_off else None,
-                                            "entry": wall + self.entry[i] if i in self.entry else None}
-                for i, t in self.joined.items()}
-
-
-class Watcher(Stamps):
-    """The instrument: a process of its own (no GIL shared with anything) at SCHED_FIFO priority 1 (if
-    the bench may) reads a raw NETLINK_ROUTE socket and stamps each datagram right after its recv,
-    decoding by hand only when nothing else waits; the stamps come back at ``finish``.
-    ``Pyroute2Watcher`` is the instrument of the runs before 2026-12-07 (pyroute2's parser in a thread of
-    the bench, stamped after decoding), run beside it to show what an instrument adds."""
-
-    RTMGRP = 0x1 | 0x4  # RTMGRP_LINK | RTMGRP_NEIGH
-
     def start(self):
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
-        self._stop, ready = context.Event(), context.Event()
+        self._stop, self.done, ready = context.Event(), context.Event(), context.Event()
         self._pipe, child = context.Pipe(duplex=False)
         self._proc = context.Process(target=self._run, args=(ready, child), daemon=True)
         self._proc.start()
@@ -140,6 +107,9 @@ class Watcher(Stamps):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
         sock.bind((0, self.RTMGRP))
         sock.settimeout(0.2)
+        sys.path.insert(0, REPO)
+        importlib.import_module("fdbhook.kernel")  # now: at the first datagram, the ones behind it would wait
+
         ready.set()
         stamped = []
         while not self._stop.is_set():
@@ -150,92 +120,52 @@ class Watcher(Stamps):
             stamped.append((time.monotonic(), data))
             if len(stamped) >= 64 or not select.select([sock], [], [], 0)[0]:  # stamp first, decode later
                 for now, chunk in stamped:
-                    for event in decode(chunk):
-                        self.note(now, *event)
+                    self.note(now, chunk)
                 stamped = []
+                if len(self.windows_ms()) >= len(self.macs):
+                    self.done.set()
         pipe.send({"joined": self.joined, "flags_off": self.flags_off, "entry": self.entry, "names": self.names,
                    "realtime": self.realtime})
 
+    def note(self, now, data):
+        """The stamps one datagram (its RTM_NEWLINK and RTM_NEWNEIGH messages) gives, at ``now``."""
+        from fdbhook.kernel import _split, entry_from_raw, link_from_raw
 
-class Pyroute2Watcher(Stamps, threading.Thread):
-    """The instrument before 2026-12-07: pyroute2 decodes in a thread of the bench, the stamp is taken
-    after (the bench's nice). ``windows_ms`` live, while the run goes on."""
+        for msg_type, _, msg in _split(data):
+            if msg_type == 16:  # RTM_NEWLINK
+                link, _ = link_from_raw(msg)
+                if link.master == self.bridge_index:
+                    self.joined.setdefault(link.ifindex, now)
+                    self.names.setdefault(link.ifindex, link.name)
+                    if link.learning is False and link.flood is False:
+                        self.flags_off.setdefault(link.ifindex, now)
+            elif msg_type == 28:  # RTM_NEWNEIGH
+                entry = entry_from_raw(msg)
+                if entry.mac in self.macs and entry.static:
+                    self.entry.setdefault(entry.ifindex, now)
 
-    def __init__(self, bridge_index, macs):
-        Stamps.__init__(self, bridge_index, macs)
-        threading.Thread.__init__(self, daemon=True)
-        from pyroute2 import IPRoute
+    def windows_ms(self):
+        out = []
+        for idx, joined in self.joined.items():
+            if idx in self.flags_off and idx in self.entry:
+                out.append((max(self.flags_off[idx], self.entry[idx]) - joined) * 1000)
+        return out
 
-        self.stop = threading.Event()
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=Watcher.RTMGRP)
+    def lockdown_ms(self):
+        """Per port: join -> learning and flood off (the lock-down, or the whole apply on the old path)."""
+        return [(self.flags_off[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.flags_off]
 
-    def run(self):
-        while not self.stop.is_set():
-            for msg in self.ipr.get():
-                now = time.monotonic()
-                event = msg.get("event")
-                if event == "RTM_NEWLINK":
-                    info = msg.get_attr("IFLA_LINKINFO")
-                    data = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
-                    learning = data.get_attr("IFLA_BRPORT_LEARNING") if data is not None else None
-                    flood = data.get_attr("IFLA_BRPORT_UNICAST_FLOOD") if data is not None else None
-                    self.note(now, "link", msg["index"], msg.get_attr("IFLA_MASTER"), learning, flood, None, False)
-                elif event == "RTM_NEWNEIGH":
-                    self.note(now, "neigh", msg["ifindex"], None, None, None, msg.get_attr("NDA_LLADDR"),
-                              bool(msg["state"] & 0x40))
+    def entry_ms(self):
+        """Per port: join -> the static entry for the NIC's MAC."""
+        return [(self.entry[idx] - joined) * 1000 for idx, joined in self.joined.items() if idx in self.entry]
 
-
-_HDR = struct.Struct("=IHHII")  # nlmsghdr
-_IFI = struct.Struct("=BxHiII")  # ifinfomsg
-_NDM = struct.Struct("=BxxxiHBB")  # ndmsg
-_RTA = struct.Struct("=HH")
-
-
-def _attrs(data, pos, end):
-    """{type: value bytes} of the netlink attributes in data[pos:end] (NLA_F_NESTED masked off)."""
-    out = {}
-    while pos + 4 <= end:
-        alen, atype = _RTA.unpack_from(data, pos)
-        if alen < 4:
-            break
-        out[atype & 0x3fff] = data[pos + 4:pos + alen]
-        pos += (alen + 3) & ~3
-    return out
-
-
-def _u(value):
-    return int.from_bytes(value, sys.byteorder) if value is not None else None
-
-
-def decode(data):
-    """(kind 'link'|'neigh', ifindex, master, learning, flood, MAC, static) per RTM_NEWLINK/RTM_NEWNEIGH in
-    one datagram; learning/flood from the port's bridge attributes (IFLA_LINKINFO's slave data, or an
-    AF_BRIDGE message's IFLA_PROTINFO), None if absent."""
-    out, pos = [], 0
-    while pos + _HDR.size <= len(data):
-        length, mtype = _HDR.unpack_from(data, pos)[:2]
-        if length < _HDR.size:
-            break
-        body, end = pos + _HDR.size, pos + length
-        if mtype == 16:  # RTM_NEWLINK
-            index = _IFI.unpack_from(data, body)[2]
-            attrs = _attrs(data, body + _IFI.size, end)
-            port = attrs.get(12)  # IFLA_PROTINFO (AF_BRIDGE)
-            if port is None and 18 in attrs:  # IFLA_LINKINFO -> IFLA_INFO_SLAVE_DATA
-                port = _attrs(attrs[18], 0, len(attrs[18])).get(5)
-            brport = _attrs(port, 0, len(port)) if port is not None else {}
-            learning, flood = brport.get(8), brport.get(9)  # IFLA_BRPORT_LEARNING, _UNICAST_FLOOD
-            name = attrs.get(3, b"").split(b"\0")[0].decode(errors="replace")  # IFLA_IFNAME
-            out.append(("link", index, _u(attrs.get(10)), learning[0] if learning else None,
-                        flood[0] if flood else None, None, False, name))
-        elif mtype == 28:  # RTM_NEWNEIGH
-            _, ifindex, state, _, _ = _NDM.unpack_from(data, body)
-            lladdr = _attrs(data, body + _NDM.size, end).get(2)  # NDA_LLADDR
-            mac = ":".join("%02x" % b for b in lladdr) if lladdr and len(lladdr) == 6 else None
-            out.append(("neigh", ifindex, None, None, None, mac, bool(state & 0x40)))
-        pos += (length + 3) & ~3
-    return out
+    def ports(self):
+        """{port name: {joined, flags_off, entry}} in wall-clock seconds (to set beside fdbhookd's log)."""
+        wall = time.time() - time.monotonic()
+        return {self.names.get(i, str(i)): {"joined": wall + t, "flags_off": wall + self.flags_off[i]
+                                            if i in self.flags_off else None,
+                                            "entry": wall + self.entry[i] if i in self.entry else None}
+                for i, t in self.joined.items()}
 
 
 def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=False, boot=False, keep_log=None,
@@ -276,9 +206,8 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
                 handle.flush()
                 virsh("create", handle.name)
         macs = ["52:54:00:b0:%02x:%02x" % ((mac_base + i) // 256, (mac_base + i) % 256) for i in range(cycles)]
-        watcher, check = Watcher(bridge_index, macs), Pyroute2Watcher(bridge_index, macs)
+        watcher = Watcher(bridge_index, macs)
         watcher.start()
-        check.start()
         for i, mac in enumerate(macs):
             nic = ("<interface type='bridge'><mac address='%s'/><source bridge='%s'/>"
                    "<model type='virtio'/><rom enabled='no'/></interface>" % (mac, BR))
@@ -292,15 +221,10 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
                     virsh("create", handle.name)
                 else:
                     virsh("attach-device", guests[i // per_guest], handle.name, "--live")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(check.windows_ms()) < cycles:
-            time.sleep(0.1)
-        time.sleep(0.2)  # the last events
+        watcher.done.wait(20)
         watcher.finish()
-        check.stop.set()
         windows = sorted(watcher.windows_ms())
         lockdowns, entries = sorted(watcher.lockdown_ms()), sorted(watcher.entry_ms())
-        old_instrument = {"windows_ms": sorted(check.windows_ms()), "lockdown_ms": sorted(check.lockdown_ms())}
     finally:
         for name in guests:
             virsh("destroy", name, check=False)
@@ -327,11 +251,7 @@ def bench_hotplug(cycles=100, per_guest=25, tree=None, mac_base=0, keep_windows=
            "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1)}
     out["lockdown"], out["entry"] = _percentiles(lockdowns), _percentiles(entries)
     out["instrument"] = {"realtime": watcher.realtime, "state": "tmpfs" if state_tmpfs else "as installed"}
-    out["pyroute2_instrument"] = {"window": _percentiles(old_instrument["windows_ms"]),
-                                  "lockdown": _percentiles(old_instrument["lockdown_ms"])}
     if keep_windows:
-        out["old_windows_ms"] = [round(w, 2) for w in old_instrument["windows_ms"]]
-        out["old_lockdown_ms"] = [round(w, 2) for w in old_instrument["lockdown_ms"]]
         out["windows_ms"] = [round(w, 2) for w in windows]
         out["lockdown_ms"] = [round(w, 2) for w in lockdowns]
         out["entry_ms"] = [round(w, 2) for w in entries]
@@ -343,7 +263,7 @@ def state_on_tmpfs(wanted=True):
     """fdbhook's state directory on a tmpfs while the block runs (as on a host whose /run is one), its
     contents carried over and back; a no-op if ``wanted`` is false or it already is a tmpfs."""
     state = state_dir()
-    if not wanted or _fstype(state) == "tmpfs":
+    if not wanted or fstype(state) == "tmpfs":
         yield
         return
     os.makedirs(state, mode=0o755, exist_ok=True)
@@ -373,7 +293,8 @@ def state_dir():
     return DEFAULT_STATE_DIR
 
 
-def _fstype(path):
+def fstype(path):
+    """The type of the file system ``path`` is on (findmnt), "" if unknown."""
     return subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], capture_output=True,
                           text=True).stdout.strip()
 
@@ -425,10 +346,7 @@ def _pooled(runs):
     return {"cycles": sum(run.get("cycles", 0) for run in runs), "managed": len(windows),
             "p50_ms": round(statistics.median(windows), 1), "p99_ms": round(p99, 1), "max_ms": round(windows[-1], 1),
             "lockdown": _percentiles(w for run in runs for w in run.get("lockdown_ms", ())),
-            "entry": _percentiles(w for run in runs for w in run.get("entry_ms", ())),
-            "pyroute2_instrument": {"window": _percentiles(w for run in runs for w in run.get("old_windows_ms", ())),
-                                    "lockdown": _percentiles(w for run in runs
-                                                             for w in run.get("old_lockdown_ms", ()))}}
+            "entry": _percentiles(w for run in runs for w in run.get("entry_ms", ()))}
 
 
 def fsync_cost(writes=50):
@@ -481,7 +399,7 @@ def compare(before_ref, cycles, rounds, boots, logs=None, after_tmpfs=False):
     for (kind, label), got in runs.items():
         out.setdefault(kind, {})[label] = dict(_pooled(got), commit=commit if label == "before" else head.strip(),
                                                nice=nices[label], state="tmpfs" if after_tmpfs and label == "after"
-                                               else _fstype(state_dir()) or "?",
+                                               else fstype(state_dir()) or "?",
                                                realtime=all(run.get("instrument", {}).get("realtime")
                                                             for run in got))
     out["before_ref"] = before_ref
@@ -529,13 +447,6 @@ def main():
                 if row["n"]:
                     print("%-30s %8s %8d %8.1f %8.1f %9.1f" % ("    " + label, "", row["n"], row["p50_ms"],
                                                             row["p99_ms"], row["max_ms"]))
-        print("  the instrument before 2026-12-07 (pyroute2, stamped after decoding), same ports:")
-        for part, words in (("window", "learning/flood off + entry"), ("lockdown", "learning/flood off")):
-            for label in ("before", "after"):
-                row = (result[kind][label].get("pyroute2_instrument") or {}).get(part) or {"n": 0}
-                if row["n"]:
-                    print("%-30s %8s %8d %8.1f %8.1f %9.1f" % ("    %s, %s" % (label, words), "", row["n"],
-                                                            row["p50_ms"], row["p99_ms"], row["max_ms"]))
         after = result[kind]["after"]
         if "p99_ms" in after:
             print("  target p99 <= 20 ms, join -> learning/flood off + entry: %s" % (

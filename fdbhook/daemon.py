@@ -569,14 +569,11 @@ class Daemon:
             if thread.is_alive():
                 LOG.warning("locked-down ports left for the next run: the lock-down thread did not stop")
                 return
-        from fdbhook import lockdown
-
         try:
-            store = self.store()
-            if not store.pending():
+            if not self.store().pending():
                 return
-            with Kernel() as kernel, store.lock():
-                lockdown.settle(kernel, store, everything=True)
+            with Kernel() as kernel:
+                self._settle_lockdowns(kernel, None, everything=True)
         except Exception as exc:  # the next run (hook, fdbhookd, status) settles them
             LOG.error("putting locked-down ports back at stop failed: %s", exc)
 
@@ -940,18 +937,20 @@ class Daemon:
         else:
             LOG.debug("%s joined %s: not locked down: %s", link.name, bridge, decision.why)
 
-    def _settle_lockdowns(self, kernel, ifindexes):
-        """Locked-down ports past their bound, gone or off their bridge: settled (fdbhook.lockdown.settle)."""
+    def _settle_lockdowns(self, kernel, ifindexes, everything=False):
+        """Locked-down ports past their bound, gone or off their bridge: settled (fdbhook.lockdown.settle).
+        ``ifindexes`` None: every pending port; ``everything``: put back whatever its bound (a stop)."""
         from fdbhook import lockdown
 
-        if not ifindexes:
+        if ifindexes is not None and not ifindexes:
             return
-        for ifindex in ifindexes:
+        for ifindex in list(self._lockdowns) if ifindexes is None else ifindexes:
             self._lockdowns.pop(ifindex, None)
         try:
             store = self.store()
             with store.lock():
-                done = lockdown.settle(kernel, store, only=set(ifindexes))
+                done = lockdown.settle(kernel, store, only=None if ifindexes is None else set(ifindexes),
+                                       everything=everything)
         except FdbhookError as exc:  # the next run (a resync, a hook) settles it
             LOG.error("settling locked-down ports: %s", exc)
             return
