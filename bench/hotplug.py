@@ -423,7 +423,8 @@ def main():
         os.makedirs(args.logs, exist_ok=True)
     result = compare(args.before, args.cycles, args.rounds, args.boots, args.logs, args.after_state_tmpfs)
     result["fsync"] = fsync_cost()
-    result["machine"] = {"bench_nice": os.getpriority(os.PRIO_PROCESS, 0), "kernel": os.uname().release, "host": os.uname().nodename, "cpus": os.cpu_count(),
+    result["machine"] = {"bench_nice": os.getpriority(os.PRIO_PROCESS, 0), "kernel": os.uname().release,
+                         "host": os.uname().nodename, "cpus": os.cpu_count(),
                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "load": round(os.getloadavg()[0], 2), "loadavg_start": load_before,
                          "loadavg_end": [round(x, 2) for x in os.getloadavg()]}

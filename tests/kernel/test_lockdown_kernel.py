@@ -174,3 +174,67 @@ def test_a_locked_down_port_is_put_back_when_fdbhookd_stops_not_left_for_a_start
     assert proc.returncode == 0
     assert flags(lab, "vnet9") == (True, True) and statics(lab, "vnet9") == [] and pending(env) == {}
     assert "vnet9: no NIC claimed it after its lock-down" in read(env["FDBHOOK_LOG"])
+
+
+def test_a_stop_with_a_read_only_or_full_state_dir_or_a_corrupted_record_leaves_ports_recorded_or_as_they_were(
+        lab, tmp_path):
+    env = env_for(tmp_path, 300)
+    state = env["FDBHOOK_STATE_DIR"]
+    lab.add_bridge("br0")
+
+    def lock_down(port, mac):
+        proc = start_daemon(lab, env)
+        lab.add_tap(port, bridge="br0", mac=mac)
+        assert poll(lambda: flags(lab, port) == (False, False) and port in pending(env), timeout=30), \
+            read(env["FDBHOOK_LOG"])[-2000:]
+        return proc
+
+    os.makedirs(state)
+    subprocess.run(["mount", "--bind", state, state], check=True)
+    try:
+        # read-only at the stop: the store's lock cannot be taken, nothing changes; the next start restores
+        proc = lock_down("vnet1", "fe:54:00:00:00:01")
+        # in fdbhookd's own mount namespace (ip netns exec made it; a remount here would not reach it)
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,bind,ro", state], check=True)
+        stop(proc)
+        assert proc.returncode == 0
+        log = read(env["FDBHOOK_LOG"])
+        assert "settling locked-down ports: state " in log and "Read-only file system" in log
+        assert flags(lab, "vnet1") == (False, False) and statics(lab, "vnet1") == ["52:54:00:00:00:01"]
+        assert "vnet1" in pending(env)
+        subprocess.run(["mount", "-o", "remount,bind,rw", state], check=True)
+        stop(start_daemon(lab, env))
+        assert flags(lab, "vnet1") == (True, True) and statics(lab, "vnet1") == [] and pending(env) == {}
+    finally:
+        subprocess.run(["umount", state], check=True)
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64,mode=0700", "tl-state", state], check=True)
+    try:
+        # full at the stop: putting back only removes files, so it goes through
+        proc = lock_down("vnet2", "fe:54:00:00:00:02")
+        n = 0
+        while True:
+            try:
+                with open(os.path.join(state, "filler%d" % n), "wb") as handle:
+                    handle.write(b"\0" * 4096)
+                n += 1
+            except OSError:
+                break
+        stop(proc)
+        assert proc.returncode == 0
+        assert flags(lab, "vnet2") == (True, True) and statics(lab, "vnet2") == [] and pending(env) == {}
+        for name in os.listdir(state):
+            if name.startswith("filler"):
+                os.unlink(os.path.join(state, name))
+
+        # a corrupted pending record: the record goes, its port is not touched (its state before is unknown)
+        proc = lock_down("vnet3", "fe:54:00:00:00:03")
+        (path,) = [os.path.join(state, "pending", n) for n in os.listdir(os.path.join(state, "pending"))
+                   if n.endswith(".json")]
+        with open(path, "w") as handle:
+            handle.write('{"format": 1, "port": ')
+        stop(proc)
+        assert proc.returncode == 0 and not os.path.exists(path)
+        assert flags(lab, "vnet3") == (False, False) and statics(lab, "vnet3") == ["52:54:00:00:00:03"]
+    finally:
+        subprocess.run(["umount", state], check=True)
