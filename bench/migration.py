@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 
@@ -53,7 +54,8 @@ GUESTS = {  # mode -> (name, MAC, bridge, tap)
     "fdbhook": ("fxd-bm1", "52:54:00:fd:01:01", hostlab.BRIDGE, "fxd-t1"),
     "unmanaged": ("fxd-bm2", "52:54:00:fd:01:02", hostlab.UNMANAGED, "fxd-t2"),
 }
-TARGET = "fdbhook gap p50/p99 <= unmanaged gap p50/p99"
+TARGET = "fdbhook gap-paused p50/p99 <= unmanaged gap-paused p50/p99"
+RESAMPLES = 5000  # bootstrap resamples for the confidence interval of a percentile's difference
 
 
 def pct(values, p):
@@ -63,6 +65,20 @@ def pct(values, p):
         return None
     rank = max(1, -(-len(values) * p // 100))
     return values[int(rank) - 1]
+
+
+def bootstrap_diff(mine, theirs, p, resamples=RESAMPLES, seed=20):
+    """95% interval of pct(mine, p) - pct(theirs, p) over bootstrap resamples of both samples, or None.
+
+    Each resample draws len(values) values with replacement from each sample;
+    seeded, so the same rows give the same interval.
+    """
+    if not mine or not theirs:
+        return None
+    rnd = random.Random(seed)
+    diffs = sorted(pct(rnd.choices(mine, k=len(mine)), p) - pct(rnd.choices(theirs, k=len(theirs)), p)
+                   for _ in range(resamples))
+    return [round(diffs[int(0.025 * resamples)], 1), round(diffs[int(0.975 * resamples) - 1], 1)]
 
 
 def machine():
@@ -159,9 +175,15 @@ def run(migrations, interval, standalone):
                       i // 2 + 1, label, src.name, dst.name, row.get("gap_ms"), row.get("paused_ms"),
                       row.get("resume_to_answered_ms"), row.get("lost"), row.get("stale_after_resume"),
                       row.get("handover_ms"), row.get("dst_entry_after_resumed_ms"), row.get("entry_by")), flush=True)
-    result = {"machine": machine(), "interval_ms": interval * 1000, "migrations_per_mode": migrations,
-              "rows": rows, "modes": {}}
-    for mode in ("fdbhook", "unmanaged") + (("standalone",) if standalone else ()):
+    return summarize({"machine": machine(), "interval_ms": interval * 1000, "migrations_per_mode": migrations,
+                      "rows": rows}, ("fdbhook", "unmanaged") + (("standalone",) if standalone else ()))
+
+
+def summarize(result, modes):
+    """Add each mode's figures and the target to ``result`` (which has its "rows"); returns it."""
+    rows = result["rows"]
+    result["modes"] = {}
+    for mode in modes:
         mine = [r for r in rows if r["mode"] == mode and not r.get("guest_hung")]
         result.setdefault("guest_hung", {})[mode] = sum(1 for r in rows if r["mode"] == mode and r.get("guest_hung"))
         result["modes"][mode] = {key: stats(mine, key) for key in
@@ -171,18 +193,41 @@ def run(migrations, interval, standalone):
                                                        default=None)
         result["modes"][mode]["entry_by"] = {by: sum(1 for r in mine if r.get("entry_by") == by)
                                              for by in ("first frame", "resumed")}
-    f, u = result["modes"]["fdbhook"]["gap_ms"], result["modes"]["unmanaged"]["gap_ms"]
+    f, u = result["modes"]["fdbhook"]["over_pause_ms"], result["modes"]["unmanaged"]["over_pause_ms"]
+    values = {mode: [r["over_pause_ms"] for r in rows if r["mode"] == mode and not r.get("guest_hung")
+                     and r.get("over_pause_ms") is not None] for mode in ("fdbhook", "unmanaged")}
     result["target"] = {"what": TARGET, "met": f["p50"] is not None and u["p50"] is not None
-                        and f["p50"] <= u["p50"] and f["p99"] <= u["p99"]}
+                        and f["p50"] <= u["p50"] and f["p99"] <= u["p99"],
+                        "diff_ci95_ms": {"p%d" % p: bootstrap_diff(values["fdbhook"], values["unmanaged"], p)
+                                         for p in (50, 90, 99)}}
     return result
+
+
+def pool(paths):
+    """The rows of several runs' JSON files as one run (each row keeps its run's file name)."""
+    rows, machines, intervals = [], [], set()
+    for path in paths:
+        with open(path) as handle:
+            one_run = json.load(handle)
+        intervals.add(one_run["interval_ms"])
+        machines.append(one_run["machine"])
+        rows += [dict(row, run=os.path.basename(path)) for row in one_run["rows"]]
+    if len(intervals) != 1:
+        raise SystemExit("bench/migration.py: runs with different PING intervals (%s) do not pool"
+                         % sorted(intervals))
+    modes = [m for m in ("fdbhook", "unmanaged", "standalone") if any(r["mode"] == m for r in rows)]
+    per_mode = max(sum(1 for r in rows if r["mode"] == m) for m in modes)
+    return summarize({"machine": dict(machines[-1], pooled=[os.path.basename(p) for p in paths]),
+                      "interval_ms": intervals.pop(), "migrations_per_mode": per_mode, "rows": rows}, modes)
 
 
 def print_table(result):
     m = result["machine"]
     print("\nunicast gap at live migration, %s, %s, %d cores, kernel %s, %s" % (
         m["date"], m["cpu"], m["cores"], m["kernel"], m["libvirt"]))
-    print("%d migrations per mode (A->B and back alternately), one PING every %.0f ms\n" % (
-        result["migrations_per_mode"], result["interval_ms"]))
+    print("%d migrations per mode (A->B and back alternately), one PING every %.0f ms%s\n" % (
+        result["migrations_per_mode"], result["interval_ms"],
+        ", pooled: " + " ".join(m["pooled"]) if m.get("pooled") else ""))
     print("%-10s %17s %17s %19s %19s %13s %9s" % ("", "gap ms p50/p99", "paused ms p50/p99", "gap-paused p50/p99",
                                                   "resume->answered", "lost p50/p99", "stale max"))
     for mode, s in result["modes"].items():
@@ -204,6 +249,9 @@ def print_table(result):
     print("\nmigrations after which the guest stopped answering (left out, guest booted again): %s"
           % ", ".join("%s %d" % kv for kv in result["guest_hung"].items()))
     print("target: %s: %s" % (result["target"]["what"], "met" if result["target"]["met"] else "MISSED"))
+    print("fdbhook minus unmanaged, gap-paused, 95%% bootstrap interval (%d resamples): %s" % (
+        RESAMPLES, ", ".join("%s [%s, %s] ms" % (p, ci[0], ci[1]) for p, ci in result["target"]["diff_ci95_ms"].items()
+                             if ci is not None)))
 
 
 def main():
@@ -214,7 +262,17 @@ def main():
     parser.add_argument("--no-standalone", action="store_true",
                         help="skip the second half (the managed guest migrated without fdbhookd on either host)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--pool", nargs="+", metavar="JSON",
+                        help="no migrations: pool the rows of these runs' JSON files and print their table")
     args = parser.parse_args()
+    if args.pool:
+        result = pool(args.pool)
+        print_table(result)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "migration-pooled-latest.json"), "w") as handle:
+            json.dump(result, handle, indent=2, sort_keys=True)
+        print("JSON: %s" % os.path.join(args.out, "migration-pooled-latest.json"))
+        return 0
     if os.geteuid() != 0:
         print("bench/migration.py: needs root (namespaces, libvirtd)", file=sys.stderr)
         return 2

@@ -1010,12 +1010,12 @@ class Daemon:
                 self._update_frame_sockets(frames, socks, poller)
                 self._arm_watched(frames, armed, tried, kernel)
                 ready = [fd for fd, _ in poller.poll(1000 if socks else 30000)]
-                arrived_at = time.monotonic()
+                arrived_at, woke = time.monotonic(), time.time()
                 if any(fd != wake[0] for fd in ready):
                     # A frame: hold the pause lock before anything else (no syscall, no GIL hand-over
                     # in between), so a RESUMED job that libvirt delivers meanwhile waits and finds it done.
                     with self._pause_lock:
-                        self._frames_arrived(frames, socks, poller, ready, kernel, arrived_at, armed)
+                        self._frames_arrived(frames, socks, poller, ready, kernel, (arrived_at, woke), armed)
                 if wake[0] in ready:
                     _drain_pipe(wake[0])
         finally:
@@ -1059,8 +1059,9 @@ class Daemon:
         except (FdbhookError, OSError) as exc:  # the next recovery drops it (no longer armed)
             LOG.warning("%s/%s: dropping its planned resume: %s", item.driver, item.name, exc)
 
-    def _frames_arrived(self, frames, socks, poller, fds, kernel, arrived_at, armed=None):
-        """Sockets ``fds`` are readable: a guest's first frame (its domain's entries in), or a port gone."""
+    def _frames_arrived(self, frames, socks, poller, fds, kernel, woken, armed=None):
+        """Sockets ``fds`` are readable: a guest's first frame (its domain's entries in), or a port gone.
+        ``woken``: (monotonic, wall-clock) times the poll returned."""
         by_fd = {sock.fileno(): sock for sock in socks.values()}
         for fd in fds:
             sock = by_fd.get(fd)
@@ -1079,7 +1080,8 @@ class Daemon:
             for closed in done:
                 poller.unregister(closed)
             if watch is not None:
-                self._first_frame(kernel, watch, arrived_at, (armed or {}).pop((watch.driver, watch.name), None))
+                self._first_frame(kernel, watch, _received(woken, sock.received),
+                                  (armed or {}).pop((watch.driver, watch.name), None))
             for closed in done:  # only now: closing a packet socket waits for an RCU grace period (ms)
                 closed.close()
 
@@ -1109,10 +1111,11 @@ class Daemon:
             poller.unregister(sock)
             sock.close()
 
-    def _first_frame(self, kernel, watch, arrived_at=None, armed=None):
+    def _first_frame(self, kernel, watch, arrived=None, armed=None):
         """The incoming guest sent its first frame on ``watch.port``: its entries in, as RESUMED does (the
-        plan ``armed`` ahead if it still holds: only the kernel writes are left)."""
-        arrived_at = time.monotonic() if arrived_at is None else arrived_at
+        plan ``armed`` ahead if it still holds: only the kernel writes are left). ``arrived``: (monotonic
+        time the port received the frame, ms from then until the poll returned)."""
+        arrived_at, woke_ms = (time.monotonic(), 0.0) if arrived is None else arrived
         with self._pause_lock:  # a RESUMED (or SUSPENDED after it) already handled: nothing left to do
             report, marks = None, {}
             if armed is not None:
@@ -1125,9 +1128,9 @@ class Daemon:
                     LOG.warning("%s/%s: first frame on %s: %s", watch.driver, watch.name, watch.port, exc)
                     return
             if report is not None:
-                LOG.debug("%s/%s: first frame: store lock after %.2f ms, checked after %.2f ms, kernel written "
-                          "after %.2f ms", watch.driver, watch.name, *((marks[k] - arrived_at) * 1000
-                                                                       for k in ("locked", "checked", "written")))
+                LOG.debug("%s/%s: first frame: woken after %.2f ms, store lock after %.2f ms, checked after %.2f "
+                          "ms, kernel written after %.2f ms", watch.driver, watch.name, woke_ms,
+                          *((marks[k] - arrived_at) * 1000 for k in ("locked", "checked", "written")))
                 self._first_frame_done(armed.store, watch, arrived_at, report, "planned ahead, kernel written "
                                        "after %.1f ms" % ((marks["written"] - arrived_at) * 1000))
                 return
@@ -1164,6 +1167,16 @@ class Daemon:
             self.put(Resync())
             for uri in list(self.watchers):
                 self.put(Sync(uri))
+
+
+def _received(woken, received):
+    """(monotonic time a frame reached its port, ms from then until the poll returned) from the poll's
+    (monotonic, wall-clock) times and the kernel's timestamp of the frame (wall clock; None: not given).
+    A stamp not within a second before the wake-up (no stamp, the clock stepped) counts as the wake-up."""
+    mono, wall = woken
+    lag = wall - received if received is not None else -1.0
+    lag = lag if 0.0 <= lag < 1.0 else 0.0
+    return mono - lag, lag * 1000
 
 
 def _drain_pipe(fd):

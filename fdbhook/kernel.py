@@ -734,6 +734,7 @@ class FrameSocket:
     """
 
     SO_ATTACH_FILTER, SOL_PACKET, PACKET_IGNORE_OUTGOING, ETH_P_ALL = 26, 263, 23, 0x0003
+    SO_TIMESTAMPNS = 35  # asm-generic/socket.h (SO_TIMESTAMPNS_OLD; its cmsg is a struct timespec)
 
     @staticmethod
     def unavailable():
@@ -752,6 +753,7 @@ class FrameSocket:
         import socket
 
         self.ifindex = ifindex
+        self.received = None  # wall-clock time the kernel received the first frame the last drain() read
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *ins) for ins in program))
@@ -762,6 +764,7 @@ class FrameSocket:
             except OSError:
                 pass
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            self._sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
             # struct sockaddr_ll by ifindex (Python's own bind takes a name, which may be renamed meanwhile)
             addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(self.ETH_P_ALL), ifindex, 0, 0, 0, b"")
             libc = ctypes.CDLL(None, use_errno=True)
@@ -777,14 +780,30 @@ class FrameSocket:
         return self._sock.fileno()
 
     def drain(self):
-        """How many accepted frames were waiting (0: none). OSError once the port is gone."""
-        count = 0
+        """How many accepted frames were waiting (0: none). OSError once the port is gone.
+
+        ``received`` is then when the kernel received the first of them (its
+        timestamp, wall clock), None if none came.
+        """
+        count, self.received = 0, None
         while True:
             try:
-                self._sock.recv(128)
+                _, ancillary, _, _ = self._sock.recvmsg(128, 64)
             except BlockingIOError:
                 return count
+            if count == 0:
+                self.received = self._timestamp(ancillary)
             count += 1
+
+    @classmethod
+    def _timestamp(cls, ancillary):
+        import socket
+
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == cls.SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack("=qq", data[:16])
+                return sec + nsec / 1e9
+        return None
 
     def close(self):
         self._sock.close()

@@ -2,6 +2,7 @@
 
 import select
 import socket
+import time
 
 import pytest
 
@@ -44,9 +45,11 @@ def test_only_a_frame_the_guest_sends_from_a_known_mac_wakes_the_socket(lab):
         assert packet_sockets(lab, ifindex) == 1
         guest.send(frame(OTHER))  # another source MAC on the guest's port
         wire.send(frame(MAC))  # the guest's MAC, flooded by the bridge TO the tap (the source still runs it)
-        assert not readable(sock, 0.5) and sock.drain() == 0
+        assert not readable(sock, 0.5) and sock.drain() == 0 and sock.received is None
+        sent = time.time()
         guest.send(frame("52:54:00:00:00:0a", dst="02:00:00:00:00:09"))
         assert readable(sock, 10) and sock.drain() == 1
+        assert sent - 0.01 <= sock.received <= time.time()  # the kernel's stamp of its arrival
         guest.send(frame(MAC))
         assert readable(sock, 10) and sock.drain() == 1
         lab.ip("link", "del", "vnet0")  # the port vanishes (an aborted migration): an error, not a frame

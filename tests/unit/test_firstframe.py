@@ -137,3 +137,10 @@ def test_a_frame_after_resumed_and_suspended_changes_nothing(tmp_path, monkeypat
     d.run_job(k, D.Pause("qemu", "t1", True))
     d._first_frame(k, watch)  # a frame the poll loop saw before RESUMED, handled late
     assert k.fdb_get(MAC, 10) is None and store.load("qemu", "t1").paused and d.first_frames == 0
+
+
+def test_the_frames_window_starts_when_the_port_received_it_not_when_fdbhookd_woke():
+    at, woke_ms = D._received((100.0, 5000.0), 4999.997)  # stamped 3 ms before the poll returned
+    assert abs(at - 99.997) < 1e-9 and abs(woke_ms - 3.0) < 1e-6
+    for stamp in (None, 5000.5, 4990.0):  # no stamp, one after the wake-up, one a clock step away
+        assert D._received((100.0, 5000.0), stamp) == (100.0, 0.0)
