@@ -138,7 +138,7 @@ def stats(rows, key):
             "n": len(values)}
 
 
-def run(migrations, interval, standalone):
+def run(migrations, interval, standalone, logs=None):
     from tests import guestos
 
     guestos.image()
@@ -175,6 +175,11 @@ def run(migrations, interval, standalone):
                       i // 2 + 1, label, src.name, dst.name, row.get("gap_ms"), row.get("paused_ms"),
                       row.get("resume_to_answered_ms"), row.get("lost"), row.get("stale_after_resume"),
                       row.get("handover_ms"), row.get("dst_entry_after_resumed_ms"), row.get("entry_by")), flush=True)
+        if logs:  # the lab's logs go with it
+            os.makedirs(logs, exist_ok=True)
+            for host in lab.hosts:
+                with open(os.path.join(logs, "fdbhookd-%s.log" % host.name), "w") as handle:
+                    handle.write(host.tail("fdbhookd.log", 10 ** 9))
     return summarize({"machine": machine(), "interval_ms": interval * 1000, "migrations_per_mode": migrations,
                       "rows": rows}, ("fdbhook", "unmanaged") + (("standalone",) if standalone else ()))
 
@@ -262,6 +267,7 @@ def main():
     parser.add_argument("--no-standalone", action="store_true",
                         help="skip the second half (the managed guest migrated without fdbhookd on either host)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--logs", metavar="DIR", help="keep each host's fdbhookd log there")
     parser.add_argument("--pool", nargs="+", metavar="JSON",
                         help="no migrations: pool the rows of these runs' JSON files and print their table")
     args = parser.parse_args()
@@ -276,7 +282,7 @@ def main():
     if os.geteuid() != 0:
         print("bench/migration.py: needs root (namespaces, libvirtd)", file=sys.stderr)
         return 2
-    result = run(args.migrations, args.interval, not args.no_standalone)
+    result = run(args.migrations, args.interval, not args.no_standalone, args.logs)
     print_table(result)
     os.makedirs(args.out, exist_ok=True)
     for name in ("migration-latest.json", "migration-%s.json" % time.strftime("%Y%m%d-%H%M%S")):
