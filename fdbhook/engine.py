@@ -11,6 +11,7 @@ NIC undoes the whole run; a failed record save undoes it too.
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
@@ -956,6 +957,7 @@ class Armed:
     planned: tuple
     results: tuple
     store: object  # the Store it was written to
+    lock_fd: int  # its lock file, open until fired or disarmed (Store.lock(fd): one flock at the frame)
 
 
 def arm_record(driver, name, kernel, store):
@@ -969,7 +971,19 @@ def arm_record(driver, name, kernel, store):
     Returns None when there is nothing to arm (no paused record, nothing to
     write, a NIC that cannot be planned). StateError: nothing armed.
     """
-    with store.lock():
+    lock_fd = store.lock_file()
+    try:
+        item = _arm(driver, name, kernel, store, lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    if item is None:
+        os.close(lock_fd)
+    return item
+
+
+def _arm(driver, name, kernel, store, lock_fd):
+    with store.lock(lock_fd):
         _recover(kernel, store, driver, name)
         kernel.forget()
         record = store.load(driver, name)
@@ -987,7 +1001,7 @@ def arm_record(driver, name, kernel, store):
             txn.disarmed(token)
             raise
         return Armed(driver, name, token, store.stamp(driver, name), record, new_record, tuple(planned),
-                     tuple(results), store)
+                     tuple(results), store, lock_fd)
 
 
 def fire_armed(armed, kernel, marks=None):
@@ -998,7 +1012,7 @@ def fire_armed(armed, kernel, marks=None):
     store = armed.store
     marks = {} if marks is None else marks
     try:
-        with store.lock():
+        with store.lock(armed.lock_fd):
             marks["locked"] = time.monotonic()
             stamp = store.stamp(armed.driver, armed.name)
             marks["checked"] = time.monotonic()
@@ -1015,6 +1029,7 @@ def fire_armed(armed, kernel, marks=None):
             _commit(kernel, tx, armed.new_record, executed)
     finally:
         txn.disarmed(armed.token)
+        os.close(armed.lock_fd)
     return _reapply_report(armed.driver, armed.name, results, armed.new_record)
 
 
@@ -1024,11 +1039,12 @@ def disarm(armed):
     (no longer alive) drops it."""
     store = armed.store
     try:
-        with store.lock():
+        with store.lock(armed.lock_fd):
             if store.stamp(armed.driver, armed.name)[0] == armed.stamp[0]:  # still the intent written
                 store.remove_intent(armed.driver, armed.name)
     finally:
         txn.disarmed(armed.token)
+        os.close(armed.lock_fd)
 
 
 def resync(kernel, store, config):

@@ -281,19 +281,36 @@ class Store:
     def _ensure(self):
         _ensure_dir(self.domain_dir)
 
-    @contextmanager
-    def lock(self):
-        """Hold the store's exclusive lock (blocks until it is free)."""
+    def lock_file(self):
+        """An fd of the store's lock file (its directory walked and checked), for ``lock(fd)``; the caller
+        closes it. StateError if it cannot be opened."""
         self._ensure()
         path = os.path.join(self.state_dir, "lock")
         try:
             dir_fd = safefile.open_dir(self.state_dir)
             try:
-                fd = safefile.open_at(dir_fd, "lock", os.O_RDWR | os.O_CREAT, 0o600)
+                return safefile.open_at(dir_fd, "lock", os.O_RDWR | os.O_CREAT, 0o600)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
             raise StateError(path=path, reason=_why(exc)) from None
+
+    @contextmanager
+    def lock(self, fd=None):
+        """Hold the store's exclusive lock (blocks until it is free).
+
+        ``fd``: the lock file opened ahead (``lock_file``), which stays open:
+        one flock, not the ~25 syscalls of walking and checking the path
+        (fdbhookd's first-frame path, where each hands the GIL over).
+        """
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+        fd = self.lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self

@@ -131,6 +131,12 @@ def test_hardening_leaves_only_net_admin_net_raw_and_unix_netlink_packet(box):
     # what those two are for beside netlink: the first-frame watch of incoming migrations can open its sockets
     status = json.loads(box.sh("fdbhook status --json").stdout)
     assert status["daemon"]["answering"] and status["daemon"]["first_frames_unavailable"] == ""
+    # realtime for one thread only: the first-frame watch at SCHED_FIFO 1, allowed by RLIMIT_RTPRIO 1 alone
+    props = _show(box, "fdbhookd", "LimitRTPRIO", "RestrictRealtime", "MainPID")
+    assert props["LimitRTPRIO"] == "1" and props["RestrictRealtime"] == "no"
+    policies = [box.sh("cat %s" % stat, check=False).stdout.rsplit(")", 1)[-1].split()[37:39]
+                for stat in box.sh("ls /proc/%s/task/*/stat" % props["MainPID"]).stdout.split()]
+    assert policies.count(["1", "1"]) == 1, policies  # (rt_priority, policy SCHED_FIFO): one thread
 
 
 def test_libvirtd_and_the_modular_daemons_start_after_fdbhookd(box):

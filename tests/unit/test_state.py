@@ -1,5 +1,8 @@
+import fcntl
 import multiprocessing
 import os
+
+import pytest
 
 from fdbhook.model import DomainRecord, NicRecord
 from fdbhook.state import Store
@@ -46,6 +49,24 @@ def _bump(path, n):
             current = store.load("qemu", "counter")
             count = len(current.nics) if current else 0
             store.save(rec("counter", count + 1))
+
+
+def test_a_lock_file_opened_ahead_locks_the_same_file_and_stays_open(tmp_path):
+    store = Store(str(tmp_path))
+    fd = store.lock_file()
+    try:
+        other = os.open(os.path.join(store.state_dir, "lock"), os.O_RDWR)
+        try:
+            with store.lock(fd):
+                with pytest.raises(BlockingIOError):  # anyone else's lock waits meanwhile
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the block
+            fcntl.flock(other, fcntl.LOCK_UN)
+        finally:
+            os.close(other)
+        os.fstat(fd)  # still open: the caller closes it
+    finally:
+        os.close(fd)
 
 
 def test_lock_serialises_read_modify_write(tmp_path):
