@@ -1,5 +1,8 @@
 """An incoming guest's first frame on its new port puts its entries in (fdbhook.firstframe, fdbhookd's use of it)."""
 
+import os
+import time
+
 from fdbhook import daemon as D
 from fdbhook.firstframe import PACKET_OUTGOING, FirstFrames, Watch, bpf_program, wanted
 from fdbhook.model import DomainRecord, NicRecord
@@ -144,3 +147,24 @@ def test_the_frames_window_starts_when_the_port_received_it_not_when_fdbhookd_wo
     assert abs(at - 99.997) < 1e-9 and abs(woke_ms - 3.0) < 1e-6
     for stamp in (None, 5000.5, 4990.0):  # no stamp, one after the wake-up, one a clock step away
         assert D._received((100.0, 5000.0), stamp) == (100.0, 0.0)
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_armed_resume_holds_its_lock_file_until_fired_or_disarmed(tmp_path, monkeypatch, caplog):
+    from fdbhook import engine
+
+    d, k, store = _incoming(tmp_path, monkeypatch)
+    before = _open_fds()
+    armed = engine.arm_record("qemu", "t1", k, store)
+    assert armed is not None and _open_fds() == before + 1
+    engine.disarm(armed)  # the frame will not come: the intent goes, the file closes
+    assert _open_fds() == before and store.stamp("qemu", "t1")[0] is None
+    armed = engine.arm_record("qemu", "t1", k, store)
+    caplog.set_level("DEBUG")
+    d._first_frame(k, d._frames_want[11], (time.monotonic(), 0.1), armed)  # planned ahead: the writes alone
+    assert k.fdb_get(MAC, 10).ifindex == 11 and not store.load("qemu", "t1").paused and _open_fds() == before
+    assert "first frame: woken after 0.10 ms, store lock after " in caplog.text
+    assert engine.arm_record("qemu", "t1", k, store) is None and _open_fds() == before  # nothing left to arm
