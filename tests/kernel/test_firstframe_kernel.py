@@ -1,5 +1,6 @@
 """An incoming guest's first frame on its port, on real taps: fdbhook.kernel.FrameSocket and fdbhookd's use of it."""
 
+import os
 import select
 import socket
 import time
@@ -88,6 +89,12 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
     # the resume was planned and its intent written before the frame: only the kernel write was left
     assert "entries in before RESUMED" in log(denv) and "; planned ahead, kernel written after " in log(denv), log(denv)
     assert "interrupted operation" not in log(denv)
+    # the watch thread, and it alone, at SCHED_FIFO 1 (root here: CAP_SYS_NICE; under the unit RLIMIT_RTPRIO 1)
+    policies = []
+    for task in os.listdir("/proc/%d/task" % daemon.pid):
+        with open("/proc/%d/task/%s/stat" % (daemon.pid, task)) as handle:
+            policies.append(handle.read().rsplit(")", 1)[-1].split()[37:39])  # rt_priority, policy
+    assert policies.count(["1", "1"]) == 1 and all(p in (["0", "0"], ["1", "1"]) for p in policies), policies
 
 
 def incoming_guest(lab, denv):

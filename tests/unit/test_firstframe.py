@@ -168,3 +168,24 @@ def test_an_armed_resume_holds_its_lock_file_until_fired_or_disarmed(tmp_path, m
     assert k.fdb_get(MAC, 10).ifindex == 11 and not store.load("qemu", "t1").paused and _open_fds() == before
     assert "first frame: woken after 0.10 ms, store lock after " in caplog.text
     assert engine.arm_record("qemu", "t1", k, store) is None and _open_fds() == before  # nothing left to arm
+
+
+def test_the_watch_thread_asks_for_sched_fifo_1_and_stays_at_the_nice_when_refused():
+    import subprocess
+    import sys
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    code = ("import os, threading\nfrom fdbhook.daemon import _realtime\n"
+            "def run():\n    print(_realtime('frames'), os.sched_getscheduler(0) == os.SCHED_FIFO)\n"
+            "t = threading.Thread(target=run); t.start(); t.join()\n"
+            "print(os.sched_getscheduler(0) == os.SCHED_OTHER)")  # the thread alone, never the process
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True", "True"], out
+    # without CAP_SYS_NICE and with RLIMIT_RTPRIO 0 (a unit that could not be given LimitRTPRIO=1): refused
+    out = subprocess.run(["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "prlimit", "--rtprio=0",
+                          sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False", "True"], out
