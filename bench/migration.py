@@ -187,9 +187,9 @@ def run(migrations, interval, standalone, logs=None):
 def summarize(result, modes):
     """Add each mode's figures and the target to ``result`` (which has its "rows"); returns it."""
     rows = result["rows"]
-    result["modes"] = {}
+    result["modes"], kept = {}, {}
     for mode in modes:
-        mine = [r for r in rows if r["mode"] == mode and not r.get("guest_hung")]
+        mine = kept[mode] = [r for r in rows if r["mode"] == mode and not r.get("guest_hung")]
         result.setdefault("guest_hung", {})[mode] = sum(1 for r in rows if r["mode"] == mode and r.get("guest_hung"))
         result["modes"][mode] = {key: stats(mine, key) for key in
                                  ("gap_ms", "paused_ms", "over_pause_ms", "resume_to_answered_ms", "lost",
@@ -199,8 +199,8 @@ def summarize(result, modes):
         result["modes"][mode]["entry_by"] = {by: sum(1 for r in mine if r.get("entry_by") == by)
                                              for by in ("first frame", "resumed")}
     f, u = result["modes"]["fdbhook"]["over_pause_ms"], result["modes"]["unmanaged"]["over_pause_ms"]
-    values = {mode: [r["over_pause_ms"] for r in rows if r["mode"] == mode and not r.get("guest_hung")
-                     and r.get("over_pause_ms") is not None] for mode in ("fdbhook", "unmanaged")}
+    values = {mode: [r["over_pause_ms"] for r in kept[mode] if r.get("over_pause_ms") is not None]
+              for mode in ("fdbhook", "unmanaged")}
     result["target"] = {"what": TARGET, "met": f["p50"] is not None and u["p50"] is not None
                         and f["p50"] <= u["p50"] and f["p99"] <= u["p99"],
                         "diff_ci95_ms": {"p%d" % p: bootstrap_diff(values["fdbhook"], values["unmanaged"], p)

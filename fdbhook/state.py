@@ -303,19 +303,16 @@ class Store:
         one flock, not the ~25 syscalls of walking and checking the path
         (fdbhookd's first-frame path, where each hands the GIL over).
         """
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield self
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            return
-        fd = self.lock_file()
+        own = fd is None
+        fd = self.lock_file() if own else fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)  # closing releases the lock
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def clean_temp_files(self):
         """Remove the temp files of writes a kill interrupted. Call with the lock held."""
