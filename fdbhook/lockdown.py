@@ -10,7 +10,9 @@ kernel state, so it is a transaction of its own:
 
 1. the port's original state (learning, flood) goes durably into a *pending*
    record, ``STATE/pending/IFINDEX.json``, with the bound it may stay locked
-   (``until``), why it was locked and the predicted entry (``entries``);
+   (``until``), why it was locked and the predicted entry (``entries``),
+   after a second copy (``STATE/pending.prev/``) that takes its place if the
+   record is found damaged later, as a domain record's does;
 2. one netlink send: learning and flood off, the port's learned entries
    flushed; then one more: the predicted entry (if the kernel refuses it,
    all is undone like any refusal).
@@ -181,12 +183,10 @@ def originals(store):
     """{ifindex: (port, learning, flood, predicted keys)} of every pending port: the apply's state-before for
     those ports, and the entries it must take out unless the NIC wants them."""
     out = {}
-    for ifindex, data in store.pending():
-        try:
-            port, _, learning, flood, _, keys = parse_pending(ifindex, data or {})
-        except ValueError:
-            continue
-        out[ifindex] = (port, learning, flood, keys)
+    for ifindex, data in store.pending(parse_pending):
+        if data is not None:
+            port, _, learning, flood, _, keys = parse_pending(ifindex, data)
+            out[ifindex] = (port, learning, flood, keys)
     return out
 
 
@@ -222,20 +222,20 @@ def settle(kernel, store, now=None, only=None, everything=False):
     Errors are logged and leave the pending record for the next run.
     """
     now = time.time() if now is None else now
-    entries = [(i, d) for i, d in store.pending() if only is None or i in only]
+    entries = [(i, d) for i, d in store.pending(parse_pending) if only is None or i in only]
     if not entries:
         return {}
     held = {(nic.ifindex, nic.port): "%s/%s" % (r.driver, r.domain) for r in store.all() for nic in r.nics}
     done = {}
     for ifindex, data in entries:
         try:
-            try:
-                port, bridge_ifindex, learning, flood, until, keys = parse_pending(ifindex, data or {})
-            except ValueError as exc:
-                LOG.error("%s: %s; removed, the port is not touched", store.pending_path(ifindex), exc)
+            if data is None:  # both copies bad, the record quarantined (store.pending logged it)
+                LOG.error("pending port %d: its record is bad and has no good second copy: the port is not "
+                          "touched (its state before the lock-down is unknown)", ifindex)
                 store.remove_pending(ifindex)
-                done[ifindex] = "bad record removed"
+                done[ifindex] = "bad record quarantined"
                 continue
+            port, bridge_ifindex, learning, flood, until, keys = parse_pending(ifindex, data)
             owner = held.get((ifindex, port))
             if owner:
                 store.remove_pending(ifindex)
@@ -281,12 +281,11 @@ def describe(store, now=None):
     predicted}]."""
     now = time.time() if now is None else now
     out = []
-    for ifindex, data in store.pending():
-        try:
-            port, _, learning, flood, until, keys = parse_pending(ifindex, data or {})
-        except ValueError as exc:
-            out.append({"ifindex": ifindex, "port": None, "why": str(exc)})
+    for ifindex, data in store.pending(parse_pending):
+        if data is None:
+            out.append({"ifindex": ifindex, "port": None, "why": "bad record, no good second copy (quarantined)"})
             continue
+        port, _, learning, flood, until, keys = parse_pending(ifindex, data)
         out.append({"port": port, "ifindex": ifindex, "bridge": data.get("bridge"), "why": data.get("why"),
                     "since": data.get("since"), "until": until, "left_s": round(max(0.0, until - now), 1),
                     "learning": learning, "flood": flood,

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from contextlib import contextmanager
 
@@ -32,6 +33,7 @@ LOG = logging.getLogger(__name__)
 FORMAT = 1
 QUARANTINE = ".quarantine"
 PREV = "domains.prev"  # beside domains/, whose listing stays one file per record
+PENDING_PREV = "pending.prev"
 TMP_PREFIX = ".tmp-"
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record of 1,000 NICs is ~0.5 MB
 
@@ -181,6 +183,23 @@ def _atomic_write(path, data, durable=True):
         faults.file_done()
 
 
+def _pending_json(path, ifindex, check):
+    """A pending record file's JSON object; BadRecord if it is not one (``check`` raising ValueError too)."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_RECORD_BYTES + 1)
+    try:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ValueError("over %d bytes" % MAX_RECORD_BYTES)
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if check is not None:
+            check(ifindex, data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRecord(str(exc) or type(exc).__name__) from None
+    return data
+
+
 def _why(exc):
     return exc.reason if isinstance(exc, safefile.UnsafePath) else (exc.strerror or str(exc))
 
@@ -318,7 +337,8 @@ class Store:
         """Remove the temp files of writes a kill interrupted. Call with the lock held."""
         removed = sum(clean_temp_files(d) for d in (self.state_dir, self.domain_dir, self.prev_dir,
                                                      self.intent_dir(), os.path.join(self.state_dir, "bridges"),
-                                                     self.pending_dir()))
+                                                     self.pending_dir(),
+                                                     os.path.join(self.state_dir, PENDING_PREV)))
         if removed:
             LOG.info("state: removed %d temp file(s) of interrupted writes", removed)
         return removed
@@ -397,17 +417,18 @@ class Store:
             LOG.error("%s (the second copy %s is used)", exc, prev)
         return record
 
-    def quarantine(self, path, reason):
-        """Rename a bad file aside (logged once: it is gone from where it was read)."""
-        target = os.path.join(self.quarantine_dir, "%s.%s" % (os.path.basename(path),
-                                                             time.strftime("%Y%m%dT%H%M%S")))
+    def quarantine(self, path, reason, keep=False, prefix=""):
+        """Rename a bad file aside (logged once: it is gone from where it was read). ``keep``: link it aside
+        instead, for a caller that replaces it in one rename (a path that must never be missing)."""
+        target = os.path.join(self.quarantine_dir, "%s%s.%s" % (prefix, os.path.basename(path),
+                                                               time.strftime("%Y%m%dT%H%M%S")))
         try:
             safefile.ensure_dir(self.quarantine_dir, 0o700)
             n = 0
             while os.path.exists(target + ("" if not n else ".%d" % n)):
                 n += 1
             target += "" if not n else ".%d" % n
-            os.rename(path, target)
+            (os.link if keep else os.rename)(path, target)
         except OSError as exc:
             LOG.error("state %s: bad record (%s); cannot quarantine it: %s", path, reason, exc.strerror or exc)
             return None
@@ -527,15 +548,41 @@ class Store:
     def has_pending_port(self, ifindex):
         return os.path.exists(self.pending_path(ifindex))
 
+    def pending_prev_path(self, ifindex):
+        return os.path.join(self.state_dir, PENDING_PREV, "%d.json" % int(ifindex))
+
     def save_pending(self, ifindex, data):
+        """Write a pending record, its second copy first (not synced, as a domain record's: it is for a
+        record damaged later; a kill between the two leaves a copy no record names, overwritten by the next
+        save for that ifindex)."""
+        raw = json.dumps(data, sort_keys=True).encode()
         _ensure_dir(self.pending_dir())
-        _atomic_write(self.pending_path(ifindex), json.dumps(data, sort_keys=True).encode())
+        _ensure_dir(os.path.dirname(self.pending_prev_path(ifindex)))
+        _atomic_write(self.pending_prev_path(ifindex), raw, durable=False)
+        try:
+            _atomic_write(self.pending_path(ifindex), raw)
+        except StateError:
+            try:
+                os.unlink(self.pending_prev_path(ifindex))
+            except OSError:
+                pass
+            raise
 
     def remove_pending(self, ifindex):
+        """Remove a pending record, its second copy first (a kill between the two leaves the record whole,
+        without a copy; the other order could leave a copy no record names)."""
+        _unlink(self.pending_prev_path(ifindex))
         _unlink(self.pending_path(ifindex))
 
-    def pending(self):
-        """[(ifindex, parsed JSON or None if unreadable)] of every pending port, by ifindex. Never raises."""
+    def pending(self, check=None):
+        """[(ifindex, JSON object or None)] of every pending port, by ifindex. Never raises.
+
+        ``check(ifindex, data)`` raises ValueError for data that is not a
+        pending record (fdbhook.lockdown.parse_pending). A file that does not
+        parse or fails it is quarantined and its second copy takes its place
+        in one rename (the record's path is never missing meanwhile); None
+        only when both are bad (the port's state before is then unknown).
+        """
         try:
             names = os.listdir(self.pending_dir())
         except OSError:
@@ -546,12 +593,50 @@ class Store:
             if not name.endswith(".json") or not stem.isdigit():
                 continue
             try:
-                with open(os.path.join(self.pending_dir(), name), "rb") as handle:
-                    data = json.loads(handle.read(MAX_RECORD_BYTES).decode("utf-8"))
-            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-                data = None
-            out.append((int(stem), data if isinstance(data, dict) else None))
+                out.append((int(stem), self._pending_data(int(stem), check)))
+            except FileNotFoundError:  # removed since the listing: settled meanwhile
+                continue
         return out
+
+    def _pending_data(self, ifindex, check, again=True):
+        path = self.pending_path(ifindex)
+        st = None
+        try:
+            st = os.stat(path)
+            return _pending_json(path, ifindex, check)
+        except BadRecord as exc:
+            reason = str(exc)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        try:
+            replaced = st is None or os.stat(path).st_ino != st.st_ino
+        except FileNotFoundError:
+            raise
+        except OSError:
+            replaced = True
+        if replaced and again:  # a writer replaced it since it was read: read the new one
+            return self._pending_data(ifindex, check, again=False)
+        prev = self.pending_prev_path(ifindex)
+        try:
+            data = _pending_json(prev, ifindex, check)
+        except (OSError, BadRecord) as exc:
+            self.quarantine(path, reason, prefix="pending-")
+            if isinstance(exc, BadRecord):
+                self.quarantine(prev, "second copy: %s" % exc, prefix="pending-")
+            LOG.error("state %s: no good second copy (%s): the port's state before its lock-down is unknown; "
+                      "the port is left as it is", path, exc.strerror if isinstance(exc, OSError) else exc)
+            return None
+        keep = st is None or not stat.S_ISDIR(st.st_mode)  # a directory cannot be linked aside: moved
+        if self.quarantine(path, reason, keep=keep, prefix="pending-") is not None:
+            try:
+                os.rename(prev, path)
+                LOG.warning("state %s: restored from its second copy %s", path, prev)
+            except OSError as exc:  # still usable from the copy this time
+                LOG.error("state %s: cannot put its second copy back: %s (the copy is used)", path,
+                          exc.strerror or exc)
+        return data
 
     def has_pending(self):
         return _has_json(self.pending_dir())

@@ -72,6 +72,12 @@ def pending(env):
     return out
 
 
+def pending_file(env, port):
+    directory = os.path.join(env["FDBHOOK_STATE_DIR"], "pending")
+    (name,) = [n for n in os.listdir(directory) if n.endswith(".json") and port in read(os.path.join(directory, n))]
+    return os.path.join(directory, name)
+
+
 def statics(lab, port):
     return sorted(e["mac"] for e in lab.fdb(dev=port) if e.get("state") == "static")
 
@@ -227,14 +233,30 @@ def test_a_stop_with_a_read_only_or_full_state_dir_or_a_corrupted_record_leaves_
             if name.startswith("filler"):
                 os.unlink(os.path.join(state, name))
 
-        # a corrupted pending record: the record goes, its port is not touched (its state before is unknown)
+        # a corrupted pending record: quarantined, its second copy puts the port back as it was
         proc = lock_down("vnet3", "fe:54:00:00:00:03")
-        (path,) = [os.path.join(state, "pending", n) for n in os.listdir(os.path.join(state, "pending"))
-                   if n.endswith(".json")]
+        path = pending_file(env, "vnet3")
         with open(path, "w") as handle:
             handle.write('{"format": 1, "port": ')
         stop(proc)
+        assert proc.returncode == 0 and pending(env) == {}
+        assert flags(lab, "vnet3") == (True, True) and statics(lab, "vnet3") == []
+        assert "restored from its second copy" in read(env["FDBHOOK_LOG"])
+        quarantined = os.listdir(os.path.join(state, "domains", ".quarantine"))
+        assert [n.startswith("pending-" + os.path.basename(path)) for n in quarantined] == [True]
+
+        # the record and its copy both corrupted: quarantined, the port is not touched (its state before is
+        # unknown)
+        proc = lock_down("vnet4", "fe:54:00:00:00:04")
+        path = pending_file(env, "vnet4")
+        for victim in (path, os.path.join(state, "pending.prev", os.path.basename(path))):
+            with open(victim, "w") as handle:
+                handle.write("[]")
+        stop(proc)
         assert proc.returncode == 0 and not os.path.exists(path)
-        assert flags(lab, "vnet3") == (False, False) and statics(lab, "vnet3") == ["52:54:00:00:00:03"]
+        assert flags(lab, "vnet4") == (False, False) and statics(lab, "vnet4") == ["52:54:00:00:00:04"]
+        assert "no good second copy (not a JSON object): the port's state before its lock-down is unknown" \
+            in read(env["FDBHOOK_LOG"])
+        assert not os.listdir(os.path.join(state, "pending.prev"))
     finally:
         subprocess.run(["umount", state], check=True)

@@ -1,6 +1,8 @@
 """Lock-down at the join (fdbhook.joined.decide_lockdown, fdbhook.lockdown): the pure decision, the pending
 record, and its settling, with a fake kernel adapter."""
 
+import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -109,9 +111,67 @@ def test_settle_drops_the_record_of_a_port_that_is_gone_and_a_malformed_one(tmp_
     lockdown.lock_down(kernel, store, config, kernel.by_name("vnet1"), "br0", 10)
     kernel.remove_link("vnet1")
     assert lockdown.settle(kernel, store, everything=True, only={12}) == {12: "gone"}
-    store.save_pending(99, {"format": 1})  # a bad file: removed, nothing touched
-    assert lockdown.settle(kernel, store, only={99}) == {99: "bad record removed"}
+    store.save_pending(99, {"format": 1})  # a bad record, its copy as bad: quarantined, nothing touched
+    assert lockdown.settle(kernel, store, only={99}) == {99: "bad record quarantined"}
     assert [i for i, _ in store.pending()] == [11]
+    assert [os.path.basename(q).split(".")[0] for q in store.quarantined()] == ["pending-99", "pending-99"]
+    assert not os.path.exists(store.pending_prev_path(99))
+
+
+@pytest.mark.parametrize("damage", [b"", b"{\"format\": 1, \"ifi", b"[]", b"\xff\xfe", "directory"])
+def test_a_damaged_pending_record_is_quarantined_and_its_second_copy_puts_the_port_back_as_it_was(tmp_path,
+                                                                                                  damage):
+    kernel, config, store = fake_host(tmp_path)
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10, now=1000.0)
+    path = store.pending_path(11)
+    with open(store.pending_prev_path(11)) as handle:
+        assert json.load(handle) == store.pending()[0][1]  # the second copy is the record
+    os.unlink(path)
+    if damage == "directory":
+        os.mkdir(path)
+    else:
+        with open(path, "wb") as handle:
+            handle.write(damage)
+    assert lockdown.settle(kernel, store, now=1031.0) == {11: "restored"}
+    link = kernel.by_name("vnet0")
+    assert (link.learning, link.flood) == (True, False)  # the original state, from the copy
+    assert store.pending() == [] and not os.path.exists(store.pending_prev_path(11))
+    assert [os.path.basename(q).split(".")[0] for q in store.quarantined()] == ["pending-11"]
+
+
+def test_a_claim_of_a_port_whose_pending_record_was_damaged_records_the_original_state_from_the_copy(tmp_path):
+    kernel, config, store = fake_host(tmp_path)
+    lockdown.lock_down(kernel, store, config, kernel.by_name("vnet0"), "br0", 10, now=1000.0)
+    with open(store.pending_path(11), "w") as handle:
+        json.dump({"format": 1, "ifindex": 12, "port": "vnet0"}, handle)  # JSON, but not this port's record
+    engine.apply_domain(parse_domain(domain_xml([bridge_nic(dev="vnet0")]), driver="qemu"), config, kernel, store)
+    rec, = store.load("qemu", "t1").nics
+    assert (rec.prev_learning, rec.prev_flood) == (True, False)
+    assert store.pending() == [] and len(store.quarantined()) == 1
+
+
+def test_the_second_copy_is_written_first_and_does_not_outlive_a_record_that_could_not_be_written(tmp_path,
+                                                                                                   monkeypatch):
+    from fdbhook import state
+    from fdbhook.errors import StateError
+
+    kernel, config, store = fake_host(tmp_path)
+    written, real = [], state._atomic_write
+
+    def full_disk(path, data, durable=True):
+        written.append(os.path.basename(os.path.dirname(path)))
+        if path == store.pending_path(12):
+            raise StateError(path=path, reason="No space left on device")
+        real(path, data, durable)
+
+    monkeypatch.setattr(state, "_atomic_write", full_disk)
+    store.save_pending(11, {"format": 1})
+    assert written == ["pending.prev", "pending"]
+    with pytest.raises(StateError):
+        store.save_pending(12, {"format": 1})
+    assert not os.path.exists(store.pending_prev_path(12)) and [i for i, _ in store.pending()] == [11]
+    store.remove_pending(11)
+    assert os.listdir(os.path.dirname(store.pending_prev_path(11))) == [] and store.pending() == []
 
 
 def test_a_port_with_an_admin_static_entry_or_a_record_is_not_locked_down(tmp_path):
