@@ -644,6 +644,10 @@ class Daemon:
             started = time.monotonic()
             try:
                 self.run_job(kernel, job)
+            except FdbhookError as exc:  # expected (a full or read-only state dir, the kernel): one line
+                LOG.error("job %s failed: %s", job, exc)
+                kernel.close()
+                kernel = Kernel()
             except Exception:
                 LOG.exception("job %s failed", job)
                 kernel.close()

@@ -98,19 +98,20 @@ def test_fdbhookd_puts_the_entry_in_at_the_incoming_guests_first_frame_and_close
 
 
 def incoming_guest(lab, denv):
-    """vnet0 on br0, its guest t1 incoming (the migrate and start hooks ran): (vnet0's ifindex, the XML)."""
+    """vnet0 on br0, its guest t1 incoming (the migrate and start hooks ran): (vnet0's ifindex, the XML, the
+    tap's endpoint)."""
     lab.add_bridge("br0")
-    lab.add_tap("vnet0", bridge="br0")
+    guest = lab.add_tap("vnet0", bridge="br0")
     with in_netns(lab.ns):
         ifindex = socket.if_nametoindex("vnet0")
     xml = domain_xml([bridge_nic()])
     for op in ("migrate", "start"):
         assert hook(lab, denv, op, xml).returncode == 0
-    return ifindex, xml
+    return ifindex, xml, guest
 
 
 def test_fdbhookd_stops_watching_a_port_whose_incoming_guest_is_gone(lab, denv, daemon):
-    ifindex, _ = incoming_guest(lab, denv)
+    ifindex, _, _ = incoming_guest(lab, denv)
     assert poll(lambda: packet_sockets(lab, ifindex) == 1, timeout=10), log(denv)
     assert hook(lab, denv, "stopped").returncode == 0  # the migration was aborted: libvirt stops the guest
     assert poll(lambda: packet_sockets(lab, ifindex) == 0, timeout=10), log(denv)
@@ -131,7 +132,7 @@ def test_an_armed_resume_outlives_other_runs_and_a_killed_fdbhookd_leaves_the_gu
     import subprocess
     import sys
 
-    ifindex, xml = incoming_guest(lab, denv)
+    ifindex, xml, _ = incoming_guest(lab, denv)
     assert poll(lambda: packet_sockets(lab, ifindex) == 1 and _intents(denv), timeout=10), log(denv)
     intent = _intents(denv)[0]
     assert intent["armed"]["pid"] == daemon.pid and intent["domain"] == "t1"
@@ -174,3 +175,31 @@ def test_a_record_changed_after_the_arming_is_planned_again(lab, denv, daemon):
     assert poll(lambda: pyroute2_view(lab, "vnet0") == (False, False, [MAC]), timeout=10), log(denv)
     assert poll(lambda: "; planned ahead, kernel written after " in log(denv), timeout=10), log(denv)
     assert _intents(denv) == [] and "interrupted operation" not in log(denv)
+
+
+def test_a_state_dir_gone_read_only_between_the_arming_and_the_first_frame_leaves_the_port_recorded_or_as_it_was(
+        lab, denv, daemon):
+    import subprocess
+
+    ifindex, xml, guest = incoming_guest(lab, denv)
+    assert poll(lambda: packet_sockets(lab, ifindex) == 1 and _intents(denv), timeout=10), log(denv)
+    armed = _intents(denv)
+    state = denv["FDBHOOK_STATE_DIR"]
+    # read-only in fdbhookd's own mount namespace only (the hooks, run by `ip netns exec`, still write)
+    subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "sh", "-c",
+                    "mount --bind %s %s && mount -o remount,bind,ro %s" % (state, state, state)], check=True)
+    guest.send(frame(MAC))
+    # the record cannot be committed: the kernel write is undone (the guest stays as paused: locked down, no
+    # entry), the armed intent stays, fdbhookd serves on, one line and no traceback for what failed
+    assert poll(lambda: "qemu/t1: first frame on vnet0: state " in log(denv), timeout=10), log(denv)
+    assert "Read-only file system; changes undone" in log(denv)
+    time.sleep(1.2)  # two resyncs (denv: every 0.5 s) find the store's lock file read-only
+    assert pyroute2_view(lab, "vnet0") == (False, False, []) and _intents(denv) == armed
+    assert daemon.poll() is None and "Traceback" not in log(denv), log(denv)
+    assert "job Resync() failed: state " in log(denv)
+    # writable again: the next run (here the started hook, served by fdbhookd) rolls the intent back; the
+    # guest is as its record says (paused: no entry) until libvirt's RESUMED (tests/system/test_migration.py)
+    subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "umount", state], check=True)
+    assert hook(lab, denv, "started", xml).returncode == 0
+    assert not _intents(denv) and "qemu/t1: an interrupted operation was rolled back (1 ports)" in log(denv)
+    assert pyroute2_view(lab, "vnet0") == (False, False, []) and "Traceback" not in log(denv)
