@@ -537,7 +537,10 @@ class Daemon:
                     return
                 count = self.restarts.get(name, (0, ""))[0] + 1
                 self.restarts[name] = (count, "%s: %s" % (exc.__class__.__name__, exc))
-                LOG.exception("thread %s failed (restart %d in %.0f s)", name, count, pause)
+                if isinstance(exc, FdbhookError):  # expected (a state dir, the kernel): one line
+                    LOG.error("thread %s failed (restart %d in %.0f s): %s", name, count, pause, exc)
+                else:
+                    LOG.exception("thread %s failed (restart %d in %.0f s)", name, count, pause)
                 if self.stopping.wait(pause):
                     return
                 pause = min(pause * 2, 30.0)
@@ -775,6 +778,8 @@ class Daemon:
                     started = time.monotonic()
                     try:
                         self._look_up_joined(kernel, pending)
+                    except FdbhookError as exc:  # DEVICE_ADDED still comes
+                        LOG.error("looking up joined ports %s: %s", sorted(name for name, _ in pending.values()), exc)
                     except Exception:  # DEVICE_ADDED still comes; the monitor must not die of a lookup
                         LOG.exception("looking up joined ports %s", sorted(name for name, _ in pending.values()))
                         pending.clear()

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
+from fdbhook.errors import FdbhookError
+
 LOG = logging.getLogger(__name__)
 
 PREFIX = "fdbhook"
@@ -219,8 +221,11 @@ class Exporter:
             try:
                 kernel = kernel or Kernel()
                 self.write_once(kernel)
-            except Exception:
-                LOG.exception("metrics: refresh failed")
+            except Exception as exc:
+                if isinstance(exc, FdbhookError):  # expected (a state dir, the kernel): one line
+                    LOG.error("metrics: refresh failed: %s", exc)
+                else:
+                    LOG.exception("metrics: refresh failed")
                 if kernel is not None:
                     kernel.close()
                 kernel = None

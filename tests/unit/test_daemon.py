@@ -189,3 +189,36 @@ def test_a_failing_thread_is_restarted_and_reported(tmp_path, monkeypatch):
     assert done.wait(30)
     assert daemon.health()["threads_restarted"] == {"resync": {"count": 2, "error": "ValueError: boom 2"}}
     assert daemon.health()["config_fallback"] == ""
+
+
+def test_an_expected_failure_of_a_thread_or_a_job_is_one_line_a_bug_keeps_its_traceback(tmp_path, caplog):
+    from fdbhook.errors import StateError
+
+    d = make(tmp_path)
+    d.restart_pause = 0.01
+    runs = []
+
+    def target(exc):
+        runs.append(exc)
+        if len(runs) == 2:
+            d.stopping.set()
+        raise exc
+
+    d._survive("t", target, StateError(path="/run/fdbhook/lock", reason="Read-only file system"))
+    d.stopping.clear()
+    runs.clear()
+    d._survive("u", target, KeyError("bug"))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[0].getMessage() == "thread t failed (restart 1 in 0 s): state /run/fdbhook/lock: " \
+                                     "Read-only file system" and errors[0].exc_info is None
+    assert errors[1].getMessage() == "thread u failed (restart 1 in 0 s)" and errors[1].exc_info is not None
+    assert len(errors) == 2
+
+    caplog.clear()
+    d = make(tmp_path)
+    d.run_job = lambda kernel, job: (_ for _ in ()).throw(StateError(path="/run/fdbhook/lock", reason="EROFS"))
+    d.jobs.put(D.Resync())
+    d.jobs.put(D.Stop())
+    d._worker()
+    (line,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert line.getMessage() == "job Resync() failed: state /run/fdbhook/lock: EROFS" and line.exc_info is None
