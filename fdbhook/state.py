@@ -34,6 +34,7 @@ FORMAT = 1
 QUARANTINE = ".quarantine"
 PREV = "domains.prev"  # beside domains/, whose listing stays one file per record
 PENDING_PREV = "pending.prev"
+BRIDGES_PREV = "bridges.prev"
 TMP_PREFIX = ".tmp-"
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record of 1,000 NICs is ~0.5 MB
 
@@ -183,8 +184,8 @@ def _atomic_write(path, data, durable=True):
         faults.file_done()
 
 
-def _pending_json(path, ifindex, check):
-    """A pending record file's JSON object; BadRecord if it is not one (``check`` raising ValueError too)."""
+def _json_object(path, check=None):
+    """A small record file's JSON object; BadRecord if it is not one (``check`` raising ValueError too)."""
     with open(path, "rb") as handle:
         raw = handle.read(MAX_RECORD_BYTES + 1)
     try:
@@ -194,10 +195,15 @@ def _pending_json(path, ifindex, check):
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if check is not None:
-            check(ifindex, data)
+            check(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRecord(str(exc) or type(exc).__name__) from None
+        raise BadRecord(str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__) from None
     return data
+
+
+def _bound(check, ifindex):
+    """``check(ifindex, data)`` as a check of ``data`` alone (None for None)."""
+    return None if check is None else (lambda data: check(ifindex, data))
 
 
 def _why(exc):
@@ -338,7 +344,8 @@ class Store:
         removed = sum(clean_temp_files(d) for d in (self.state_dir, self.domain_dir, self.prev_dir,
                                                      self.intent_dir(), os.path.join(self.state_dir, "bridges"),
                                                      self.pending_dir(),
-                                                     os.path.join(self.state_dir, PENDING_PREV)))
+                                                     os.path.join(self.state_dir, PENDING_PREV),
+                                                     os.path.join(self.state_dir, BRIDGES_PREV)))
         if removed:
             LOG.info("state: removed %d temp file(s) of interrupted writes", removed)
         return removed
@@ -416,6 +423,73 @@ class Store:
         except StateError as exc:  # still usable from the copy this time
             LOG.error("%s (the second copy %s is used)", exc, prev)
         return record
+
+    # --- small JSON records kept in two copies (pending ports, bridges), as a domain record is ----
+    def _save_pair(self, path, prev, raw):
+        """Write ``raw`` to ``path`` after its second copy ``prev`` (not synced: it is for a file damaged
+        later, not for a crash). A failed write of the record leaves no copy of it; a kill between the two
+        leaves a copy the next save of that file overwrites first."""
+        _ensure_dir(os.path.dirname(prev))
+        _atomic_write(prev, raw, durable=False)
+        try:
+            _atomic_write(path, raw)
+        except StateError:
+            try:
+                os.unlink(prev)
+            except OSError:
+                pass
+            raise
+
+    def _remove_pair(self, path, prev):
+        """Remove the copy first (a kill between the two leaves the record whole, never a lone copy)."""
+        _unlink(prev)
+        _unlink(path)
+
+    def _load_pair(self, path, prev, check, prefix, unknown, again=True):
+        """The JSON object in ``path``; FileNotFoundError if there is none.
+
+        ``check(data)`` raises ValueError for an object that is not such a
+        record. A file that does not parse or fails it is linked aside into
+        the quarantine and its second copy renamed into its place (the path
+        is never missing meanwhile); None (both quarantined, ``unknown``
+        logged) when the copy is bad too. Never raises otherwise.
+        """
+        st = None
+        try:
+            st = os.stat(path)
+            return _json_object(path, check)
+        except BadRecord as exc:
+            reason = str(exc)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        try:
+            replaced = st is None or os.stat(path).st_ino != st.st_ino
+        except FileNotFoundError:
+            raise
+        except OSError:
+            replaced = True
+        if replaced and again:  # a writer replaced it since it was read: read the new one
+            return self._load_pair(path, prev, check, prefix, unknown, again=False)
+        try:
+            data = _json_object(prev, check)
+        except (OSError, BadRecord) as exc:
+            self.quarantine(path, reason, prefix=prefix)
+            if isinstance(exc, BadRecord):
+                self.quarantine(prev, "second copy: %s" % exc, prefix=prefix)
+            LOG.error("state %s: no good second copy (%s): %s", path,
+                      exc.strerror if isinstance(exc, OSError) else exc, unknown)
+            return None
+        keep = st is None or not stat.S_ISDIR(st.st_mode)  # a directory cannot be linked aside: moved
+        if self.quarantine(path, reason, keep=keep, prefix=prefix) is not None:
+            try:
+                os.rename(prev, path)
+                LOG.warning("state %s: restored from its second copy %s", path, prev)
+            except OSError as exc:  # still usable from the copy this time
+                LOG.error("state %s: cannot put its second copy back: %s (the copy is used)", path,
+                          exc.strerror or exc)
+        return data
 
     def quarantine(self, path, reason, keep=False, prefix=""):
         """Rename a bad file aside (logged once: it is gone from where it was read). ``keep``: link it aside
@@ -552,27 +626,13 @@ class Store:
         return os.path.join(self.state_dir, PENDING_PREV, "%d.json" % int(ifindex))
 
     def save_pending(self, ifindex, data):
-        """Write a pending record, its second copy first (not synced, as a domain record's: it is for a
-        record damaged later; a kill between the two leaves a copy no record names, overwritten by the next
-        save for that ifindex)."""
-        raw = json.dumps(data, sort_keys=True).encode()
+        """Write a pending record after its second copy (``_save_pair``)."""
         _ensure_dir(self.pending_dir())
-        _ensure_dir(os.path.dirname(self.pending_prev_path(ifindex)))
-        _atomic_write(self.pending_prev_path(ifindex), raw, durable=False)
-        try:
-            _atomic_write(self.pending_path(ifindex), raw)
-        except StateError:
-            try:
-                os.unlink(self.pending_prev_path(ifindex))
-            except OSError:
-                pass
-            raise
+        self._save_pair(self.pending_path(ifindex), self.pending_prev_path(ifindex),
+                        json.dumps(data, sort_keys=True).encode())
 
     def remove_pending(self, ifindex):
-        """Remove a pending record, its second copy first (a kill between the two leaves the record whole,
-        without a copy; the other order could leave a copy no record names)."""
-        _unlink(self.pending_prev_path(ifindex))
-        _unlink(self.pending_path(ifindex))
+        self._remove_pair(self.pending_path(ifindex), self.pending_prev_path(ifindex))
 
     def pending(self, check=None):
         """[(ifindex, JSON object or None)] of every pending port, by ifindex. Never raises.
@@ -593,50 +653,14 @@ class Store:
             if not name.endswith(".json") or not stem.isdigit():
                 continue
             try:
-                out.append((int(stem), self._pending_data(int(stem), check)))
+                out.append((int(stem), self._load_pair(self.pending_path(int(stem)),
+                                                       self.pending_prev_path(int(stem)),
+                                                       _bound(check, int(stem)), "pending-",
+                                                       "the port's state before its lock-down is unknown; "
+                                                       "the port is left as it is")))
             except FileNotFoundError:  # removed since the listing: settled meanwhile
                 continue
         return out
-
-    def _pending_data(self, ifindex, check, again=True):
-        path = self.pending_path(ifindex)
-        st = None
-        try:
-            st = os.stat(path)
-            return _pending_json(path, ifindex, check)
-        except BadRecord as exc:
-            reason = str(exc)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-        try:
-            replaced = st is None or os.stat(path).st_ino != st.st_ino
-        except FileNotFoundError:
-            raise
-        except OSError:
-            replaced = True
-        if replaced and again:  # a writer replaced it since it was read: read the new one
-            return self._pending_data(ifindex, check, again=False)
-        prev = self.pending_prev_path(ifindex)
-        try:
-            data = _pending_json(prev, ifindex, check)
-        except (OSError, BadRecord) as exc:
-            self.quarantine(path, reason, prefix="pending-")
-            if isinstance(exc, BadRecord):
-                self.quarantine(prev, "second copy: %s" % exc, prefix="pending-")
-            LOG.error("state %s: no good second copy (%s): the port's state before its lock-down is unknown; "
-                      "the port is left as it is", path, exc.strerror if isinstance(exc, OSError) else exc)
-            return None
-        keep = st is None or not stat.S_ISDIR(st.st_mode)  # a directory cannot be linked aside: moved
-        if self.quarantine(path, reason, keep=keep, prefix="pending-") is not None:
-            try:
-                os.rename(prev, path)
-                LOG.warning("state %s: restored from its second copy %s", path, prev)
-            except OSError as exc:  # still usable from the copy this time
-                LOG.error("state %s: cannot put its second copy back: %s (the copy is used)", path,
-                          exc.strerror or exc)
-        return data
 
     def has_pending(self):
         return _has_json(self.pending_dir())
@@ -669,36 +693,26 @@ class Store:
     def bridge_path(self, bridge):
         return os.path.join(self.state_dir, "bridges", "%s.json" % _safe_name(bridge))
 
+    def bridge_prev_path(self, bridge):
+        return os.path.join(self.state_dir, BRIDGES_PREV, os.path.basename(self.bridge_path(bridge)))
+
     def load_bridge(self, bridge):
-        """The bridge's record (a dict) or None; a bad file is quarantined (None)."""
-        path = self.bridge_path(bridge)
+        """The bridge's record (a dict) or None. A bad file is quarantined and its second copy used
+        (``_load_pair``); None if that is bad too. Never raises."""
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read(MAX_RECORD_BYTES + 1)
+            return self._load_pair(self.bridge_path(bridge), self.bridge_prev_path(bridge), None, "bridge-",
+                                   "the bridge's vlan_filtering from before fdbhook is unknown; it is left as "
+                                   "it is")
         except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateError(path=path, reason="unreadable record: %s" % (exc.strerror or exc)) from None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-            return data
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            self.quarantine(path, str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__)
             return None
 
     def save_bridge(self, bridge, data):
-        path = self.bridge_path(bridge)
-        _atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
+        _ensure_dir(os.path.dirname(self.bridge_path(bridge)))
+        self._save_pair(self.bridge_path(bridge), self.bridge_prev_path(bridge),
+                        json.dumps(data, indent=1, sort_keys=True).encode())
 
     def remove_bridge(self, bridge):
-        try:
-            os.unlink(self.bridge_path(bridge))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StateError(path=self.bridge_path(bridge), reason=exc.strerror) from None
+        self._remove_pair(self.bridge_path(bridge), self.bridge_prev_path(bridge))
 
     def has_pending_bridges(self):
         """Is a bridge's vlan_filtering switch left pending (its writer died before settling it)? Cheap."""

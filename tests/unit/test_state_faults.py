@@ -86,13 +86,24 @@ def test_remove_takes_both_copies(tmp_path):
     assert os.listdir(store.domain_dir) == [] and os.listdir(store.prev_dir) == []
 
 
-def test_bad_bridge_record_is_quarantined(tmp_path):
+def test_bad_bridge_record_is_quarantined_and_its_second_copy_takes_its_place(tmp_path):
     store = Store(str(tmp_path))
-    store.save_bridge("br0", {"bridge": "br0"})
+    store.save_bridge("br0", {"bridge": "br0", "prev_vlan_filtering": False})
     with open(store.bridge_path("br0"), "w") as handle:
         handle.write("[1, 2")
-    assert store.load_bridge("br0") is None
-    assert len(store.quarantined()) == 1
+    assert store.load_bridge("br0") == {"bridge": "br0", "prev_vlan_filtering": False}
+    assert len(store.quarantined()) == 1 and not os.path.exists(store.bridge_prev_path("br0"))
+    with open(store.bridge_path("br0")) as handle:
+        assert json.load(handle)["prev_vlan_filtering"] is False  # put back in place of the bad file
+    store.save_bridge("br0", {"bridge": "br0", "prev_vlan_filtering": True})
+    for victim in (store.bridge_path("br0"), store.bridge_prev_path("br0")):
+        with open(victim, "w") as handle:
+            handle.write("null")
+    assert store.load_bridge("br0") is None and len(store.quarantined()) == 3  # both bad: the state is unknown
+    assert store.bridge_names() == []
+    store.save_bridge("br0", {"bridge": "br0"})
+    store.remove_bridge("br0")
+    assert store.bridge_names() == [] and os.listdir(os.path.dirname(store.bridge_prev_path("br0"))) == []
 
 
 def test_orphan_temp_files_cleaned(tmp_path):
