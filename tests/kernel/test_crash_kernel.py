@@ -116,9 +116,9 @@ def test_a_kill_or_fault_at_every_step_of_a_lock_down_its_claim_and_its_put_back
         for nics in (1, 4):
             assert rows[(nics, op, "crash", "kernel")]["points"] >= 1, (nics, op)
             assert rows[(nics, op, "crash", "file")]["points"] >= 1, (nics, op)
-    # the lock-down writes its pending record first, then one send (learning/flood off, the flush, the
-    # predicted entry: the tap is addressed from the NIC's MAC 52:54:00:..)
-    assert rows[(1, "lockdown", "crash", "file")]["points"] == 1
+    # the lock-down writes its pending record (after its second copy) first, then the sends (learning/flood
+    # off and the flush, then the predicted entry: the tap is addressed from the NIC's MAC 52:54:00:..)
+    assert rows[(1, "lockdown", "crash", "file")]["points"] == 2
     assert rows[(1, "lockdown", "crash", "kernel")]["points"] == 3
     # a refused lock-down request is undone at once: nothing left to repair
     assert rows[(1, "lockdown", "fault", "EINVAL")]["dirty"] == 0
