@@ -656,8 +656,11 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
             paused = record.paused if record is not None else False
         decisions = refuse_claimed(domain, decide_domain(domain, config, networks, kernel, record), config, store,
                                    kernel)
-        decisions = refuse_foreign_ports(domain, decisions, config, store.all(), kernel,
-                                         lambda d: nic_security(d.nic, config, d.bridge, d.network).extra_macs)
+        checked = refuse_foreign_ports(domain, decisions, config, store.all(), kernel,
+                                       lambda d: nic_security(d.nic, config, d.bridge, d.network).extra_macs)
+        # ports refused as not this guest's own: never touched, not even to end another guest's lock-down
+        foreign = {d.port for d, was in zip(checked, decisions) if was.managed and not d.managed}
+        decisions = checked
         kept = _kept_records(kernel, record, prune)
         # Bad input (an error decision) stops the run before any change,
         # unless the admin chose on_error = continue.
@@ -675,7 +678,7 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
                                           if d.managed and d.bridge == bridge else d for d in decisions)
                 hold = config.on_error == "fail" and any(d.action == "error" for d in decisions)
             results, new_record = _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
-                                                 dry_run, paused)
+                                                 dry_run, paused, foreign)
         finally:
             if switched:  # kept if a guest now uses the bridge, else put back (a refused start changes nothing)
                 txn.settle_bridges(kernel, store, switched)
@@ -685,8 +688,9 @@ def apply_domain(domain, config, kernel, store, dry_run=False, paused=None, prun
     return Report(domain.driver, domain.name, tuple(results), new_record)
 
 
-def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused):
-    """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held."""
+def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold, dry_run, paused, foreign=()):
+    """Plan every NIC, write the intent, execute, commit: (results, new record). Store lock held. ``foreign``:
+    ports refused as not the guest's (a pending one among them stays locked down for its own guest)."""
     kept_before = dict(kept)
     results, planned = _plan_domain(kernel, config, decisions, kept, hold, dry_run, paused)
     # Read after every port was (see fdbhook.lockdown.lock_down): a port seen locked down has its pending record.
@@ -714,8 +718,8 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         _commit(kernel, tx, new_record, executed,
                 changed=not new_record.nics or new_record != record or not store.is_saved(new_record))
         lockdown.drop_claimed(store, new_record, pending)
-        lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev}, new_record,
-                                   pending)
+        lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev} - set(foreign),
+                                   new_record, pending)
     return results, new_record
 
 

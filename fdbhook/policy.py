@@ -97,6 +97,9 @@ def decide_domain(domain, config, networks, links, record=None):
 #     byte 0xfe, or 0xfa for a NIC MAC that starts with 0xfe: libvirt's
 #     virNetDevTapCreateInBridgePort and the ethernet-type set-up) is taken
 #     at once (no FDB dump: it costs no round trip);
+#   * a tap named vnetN (libvirt's own name) addressed fe:/fa: for another
+#     MAC is another NIC's tap: refused, entries or not (a hot-plugged
+#     guest's tap locked down at its join may carry none yet);
 #   * any other port (LXC's host-side veth gets a random MAC; a pre-created
 #     tap with managed='no') only if it carries no static or local FDB entry
 #     but its own address and this NIC's MACs (checked when the domain first
@@ -149,6 +152,9 @@ def port_problem(d, config, extra_macs, port_link, bridge_link, port_entries, ho
     made_for = {libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
     if port_link.mac in made_for:
         return None  # libvirt created this tap for this very NIC
+    if port_link.kind == "tun" and port.startswith("vnet") and (port_link.mac or "")[:3] in ("fe:", "fa:"):
+        return ("port %s is the tap libvirt made for another NIC (its address %s is not from this NIC's MAC): "
+                "refused" % (port, port_link.mac))
     allowed = set(macs) | set(own_macs) | {port_link.mac}
     if d.nic.config_mac:
         allowed.add(d.nic.config_mac)

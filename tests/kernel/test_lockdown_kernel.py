@@ -260,3 +260,36 @@ def test_a_stop_with_a_read_only_or_full_state_dir_or_a_corrupted_record_leaves_
         assert not os.listdir(os.path.join(state, "pending.prev"))
     finally:
         subprocess.run(["umount", state], check=True)
+
+
+def test_another_domains_xml_naming_a_locked_down_tap_without_an_entry_does_not_take_it(lab, tmp_path):
+    """With nothing predicted the pending tap carries no entry; the tap's own address still says whose it is."""
+    env = env_for(tmp_path, 300)
+    with open(env["FDBHOOK_CONF"], "a") as conf:
+        conf.write("hotplug_predict = no\n")
+    lab.add_bridge("br0")
+    proc = start_daemon(lab, env)
+    try:
+        lab.add_tap("vnet3", bridge="br0", mac="fe:54:00:00:00:03")
+        assert poll(lambda: flags(lab, "vnet3") == (False, False) and "vnet3" in pending(env), timeout=30), \
+            read(env["FDBHOOK_LOG"])[-2000:]
+        assert statics(lab, "vnet3") == []
+
+        def start(domain, mac):
+            xml = domain_xml([bridge_nic(mac=mac, dev="vnet3")], name=domain).decode()
+            return subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", domain, "start",
+                                                 "begin", "-"]),
+                                  input=xml, env=env, capture_output=True, text=True, timeout=60)
+
+        evil = start("evil", "52:54:00:00:00:66")
+        assert evil.returncode == 1
+        assert evil.stderr.strip().splitlines() == [
+            "fdbhook: domain evil: NIC net0 (52:54:00:00:00:66): port vnet3 is the tap libvirt made for another "
+            "NIC (its address fe:54:00:00:00:03 is not from this NIC's MAC): refused"], evil.stderr
+        assert flags(lab, "vnet3") == (False, False) and statics(lab, "vnet3") == [] and "vnet3" in pending(env)
+        assert not os.path.exists(os.path.join(env["FDBHOOK_STATE_DIR"], "domains", "qemu-evil.json"))
+        own = start("t1", "52:54:00:00:00:03")
+        assert own.returncode == 0, own.stderr
+        assert statics(lab, "vnet3") == ["52:54:00:00:00:03"] and pending(env) == {}
+    finally:
+        stop(proc)

@@ -4,6 +4,7 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import replace
 
 import pytest
 
@@ -69,6 +70,20 @@ def test_foreign_entries_records_local_macs_and_too_many_extra_macs_are_refused(
     assert "65 extra MACs, more than [manage] max_extra_macs = 64" in problem(extra=extra)
     assert problem(extra=extra[:64]) is None
     assert "max_extra_macs = 2" in problem(extra=extra[:3], text="[manage]\nmax_extra_macs = 2\n")
+
+
+def test_a_tap_libvirt_made_for_another_nic_is_refused_even_without_entries_on_it():
+    """A hot-plugged guest's tap locked down at its join carries no entry when nothing was predicted: another
+    domain's XML naming it must not take it (nor may it take any other vnetN tap addressed for another NIC)."""
+    other = tap(mac="fe:54:00:00:99:01")
+    assert problem(link=other) == "port vnet0 is the tap libvirt made for another NIC (its address " \
+                                  "fe:54:00:00:99:01 is not from this NIC's MAC): refused"
+    assert "the tap libvirt made" in problem(link=tap(mac="fa:54:00:00:99:01"))
+    assert problem(d=decision(port="mytap"), link=tap(mac="fe:54:00:00:99:01", name="mytap")) is None  # admin tap
+    assert problem(link=tap(mac="fe:54:00:00:99:01", kind="veth")) is None  # lxc: the host veth's MAC is random
+    changed = replace(decision(), nic=Nic(index=0, type="bridge", mac="52:54:00:00:99:02",
+                                          config_mac="52:54:00:00:99:01"))
+    assert problem(d=changed, link=other) is None  # the guest changed its MAC: the tap is its config MAC's
 
 
 def test_control_characters_are_escaped_in_every_line_but_a_traceback_keeps_its_lines():
