@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from fdbhook.joined import tap_mac  # noqa: E402
+from fdbhook.model import libvirt_tap_mac as tap_mac  # noqa: E402
 from fdbhook.lab import Lab, count_marked, make_frame, poll  # noqa: E402
 
 VENV_PY = "/opt/fdbhook/bin/python3"

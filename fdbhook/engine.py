@@ -718,7 +718,8 @@ def _apply_planned(domain, config, kernel, store, decisions, record, kept, hold,
         _commit(kernel, tx, new_record, executed,
                 changed=not new_record.nics or new_record != record or not store.is_saved(new_record))
         lockdown.drop_claimed(store, new_record, pending)
-        lockdown.release_unclaimed(kernel, store, {n.target_dev for n in domain.nics if n.target_dev} - set(foreign),
+        lockdown.release_unclaimed(kernel, store, {n.target_dev: (n.mac, n.config_mac) for n in domain.nics
+                                                   if n.target_dev and n.target_dev not in foreign},
                                    new_record, pending)
     return results, new_record
 

@@ -30,15 +30,10 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fdbhook.model import Domain, Nic, mac_problem
+from fdbhook.model import Domain, Nic, libvirt_tap_mac, mac_problem
 
 TAP_BYTE = "fe"
 LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself
-
-
-def tap_mac(nic_mac):
-    """The MAC libvirt gives the host tap of a qemu NIC with ``nic_mac`` (lower-case colon form)."""
-    return TAP_BYTE + nic_mac[2:]
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ def _fits(port, domain, nic):
     if domain.driver == "qemu":
         if port.kind != "tun" or not port.mac or not port.mac.startswith(TAP_BYTE + ":"):
             return False
-        if not any(tap_mac(m) == port.mac for m in _nic_macs(nic)):
+        if not any(libvirt_tap_mac(m) == port.mac for m in _nic_macs(nic)):
             return False
     elif domain.driver == "lxc":
         if port.kind != "veth" or not port.peer_mac or port.peer_mac not in _nic_macs(nic):

@@ -36,7 +36,7 @@ from fdbhook import plan as planner
 from fdbhook.current import read_port
 from fdbhook.errors import FdbhookError, KernelError, StateError
 from fdbhook.joined import JoinedPort, Lockdown, decide_lockdown, predicted_mac
-from fdbhook.model import CurrentPort, DesiredPort, normalize_mac
+from fdbhook.model import CurrentPort, DesiredPort, normalize_mac, tap_made_by_libvirt
 
 LOG = logging.getLogger(__name__)
 
@@ -205,10 +205,13 @@ def drop_claimed(store, record, pending):
 
 
 def release_unclaimed(kernel, store, names, record, pending):
-    """After an apply: a pending port named by one of the domain's NICs (``names``: their target devs) that
-    the apply did not take (the NIC is opted out, skipped, refused) is put back now, not at its bound."""
+    """After an apply: a pending port named by one of the domain's NICs (``names``: {target dev: the NIC's
+    MACs}) that the apply did not take (the NIC is opted out, skipped, refused) is put back now, not at its
+    bound; never a tap libvirt made for another NIC (its lock-down waits for that NIC, whatever this XML
+    says)."""
     held = {nic.ifindex for nic in record.nics} if record is not None else set()
-    todo = {i for i, (port, _, _, _) in (pending or {}).items() if port in names and i not in held}
+    todo = {i for i, (port, _, _, _) in (pending or {}).items()
+            if port in names and i not in held and tap_made_by_libvirt(kernel.by_index(i), names[port]) is not False}
     if todo:
         settle(kernel, store, only=todo, everything=True)
 

@@ -27,6 +27,22 @@ def mac_problem(mac):
         return "MAC %s is multicast/broadcast" % mac
     return None
 
+def libvirt_tap_mac(mac):
+    """The MAC libvirt gives the host side of a tap it creates for a NIC with ``mac``: the NIC's with the first
+    byte 0xfe, or 0xfa for a NIC MAC that starts with 0xfe."""
+    if not mac:
+        return None
+    return ("fa" if mac[:2] == "fe" else "fe") + mac[2:]
+
+
+def tap_made_by_libvirt(link, macs):
+    """For a port ``link``: True if it is a tap libvirt made for one of ``macs``, False if it is a tap
+    addressed the way libvirt addresses its taps but for another MAC (another NIC's), None otherwise."""
+    if link is None or link.kind != "tun" or (link.mac or "")[:3] not in ("fe:", "fa:"):
+        return None
+    return link.mac in {libvirt_tap_mac(m) for m in macs if m}
+
+
 # Our metadata namespace inside <domain><metadata>.
 FDB_NS = "urn:x-fdbhook:1"
 

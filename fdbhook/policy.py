@@ -1,7 +1,7 @@
 """Is a NIC ours to manage? Pure: placement + config -> Decision with a reason."""
 
 from fdbhook import domxml
-from fdbhook.model import Decision
+from fdbhook.model import Decision, libvirt_tap_mac, tap_made_by_libvirt
 from fdbhook.resolve import place_nic
 
 
@@ -111,14 +111,6 @@ def decide_domain(domain, config, networks, links, record=None):
 OWN_KINDS = ("tun", "veth")
 
 
-def libvirt_tap_mac(mac):
-    """The MAC libvirt gives the host side of a tap it creates for a NIC with ``mac``."""
-    if not mac:
-        return None
-    first = int(mac[:2], 16)
-    return ("fa" if first == 0xFE else "fe") + mac[2:]
-
-
 def port_problem(d, config, extra_macs, port_link, bridge_link, port_entries, holder, own_macs=()):
     """Why ``d`` (a managed Decision) must not take its port, or None. Pure.
 
@@ -152,7 +144,7 @@ def port_problem(d, config, extra_macs, port_link, bridge_link, port_entries, ho
     made_for = {libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
     if port_link.mac in made_for:
         return None  # libvirt created this tap for this very NIC
-    if port_link.kind == "tun" and port.startswith("vnet") and (port_link.mac or "")[:3] in ("fe:", "fa:"):
+    if port.startswith("vnet") and tap_made_by_libvirt(port_link, (d.nic.mac, d.nic.config_mac)) is False:
         return ("port %s is the tap libvirt made for another NIC (its address %s is not from this NIC's MAC): "
                 "refused" % (port, port_link.mac))
     allowed = set(macs) | set(own_macs) | {port_link.mac}

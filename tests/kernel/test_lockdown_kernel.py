@@ -275,8 +275,8 @@ def test_another_domains_xml_naming_a_locked_down_tap_without_an_entry_does_not_
             read(env["FDBHOOK_LOG"])[-2000:]
         assert statics(lab, "vnet3") == []
 
-        def start(domain, mac):
-            xml = domain_xml([bridge_nic(mac=mac, dev="vnet3")], name=domain).decode()
+        def start(domain, mac, metadata=""):
+            xml = domain_xml([bridge_nic(mac=mac, dev="vnet3")], name=domain, metadata=metadata).decode()
             return subprocess.run(lab.exec_argv([sys.executable, "-m", "fdbhook", "hook", "qemu", domain, "start",
                                                  "begin", "-"]),
                                   input=xml, env=env, capture_output=True, text=True, timeout=60)
@@ -288,6 +288,11 @@ def test_another_domains_xml_naming_a_locked_down_tap_without_an_entry_does_not_
             "NIC (its address fe:54:00:00:00:03 is not from this NIC's MAC): refused"], evil.stderr
         assert flags(lab, "vnet3") == (False, False) and statics(lab, "vnet3") == [] and "vnet3" in pending(env)
         assert not os.path.exists(os.path.join(env["FDBHOOK_STATE_DIR"], "domains", "qemu-evil.json"))
+        # nor does an opted-out NIC naming it end its lock-down early (its own NIC's would)
+        off = start("evil2", "52:54:00:00:00:67", metadata="<metadata><fdb:fdb xmlns:fdb='urn:x-fdbhook:1'>"
+                    "<fdb:interface mac='52:54:00:00:00:67' mode='off'/></fdb:fdb></metadata>")
+        assert off.returncode == 0, off.stderr
+        assert flags(lab, "vnet3") == (False, False) and "vnet3" in pending(env)
         own = start("t1", "52:54:00:00:00:03")
         assert own.returncode == 0, own.stderr
         assert statics(lab, "vnet3") == ["52:54:00:00:00:03"] and pending(env) == {}

@@ -1,7 +1,8 @@
 """Whose NIC a port that joined a bridge is, from its kind, its MAC and its veth peer's MAC (fdbhook.joined)."""
 
 from fdbhook import domxml
-from fdbhook.joined import JoinedPort, match_joined, tap_mac
+from fdbhook.joined import JoinedPort, match_joined
+from fdbhook.model import libvirt_tap_mac as tap_mac
 from tests.helpers import bridge_nic, domain_xml, network_nic
 
 QEMU = domxml.parse_domain(domain_xml([bridge_nic(dev=None), network_nic(dev=None)], name="web1"), driver="qemu")
