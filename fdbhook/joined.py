@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fdbhook.model import Domain, Nic, libvirt_tap_mac, mac_problem
+from fdbhook.model import QEMU_PREFIX, Domain, Nic, libvirt_tap_mac, mac_problem
 
 TAP_BYTE = "fe"
 LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself
@@ -145,7 +145,6 @@ def guest_port(port, target_devs=frozenset()):
     return None
 
 
-QEMU_PREFIX = "52:54:00"  # the prefix libvirt's qemu driver generates every NIC MAC under (QEMU's OUI)
 
 
 def predicted_mac(port):

@@ -35,12 +35,19 @@ def libvirt_tap_mac(mac):
     return ("fa" if mac[:2] == "fe" else "fe") + mac[2:]
 
 
+QEMU_PREFIX = "52:54:00"  # the prefix libvirt's qemu driver generates every NIC MAC under (QEMU's OUI)
+
+
 def tap_made_by_libvirt(link, macs):
-    """For a port ``link``: True if it is a tap libvirt made for one of ``macs``, False if it is a tap
-    addressed the way libvirt addresses its taps but for another MAC (another NIC's), None otherwise."""
-    if link is None or link.kind != "tun" or (link.mac or "")[:3] not in ("fe:", "fa:"):
+    """For a port ``link``: True if it is a tap libvirt made for one of ``macs``; False if it is the tap of a
+    MAC libvirt generated (address fe:54:00:..) that is none of them: another NIC's; None otherwise. Only
+    that prefix says "another NIC's": a tap the kernel addressed at random (an admin's, made beforehand)
+    starts fe: one time in 64, fe:54:00: one time in four million."""
+    if link is None or link.kind != "tun" or not link.mac:
         return None
-    return link.mac in {libvirt_tap_mac(m) for m in macs if m}
+    if link.mac in {libvirt_tap_mac(m) for m in macs if m}:
+        return True
+    return False if link.mac.startswith(libvirt_tap_mac(QEMU_PREFIX) + ":") else None
 
 
 # Our metadata namespace inside <domain><metadata>.

@@ -97,9 +97,10 @@ def decide_domain(domain, config, networks, links, record=None):
 #     byte 0xfe, or 0xfa for a NIC MAC that starts with 0xfe: libvirt's
 #     virNetDevTapCreateInBridgePort and the ethernet-type set-up) is taken
 #     at once (no FDB dump: it costs no round trip);
-#   * a tap named vnetN (libvirt's own name) addressed fe:/fa: for another
-#     MAC is another NIC's tap: refused, entries or not (a hot-plugged
-#     guest's tap locked down at its join may carry none yet);
+#   * a tap named vnetN (libvirt's own name) addressed fe:54:00:.. for
+#     another MAC is the tap of a NIC MAC libvirt generated, another NIC's:
+#     refused, entries or not (a hot-plugged guest's tap locked down at its
+#     join may carry none yet);
 #   * any other port (LXC's host-side veth gets a random MAC; a pre-created
 #     tap with managed='no') only if it carries no static or local FDB entry
 #     but its own address and this NIC's MACs (checked when the domain first

@@ -72,6 +72,13 @@ def pending(env):
     return out
 
 
+def join_locked_down(lab, env, port, mac):
+    """Tap PORT (address MAC) joins br0; wait until fdbhookd has locked it down with its pending record."""
+    lab.add_tap(port, bridge="br0", mac=mac)
+    assert poll(lambda: flags(lab, port) == (False, False) and port in pending(env), timeout=30), \
+        read(env["FDBHOOK_LOG"])[-2000:]
+
+
 def pending_file(env, port):
     directory = os.path.join(env["FDBHOOK_STATE_DIR"], "pending")
     (name,) = [n for n in os.listdir(directory) if n.endswith(".json") and port in read(os.path.join(directory, n))]
@@ -171,9 +178,7 @@ def test_a_locked_down_port_is_put_back_when_fdbhookd_stops_not_left_for_a_start
     lab.add_bridge("br0")
     proc = start_daemon(lab, env)
     try:
-        lab.add_tap("vnet9", bridge="br0", mac="fe:54:00:00:00:09")
-        assert poll(lambda: flags(lab, "vnet9") == (False, False) and "vnet9" in pending(env), timeout=30), \
-            read(env["FDBHOOK_LOG"])[-2000:]
+        join_locked_down(lab, env, "vnet9", "fe:54:00:00:00:09")
         assert statics(lab, "vnet9") == ["52:54:00:00:00:09"]
     finally:
         stop(proc)
@@ -190,9 +195,7 @@ def test_a_stop_with_a_read_only_or_full_state_dir_or_a_corrupted_record_leaves_
 
     def lock_down(port, mac):
         proc = start_daemon(lab, env)
-        lab.add_tap(port, bridge="br0", mac=mac)
-        assert poll(lambda: flags(lab, port) == (False, False) and port in pending(env), timeout=30), \
-            read(env["FDBHOOK_LOG"])[-2000:]
+        join_locked_down(lab, env, port, mac)
         return proc
 
     os.makedirs(state)
@@ -270,9 +273,7 @@ def test_another_domains_xml_naming_a_locked_down_tap_without_an_entry_does_not_
     lab.add_bridge("br0")
     proc = start_daemon(lab, env)
     try:
-        lab.add_tap("vnet3", bridge="br0", mac="fe:54:00:00:00:03")
-        assert poll(lambda: flags(lab, "vnet3") == (False, False) and "vnet3" in pending(env), timeout=30), \
-            read(env["FDBHOOK_LOG"])[-2000:]
+        join_locked_down(lab, env, "vnet3", "fe:54:00:00:00:03")
         assert statics(lab, "vnet3") == []
 
         def start(domain, mac, metadata=""):
