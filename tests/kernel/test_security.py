@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -558,9 +559,19 @@ def closed_by_peer(sock):
         return True
 
 
+def settled_threads(pid):
+    """fdbhookd's thread count once it stops changing (the socket answers before every thread is spawned)."""
+    counts = [proc_status(pid, "Threads")]
+    while True:
+        time.sleep(0.3)
+        counts.append(proc_status(pid, "Threads"))
+        if counts[-1] == counts[-2]:
+            return counts[-1]
+
+
 def test_daemon_bounds_idle_connections_and_large_requests(daemon):
     proc, path = daemon
-    base_threads = proc_status(proc.pid, "Threads")
+    base_threads = settled_threads(proc.pid)
     idle = []
     try:
         for _ in range(300):
