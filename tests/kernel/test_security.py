@@ -585,7 +585,8 @@ def test_daemon_bounds_idle_connections_and_large_requests(daemon):
         for sock in idle:
             sock.close()
     assert ping(path) == 0
-    assert poll(lambda: proc_status(proc.pid, "Threads") <= base_threads + 4, timeout=60, interval=0.2)
+    assert poll(lambda: proc_status(proc.pid, "Threads") <= base_threads + 4, timeout=60, interval=0.2), \
+        (base_threads, proc_status(proc.pid, "Threads"))
 
     # 100 MB of garbage: cut off past the limit (8 MiB), memory handed back.
     rss = proc_status(proc.pid, "VmRSS")
