@@ -57,7 +57,7 @@ from fdbhook import engine, firstframe, virt
 from fdbhook.client import MAX_STDIN, pack, socket_path as default_socket, unpack
 from fdbhook.config import ConfigCache
 from fdbhook.domxml import normalize_mac, parse_domain
-from fdbhook.errors import FdbhookError
+from fdbhook.errors import FdbhookError, log_failure
 from fdbhook.hook import run_hook
 from fdbhook.joined import JoinedPort, libvirt_style, match_joined
 from fdbhook.kernel import FrameSocket, Kernel, LinkMonitor
@@ -537,10 +537,7 @@ class Daemon:
                     return
                 count = self.restarts.get(name, (0, ""))[0] + 1
                 self.restarts[name] = (count, "%s: %s" % (exc.__class__.__name__, exc))
-                if isinstance(exc, FdbhookError):  # expected (a state dir, the kernel): one line
-                    LOG.error("thread %s failed (restart %d in %.0f s): %s", name, count, pause, exc)
-                else:
-                    LOG.exception("thread %s failed (restart %d in %.0f s)", name, count, pause)
+                log_failure(LOG, exc, "thread %s failed (restart %d in %.0f s)", name, count, pause)
                 if self.stopping.wait(pause):
                     return
                 pause = min(pause * 2, 30.0)
@@ -647,12 +644,8 @@ class Daemon:
             started = time.monotonic()
             try:
                 self.run_job(kernel, job)
-            except FdbhookError as exc:  # expected (a full or read-only state dir, the kernel): one line
-                LOG.error("job %s failed: %s", job, exc)
-                kernel.close()
-                kernel = Kernel()
-            except Exception:
-                LOG.exception("job %s failed", job)
+            except Exception as exc:
+                log_failure(LOG, exc, "job %s failed", job)
                 kernel.close()
                 kernel = Kernel()
             if self.exporter is not None:
@@ -778,10 +771,9 @@ class Daemon:
                     started = time.monotonic()
                     try:
                         self._look_up_joined(kernel, pending)
-                    except FdbhookError as exc:  # DEVICE_ADDED still comes
-                        LOG.error("looking up joined ports %s: %s", sorted(name for name, _ in pending.values()), exc)
-                    except Exception:  # DEVICE_ADDED still comes; the monitor must not die of a lookup
-                        LOG.exception("looking up joined ports %s", sorted(name for name, _ in pending.values()))
+                    except Exception as exc:  # DEVICE_ADDED still comes; the monitor must not die of a lookup
+                        log_failure(LOG, exc, "looking up joined ports %s",
+                                    sorted(name for name, _ in pending.values()))
                         pending.clear()
                     wait = max(0.002, 2 * (time.monotonic() - started))
         finally:

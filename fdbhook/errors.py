@@ -26,6 +26,15 @@ class FdbhookError(Exception):
         return self.message
 
 
+def log_failure(log, exc, fmt, *args):
+    """Log a caught failure: an FdbhookError (expected: a state directory, the kernel, bad input) in one
+    line with its message, anything else (a bug) with its traceback."""
+    if isinstance(exc, FdbhookError):
+        log.error(fmt + ": %s", *(args + (exc,)))
+    else:
+        log.error(fmt, *args, exc_info=exc)
+
+
 class UsageError(FdbhookError, ValueError):
     msg_fmt = "%(reason)s"
     exit_code = 2

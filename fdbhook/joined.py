@@ -30,10 +30,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from fdbhook.model import QEMU_PREFIX, Domain, Nic, libvirt_tap_mac, mac_problem
+from fdbhook.model import LIBVIRT_PREFIX, QEMU_PREFIX, Domain, Nic, libvirt_tap_mac, mac_problem
 
 TAP_BYTE = "fe"
-LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself
 
 
 @dataclass(frozen=True)

@@ -232,9 +232,7 @@ def settle(kernel, store, now=None, only=None, everything=False):
     done = {}
     for ifindex, data in entries:
         try:
-            if data is None:  # both copies bad, the record quarantined (store.pending logged it)
-                LOG.error("pending port %d: its record is bad and has no good second copy: the port is not "
-                          "touched (its state before the lock-down is unknown)", ifindex)
+            if data is None:  # both copies bad and quarantined; store.pending logged it, the port is not touched
                 store.remove_pending(ifindex)
                 done[ifindex] = "bad record quarantined"
                 continue

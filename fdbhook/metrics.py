@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-from fdbhook.errors import FdbhookError
+from fdbhook.errors import log_failure
 
 LOG = logging.getLogger(__name__)
 
@@ -222,10 +222,7 @@ class Exporter:
                 kernel = kernel or Kernel()
                 self.write_once(kernel)
             except Exception as exc:
-                if isinstance(exc, FdbhookError):  # expected (a state dir, the kernel): one line
-                    LOG.error("metrics: refresh failed: %s", exc)
-                else:
-                    LOG.exception("metrics: refresh failed")
+                log_failure(LOG, exc, "metrics: refresh failed")
                 if kernel is not None:
                     kernel.close()
                 kernel = None

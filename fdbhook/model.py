@@ -36,6 +36,7 @@ def libvirt_tap_mac(mac):
 
 
 QEMU_PREFIX = "52:54:00"  # the prefix libvirt's qemu driver generates every NIC MAC under (QEMU's OUI)
+LIBVIRT_PREFIX = "vnet"  # libvirt's reserved prefix for the taps and host veths it names itself
 
 
 def tap_made_by_libvirt(link, macs):

@@ -1,7 +1,7 @@
 """Is a NIC ours to manage? Pure: placement + config -> Decision with a reason."""
 
 from fdbhook import domxml
-from fdbhook.model import Decision, libvirt_tap_mac, tap_made_by_libvirt
+from fdbhook.model import LIBVIRT_PREFIX, Decision, tap_made_by_libvirt
 from fdbhook.resolve import place_nic
 
 
@@ -142,10 +142,10 @@ def port_problem(d, config, extra_macs, port_link, bridge_link, port_entries, ho
             return "MAC %s is port %s's own address (a local FDB entry, never replaced): refused" % (mac, port)
     if holder is not None:
         return "port %s belongs to domain %s (its record), not this guest: refused" % (port, holder)
-    made_for = {libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
-    if port_link.mac in made_for:
+    made = tap_made_by_libvirt(port_link, (d.nic.mac, d.nic.config_mac))
+    if made:
         return None  # libvirt created this tap for this very NIC
-    if port.startswith("vnet") and tap_made_by_libvirt(port_link, (d.nic.mac, d.nic.config_mac)) is False:
+    if made is False and port.startswith(LIBVIRT_PREFIX):
         return ("port %s is the tap libvirt made for another NIC (its address %s is not from this NIC's MAC): "
                 "refused" % (port, port_link.mac))
     allowed = set(macs) | set(own_macs) | {port_link.mac}
@@ -180,8 +180,7 @@ def refuse_foreign_ports(domain, decisions, config, records, kernel, extra_macs_
             port_link = d.link if d.link is not None else kernel.by_index(d.ifindex)
             bridge_link = kernel.by_index(d.bridge_ifindex) if d.bridge_ifindex else None
             key = (d.port, d.ifindex)
-            taken = port_link is not None and port_link.mac is not None and port_link.mac in {
-                libvirt_tap_mac(m) for m in (d.nic.mac, d.nic.config_mac) if m}
+            taken = tap_made_by_libvirt(port_link, (d.nic.mac, d.nic.config_mac)) is True
             entries = kernel.port_entries(d.ifindex) if port_link is not None and not taken and key not in mine else ()
             problem = port_problem(d, config, extra_macs_of(d), port_link, bridge_link, entries,
                                    holders.get(key), mine.get(key, ()))

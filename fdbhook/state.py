@@ -424,11 +424,11 @@ class Store:
             LOG.error("%s (the second copy %s is used)", exc, prev)
         return record
 
-    # --- small JSON records kept in two copies (pending ports, bridges), as a domain record is ----
+    # --- records kept in two copies (domains, pending ports, bridges) ----
     def _save_pair(self, path, prev, raw):
         """Write ``raw`` to ``path`` after its second copy ``prev`` (not synced: it is for a file damaged
-        later, not for a crash). A failed write of the record leaves no copy of it; a kill between the two
-        leaves a copy the next save of that file overwrites first."""
+        later, not for a crash). A failed write of the record leaves no copy of it (removing works on a full
+        disk); a kill between the two leaves a copy the next save of that file overwrites first."""
         _ensure_dir(os.path.dirname(prev))
         _atomic_write(prev, raw, durable=False)
         try:
@@ -531,19 +531,8 @@ class Store:
             self.remove(record.driver, record.domain)
             return
         self._ensure()
-        data = _encode(record)
-        _ensure_dir(self.prev_dir)
-        _atomic_write(self.prev_path(path), data, durable=False)
-        try:
-            _atomic_write(path, data)
-        except StateError:
-            # The caller rolls the kernel back to the old record: a second copy
-            # of the new one must not outlive it (removing works on a full disk).
-            try:
-                os.unlink(self.prev_path(path))
-            except OSError:
-                pass
-            raise
+        # The caller rolls the kernel back to the old record if this fails: no second copy of the new one outlives it.
+        self._save_pair(path, self.prev_path(path), _encode(record))
 
     def is_saved(self, record):
         """Do the record and its second copy both hold exactly ``record``? (Then saving it again writes nothing new.)"""

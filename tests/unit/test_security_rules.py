@@ -11,8 +11,8 @@ import pytest
 from fdbhook import safefile
 from fdbhook.daemon import RequestRefused, read_request
 from fdbhook.logsetup import SafeFormatter, escape_controls
-from fdbhook.model import Decision, FdbEntry, Link, Nic
-from fdbhook.policy import libvirt_tap_mac, port_problem
+from fdbhook.model import Decision, FdbEntry, Link, Nic, libvirt_tap_mac
+from fdbhook.policy import port_problem
 from tests.helpers import config
 
 MAC = "52:54:00:00:21:01"
